@@ -1,0 +1,173 @@
+"""Fetch and decode edit input images, with limits on size, time and pixel count.
+
+References may be ``s3://bucket/key`` (read through the storage layer), ``http(s)://`` URLs, and
+local paths or ``file://`` URIs only where the caller allows them (the embedded default does; a
+shared GPU worker does not, since a job spec must not read the worker's disk).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+from PIL import Image, UnidentifiedImageError
+
+from worker.http_fetch import FetchError, fetch_http
+from worker.redact import redact_url
+from worker.storage import ArtifactStore, ObjectNotFoundError, StorageError, open_store
+
+StoreFactory = Callable[[str], ArtifactStore]
+"""Given ``s3://bucket``, return a store that can read objects of that bucket."""
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    timeout_seconds: float = 30.0
+    max_pixels: int = 40_000_000  # about 6300 x 6300; refused before any pixel is decoded
+    max_redirects: int = 3
+
+
+class InputImageError(Exception):
+    """An input image could not be used; the message names it (redacted) and says why."""
+
+    def __init__(self, ref: str, reason: str, index: int | None = None) -> None:
+        self.ref = redact_url(ref)
+        self.reason = reason
+        self.index = index
+        label = "input image" if index is None else f"input image {index}"
+        super().__init__(f"{label} ({self.ref}): {reason}")
+
+
+def default_store_factory(storage_url: str) -> ArtifactStore:
+    return open_store(storage_url)
+
+
+def load_input_images(
+    refs: Sequence[str],
+    *,
+    store_factory: StoreFactory = default_store_factory,
+    limits: InputLimits | None = None,
+    allow_local: bool = False,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> list[Image.Image]:
+    """Load every reference in order; errors are numbered from 1 as users count them."""
+    return [
+        load_input_image(
+            ref, store_factory=store_factory, limits=limits, allow_local=allow_local, base_dir=base_dir, index=number
+        )
+        for number, ref in enumerate(refs, start=1)
+    ]
+
+
+def load_input_image(
+    ref: str,
+    *,
+    store_factory: StoreFactory = default_store_factory,
+    limits: InputLimits | None = None,
+    allow_local: bool = False,
+    base_dir: str | os.PathLike[str] | None = None,
+    index: int | None = None,
+) -> Image.Image:
+    """Fetch ``ref`` and return it as an RGB image, or raise :class:`InputImageError`."""
+    limits = limits or InputLimits()
+    try:
+        data = _fetch_bytes(ref, store_factory, limits, allow_local, base_dir)
+        return decode_image(data, limits)
+    except _Refused as exc:
+        raise InputImageError(ref, str(exc), index) from exc.__cause__
+
+
+class _Refused(Exception):
+    """Internal: a reason without the reference, wrapped into InputImageError at the top."""
+
+
+def _fetch_bytes(
+    ref: str, store_factory: StoreFactory, limits: InputLimits, allow_local: bool, base_dir: str | os.PathLike[str] | None
+) -> bytes:
+    parts = urlsplit(ref)
+    scheme = parts.scheme.lower()
+    if scheme == "s3":
+        return _read_s3(ref, parts.netloc, store_factory, limits)
+    if scheme in {"http", "https"}:
+        try:
+            return fetch_http(
+                ref, max_bytes=limits.max_bytes, timeout_seconds=limits.timeout_seconds, max_redirects=limits.max_redirects
+            )
+        except FetchError as exc:
+            raise _Refused(str(exc)) from exc
+    # A one-letter "scheme" is a Windows drive (C:\...), i.e. a local path.
+    if scheme == "file" or scheme == "" or len(scheme) == 1:
+        if not allow_local:
+            raise _Refused(
+                "local files are not allowed on this worker; pass an s3:// or http(s):// reference "
+                "(the client uploads local files for you)"
+            )
+        return _read_local(_local_path(ref, parts.netloc, parts.path if scheme == "file" else None, base_dir), limits)
+    raise _Refused(f"unsupported scheme '{scheme}://'; use s3://, http:// or https://")
+
+
+def _read_s3(ref: str, bucket: str, store_factory: StoreFactory, limits: InputLimits) -> bytes:
+    if not bucket:
+        raise _Refused("expected s3://bucket/key")
+    try:
+        return store_factory(f"s3://{bucket}").get_bytes(ref, max_bytes=limits.max_bytes)
+    except ObjectNotFoundError as exc:
+        raise _Refused("not found in object storage") from exc
+    except StorageError as exc:
+        raise _Refused(str(exc)) from exc
+
+
+def _local_path(ref: str, netloc: str, file_uri_path: str | None, base_dir: str | os.PathLike[str] | None) -> Path:
+    if file_uri_path is not None:
+        if netloc not in {"", "localhost"}:
+            raise _Refused("file:// URIs must name a local path (file:///dir/image.png)")
+        path = Path(url2pathname(unquote(file_uri_path)))
+    else:
+        path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir or os.getcwd()) / path
+    return path
+
+
+def _read_local(path: Path, limits: InputLimits) -> bytes:
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise _Refused("not a regular file")
+        if size > limits.max_bytes:
+            raise _Refused(f"{size} bytes, over the limit of {limits.max_bytes} bytes")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise _Refused(f"no such file: {path}") from exc
+    except OSError as exc:
+        raise _Refused(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def decode_image(data: bytes, limits: InputLimits) -> Image.Image:
+    """Decode to RGB, checking the pixel count from the header before any pixel data is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its own limit and twice that; make it an error we can report.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > limits.max_pixels:
+                    raise _Refused(
+                        f"{width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
+                        "pixels (decompression-bomb guard)"
+                    )
+                image.load()
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _Refused(f"refused as a possible decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise _Refused(f"not a readable image: unknown or unsupported format (starts with {data[:8]!r})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _Refused(f"not a readable image: {exc}") from exc
