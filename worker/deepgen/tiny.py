@@ -168,7 +168,7 @@ def _write_ar_folder(folder: Path) -> dict[str, int]:
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     tokenizer.save_pretrained(folder)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     vocab_size = _round_up(len(tokenizer), 64)  # a padded vocabulary, as the real 151936 > 151665
@@ -235,7 +235,7 @@ def _write_ar_folder(folder: Path) -> dict[str, int]:
     return ids
 
 
-def _build_tokenizer():  # -> transformers.PreTrainedTokenizerBase
+def build_tokenizer():  # -> transformers.PreTrainedTokenizerBase
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -282,7 +282,8 @@ def _write_diffusion_folder(folder: Path) -> dict[str, object]:
         joint_attention_dim=32,
         caption_projection_dim=16,
         pooled_projection_dim=32,
-        pos_embed_max_size=32,
+        # 64 x 2 x 8 = 1024 px: room for fix_pixels' non-square sizes (~512^2 area) at tiny cost.
+        pos_embed_max_size=64,
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )

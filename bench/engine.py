@@ -1,0 +1,217 @@
+"""DeepGen engine benchmark: seconds per stage and peak memory.
+
+Default: the tiny random model (written to a temporary folder, loaded through DG_DEEPGEN_* exactly
+as real weights) at 64x64 and 512x512. `--full-size-random`: the real DeepGen geometry
+(Qwen2.5-VL-3B + SD3.5-Medium DiT/VAE, connector 2048x6) with random weights built directly on the
+device, bf16, 512x512, 50 steps, with and without stage offload. No files, no hub access.
+
+    .venv/bin/python bench/engine.py                       # -> bench/results/engine.md
+    .venv/bin/python bench/engine.py --full-size-random    # on a GPU -> bench/results/engine_full_size.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from worker.deepgen.engine import DeepGenEngine
+from worker.deepgen.types import GenerationRequest
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT = "a photograph of a red fox standing in fresh snow, morning light"
+
+# Reference numbers (reference doc §1); the checkpoint's key shapes follow from them.
+QWEN25_VL_3B_TEXT = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+    num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+    rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0, mrope_section=[16, 24, 24]),
+    tie_word_embeddings=True,
+)
+QWEN25_VL_3B_VISION = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, temporal_patch_size=2,
+    spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=2048,
+    tokens_per_second=2,
+)
+SD35_MEDIUM_DIT = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+SD35_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+    use_quant_conv=False, use_post_quant_conv=False,
+)
+CONNECTOR = dict(hidden_size=2048, intermediate_size=11946, num_hidden_layers=6, num_attention_heads=32)
+NUM_QUERIES = 128
+
+
+def machine_description(device: torch.device) -> str:
+    parts = [f"{platform.platform()}", f"python {platform.python_version()}", f"torch {torch.__version__}",
+             f"{os.cpu_count()} CPUs", f"threads {torch.get_num_threads()}"]
+    if device.type == "cuda":
+        parts.append(f"GPU {torch.cuda.get_device_name(device)}")
+    return ", ".join(parts)
+
+
+def run_request(engine: DeepGenEngine, size: int, steps: int, seed: int = 0) -> dict[str, Any]:
+    request = GenerationRequest(kind="t2i", prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
+                               guidance_scale=4.0, seed=seed)
+    started = time.perf_counter()
+    result = engine.generate(request)
+    wall = time.perf_counter() - started
+    return {"size": size, "steps": steps, "seconds_per_image": wall,
+            "peak_memory_mib": result.peak_memory_bytes / 2**20,
+            **{f"{stage}_s": value for stage, value in result.timings.items()}}
+
+
+def measure(engine: DeepGenEngine, size: int, steps: int, repeats: int) -> dict[str, Any]:
+    run_request(engine, size, min(steps, 2))  # warm-up: allocator, kernels, lazy processor install
+    runs = [run_request(engine, size, steps, seed=index) for index in range(repeats)]
+    best = min(runs, key=lambda run: run["seconds_per_image"])
+    best["repeats"] = repeats
+    return best
+
+
+def tiny_rows(steps: int, repeats: int) -> list[dict[str, Any]]:
+    from worker.deepgen import tiny
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = tiny.write_tiny_model(Path(folder))
+        engine = DeepGenEngine.from_env(tiny.tiny_env(paths))
+        return [dict(model="tiny", offload=False, **measure(engine, size, steps, repeats)) for size in (64, 512)]
+
+
+def build_full_size_loaded(device: torch.device, dtype: torch.dtype, offload: bool, geometry: dict[str, Any]) -> Any:
+    """A LoadedDeepGen with the real geometry and random weights, created directly on `device`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from worker.deepgen.configuration import load_config
+    from worker.deepgen.connector import ConnectorConfig
+    from worker.deepgen.env import DeepGenEnv
+    from worker.deepgen.loading import LoadedDeepGen
+    from worker.deepgen.model import DeepGenModel
+    from worker.deepgen.tiny import build_tokenizer
+    from worker.deepgen.transformer import DeepGenSD3Transformer
+
+    tokenizer = build_tokenizer()  # local BPE with Qwen's special tokens (ids read, never hard-coded)
+    special = {name: tokenizer.convert_tokens_to_ids(name) for name in
+               ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    lmm_config = Qwen2_5_VLConfig(
+        text_config=geometry["text"], vision_config=geometry["vision"],
+        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    lmm_config._attn_implementation = "sdpa"
+    lmm_config.text_config._attn_implementation = "sdpa"
+    lmm_config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        lmm = Qwen2_5_VLForConditionalGeneration(lmm_config).to(dtype)
+        transformer = DeepGenSD3Transformer.from_config(geometry["dit"]).to(dtype)
+        vae = AutoencoderKL.from_config(geometry["vae"]).to(dtype)
+        model = DeepGenModel(lmm=lmm, transformer=transformer,
+                             connector=ConnectorConfig(**geometry["connector"]),
+                             num_queries=geometry["num_queries"]).to(dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    config = load_config("deepgen")
+    env = DeepGenEnv(config=config, config_name="deepgen", diffusion_model_path=Path("/random-weights"),
+                     ar_model_path=Path("/random-weights"), device=str(device), dtype=str(dtype).removeprefix("torch."),
+                     offload=offload, attention="sdpa")
+    return LoadedDeepGen(model=model.eval(), vae=vae.eval(), scheduler=scheduler, tokenizer=tokenizer, env=env,
+                         report=None, device=device, dtype=dtype,
+                         provenance={"weights": "random (benchmark)", "geometry": geometry["name"]})
+
+
+FULL_GEOMETRY = dict(name="DeepGen 1.0 (Qwen2.5-VL-3B + SD3.5-M)", text=QWEN25_VL_3B_TEXT, vision=QWEN25_VL_3B_VISION,
+                     dit=SD35_MEDIUM_DIT, vae=SD35_VAE, connector=CONNECTOR, num_queries=NUM_QUERIES)
+# Same code path at toy sizes, to check the full-size mode on a CPU before spending GPU time.
+SMOKE_GEOMETRY = dict(
+    name="smoke (toy sizes)",
+    text={**QWEN25_VL_3B_TEXT, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 8,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+          "rope_parameters": dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])},
+    vision={**QWEN25_VL_3B_VISION, "depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2,
+            "fullatt_block_indexes": [0], "out_hidden_size": 64},
+    dit={**SD35_MEDIUM_DIT, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
+         "joint_attention_dim": 32, "caption_projection_dim": 16, "pooled_projection_dim": 32,
+         "pos_embed_max_size": 64, "dual_attention_layers": (0,)},
+    vae={**SD35_VAE, "block_out_channels": (8, 8, 8, 8), "norm_num_groups": 4, "layers_per_block": 1},
+    connector=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    num_queries=8,
+)
+
+
+def full_size_rows(device: torch.device, size: int, steps: int, repeats: int, smoke: bool) -> list[dict[str, Any]]:
+    geometry = SMOKE_GEOMETRY if smoke else FULL_GEOMETRY
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    loaded = build_full_size_loaded(device, dtype, offload=False, geometry=geometry)
+    for offload in (False, True):
+        engine = DeepGenEngine(dataclasses.replace(loaded, env=dataclasses.replace(loaded.env, offload=offload)))
+        row = measure(engine, size, steps, repeats)
+        rows.append(dict(model=geometry["name"], dtype=str(dtype), offload=offload, **row))
+        print(json.dumps(rows[-1]), flush=True)
+    del engine, loaded
+    gc.collect()
+    return rows
+
+
+def write_markdown(path: Path, command: str, machine: str, rows: list[dict[str, Any]]) -> None:
+    columns = ["model", "offload", "size", "steps", "seconds_per_image", "encode_s", "denoise_per_step_s",
+               "decode_s", "peak_memory_mib"]
+    lines = ["# DeepGen engine benchmark\n", f"Command: `{command}`\n", f"Machine: {machine}\n",
+             "Seconds are the best of the repeats after one warm-up call; peak memory is CUDA "
+             "`max_memory_allocated` on a GPU, else the call's peak RSS growth.\n",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row.get(column, ''):.4f}" if isinstance(row.get(column), float) else str(row.get(column, ""))
+                 for column in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\nRaw rows:\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-size-random", action="store_true", help="real geometry, random weights, on device")
+    parser.add_argument("--smoke", action="store_true", help="with --full-size-random: toy sizes (CPU check)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--steps", type=int, default=None, help="default 4 (tiny) / 50 (full size)")
+    parser.add_argument("--size", type=int, default=512, help="full-size mode image side")
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (tiny) / 1 (full size)")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.full_size_random:
+        rows = full_size_rows(device, args.size, args.steps or 50, args.repeats or 1, args.smoke)
+        output = args.output or RESULTS / ("engine_full_size_smoke.md" if args.smoke else "engine_full_size.md")
+    else:
+        rows = tiny_rows(args.steps or 4, args.repeats or 3)
+        output = args.output or RESULTS / "engine.md"
+    write_markdown(output, command, machine_description(device), rows)
+    print(output.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
