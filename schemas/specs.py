@@ -1,0 +1,143 @@
+"""Job specifications: what a producer submits (pydantic v2, unknown fields rejected).
+
+Sizes are rounded up to multiples of 32 as the DeepGen reference does; the job row records
+the size actually used. Limits live in module constants so the CLI and docs can quote them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+SIZE_MULTIPLE = 32
+MIN_SIDE = 32
+MAX_SIDE = 2048
+MIN_STEPS = 1
+MAX_STEPS = 200
+MIN_GUIDANCE = 0.0
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 8000
+MAX_EDIT_IMAGES = 4
+MAX_IMAGE_REF_CHARS = 2048
+MIN_PRIORITY = 0  # normal
+MAX_PRIORITY = 9  # most urgent
+MAX_MODEL_NAME_CHARS = 64
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+# model_name is a Celery queue name and a Redis key part: keep it to a safe alphabet.
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REMOTE_IMAGE_SCHEMES = ("s3://", "http://", "https://")
+
+
+def round_up_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def _check_side(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if value < MIN_SIDE or value > MAX_SIDE:
+        raise ValueError(f"{name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {value}")
+    return round_up_to_multiple(value)
+
+
+class _StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerationParams(_StrictModel):
+    guidance_scale: float = Field(4.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    num_inference_steps: int = Field(50, ge=MIN_STEPS, le=MAX_STEPS)
+    height: int | None = 512
+    width: int | None = 512
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _round_side(cls, value: int | None, info: Any) -> int | None:
+        return _check_side(info.field_name, value)
+
+
+class EditParams(GenerationParams):
+    # None: the output takes the (resized) size of the first input image.
+    height: int | None = None
+    width: int | None = None
+
+
+class _SpecBase(_StrictModel):
+    model_name: str = Field("deepgen", min_length=1, max_length=MAX_MODEL_NAME_CHARS)
+    priority: int = Field(MIN_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name_alphabet(cls, value: str) -> str:
+        if not MODEL_NAME_PATTERN.match(value):
+            raise ValueError("model_name may contain only letters, digits, '_', '.' and '-'")
+        return value
+
+
+def _non_blank(name: str, value: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+class T2ISpec(_SpecBase):
+    kind: Literal["t2i"] = "t2i"
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        return _non_blank("prompt", value)
+
+
+class EditSpec(_SpecBase):
+    kind: Literal["edit"] = "edit"
+    instruction: str = Field(max_length=MAX_PROMPT_CHARS)
+    images: list[str] = Field(min_length=1, max_length=MAX_EDIT_IMAGES)
+    params: EditParams = Field(default_factory=EditParams)
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_not_blank(cls, value: str) -> str:
+        return _non_blank("instruction", value)
+
+    @field_validator("images")
+    @classmethod
+    def _image_refs(cls, refs: list[str]) -> list[str]:
+        for position, ref in enumerate(refs):
+            if not ref or len(ref) > MAX_IMAGE_REF_CHARS or any(c.isspace() for c in ref.strip()):
+                raise ValueError(f"images[{position}] is not a valid image reference: {ref[:80]!r}")
+            if "://" in ref:
+                if not ref.startswith(REMOTE_IMAGE_SCHEMES):
+                    raise ValueError(
+                        f"images[{position}] uses an unsupported scheme (use s3://, http:// or https://): {ref[:80]!r}"
+                    )
+                if ref.split("://", 1)[1].strip("/") == "":
+                    raise ValueError(f"images[{position}] has no host/bucket: {ref!r}")
+            # Other values are local paths: only the embedded worker accepts them (checked at load).
+        return refs
+
+    def remote_only(self) -> bool:
+        return all(ref.startswith(REMOTE_IMAGE_SCHEMES) for ref in self.images)
+
+
+JobSpec = Annotated[T2ISpec | EditSpec, Field(discriminator="kind")]
+_JOB_SPEC_ADAPTER: TypeAdapter[T2ISpec | EditSpec] = TypeAdapter(JobSpec)
+
+
+def parse_job_spec(data: Any) -> T2ISpec | EditSpec:
+    """Validate a dict (or JSON string/bytes) into a spec; raises pydantic.ValidationError."""
+    if isinstance(data, T2ISpec | EditSpec):
+        return data
+    if isinstance(data, str | bytes):
+        return _JOB_SPEC_ADAPTER.validate_json(data)
+    return _JOB_SPEC_ADAPTER.validate_python(data)

@@ -1,0 +1,134 @@
+"""SQLAlchemy 2.0 models of the job database: the source of truth for every job.
+
+All timestamps are timezone-aware UTC. SQLite stores them without an offset, so
+`UtcDateTime` re-attaches UTC on the way out; PostgreSQL uses `timestamptz`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from schemas.enums import JobStatus
+
+# Deterministic constraint names, so Alembic migrations are identical on every dialect.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; use datetime.now(timezone.utc)")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UtcDateTime(), dict[str, Any]: sa.JSON()}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    model_name: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16), default=JobStatus.QUEUED.value)
+    spec: Mapped[dict[str, Any]]
+    seed: Mapped[int | None] = mapped_column(sa.BigInteger)
+    priority: Mapped[int] = mapped_column(default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    max_attempts: Mapped[int]
+    worker_id: Mapped[str | None] = mapped_column(sa.String(255))
+    lease_expires_at: Mapped[datetime | None]
+    progress_step: Mapped[int] = mapped_column(default=0)
+    progress_total: Mapped[int] = mapped_column(default=0)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error_type: Mapped[str | None] = mapped_column(sa.String(255))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    published_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    retry_of: Mapped[str | None] = mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"))
+    # Config name, checkpoint file + sha256, library versions, device, dtype: what produced the PNGs.
+    provenance: Mapped[dict[str, Any] | None]
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="job", order_by="Artifact.index", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (
+        # Polling/listing by status and time, per model, and the sweeper's scans.
+        sa.Index("ix_jobs_status_created_at", "status", "created_at"),
+        sa.Index("ix_jobs_model_name_status_created_at", "model_name", "status", "created_at"),
+        sa.Index("ix_jobs_created_at", "created_at"),
+        sa.Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        sa.Index("ix_jobs_retry_of", "retry_of"),
+    )
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int]
+    uri: Mapped[str] = mapped_column(sa.Text)
+    width: Mapped[int]
+    height: Mapped[int]
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="artifacts")
+
+    # A re-run overwrites the same (job, index) row instead of adding a second set.
+    __table_args__ = (sa.UniqueConstraint("job_id", "index"),)
+
+
+class WorkerRecord(Base):
+    """One row per worker process, for `diffgentor workers` and health checks."""
+
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    hostname: Mapped[str] = mapped_column(sa.String(255))
+    pid: Mapped[int]
+    model_name: Mapped[str] = mapped_column(sa.String(64))
+    queue: Mapped[str] = mapped_column(sa.String(255))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    current_job_id: Mapped[str | None] = mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"))
+    jobs_done: Mapped[int] = mapped_column(default=0)
+    last_job_at: Mapped[datetime | None]
+
+    __table_args__ = (sa.Index("ix_workers_model_name_heartbeat_at", "model_name", "heartbeat_at"),)

@@ -1,0 +1,266 @@
+"""End to end: real Celery worker subprocesses, Redis, PostgreSQL, moto S3 and the tiny DeepGen.
+
+The worker builds its engine with `DeepGenEngine.from_env()` exactly as production does.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from PIL import Image
+from pydantic import ValidationError
+
+from schemas.enums import TERMINAL_STATUSES, JobStatus
+from schemas.views import JobView
+from tests.conftest import free_port
+from tests.jobs.workers import WorkerProcess, wait_for
+from worker.db import make_engine, session_factory
+from worker.deepgen.tiny import tiny_env
+from worker.jobstore import JobStore
+from worker.publish import CeleryPublisher
+from worker.settings import load_settings
+from worker.storage import open_store
+from worker.submission import submit_jobs
+from worker.sweeper import sweep_once
+
+pytestmark = pytest.mark.integration
+
+FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
+SLOW = {"num_inference_steps": 200, "height": 512, "width": 512}  # a few seconds on the tiny model
+
+
+def _s3(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+
+
+@pytest.fixture
+def model_name() -> str:
+    return f"deepgen-{uuid.uuid4().hex[:8]}"  # its own queue: tests never see each other's messages
+
+
+@pytest.fixture
+def worker_env(migrated_pg_url: str, redis_url: str, s3_endpoint: str, s3_bucket: str, tiny_model_paths: Any,
+               tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DG_", "PYTEST"))}
+    # "dynamic" keeps small edit inputs at their own size: the tiny model has a small maximum side.
+    env.update(tiny_env(tiny_model_paths, IMAGE_RESIZE_MODE="dynamic"))
+    env.update({
+        "DG_HOME": str(tmp_path / "home"),
+        "DG_DATABASE_URL": migrated_pg_url,
+        "DG_BROKER_URL": redis_url,
+        "DG_STORAGE_URL": f"s3://{s3_bucket}/e2e",
+        "DG_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "HF_HUB_OFFLINE": "1",
+        # Short lease and a fast Redis restore sweep, so a killed worker's job comes back in seconds.
+        "DG_LEASE_SECONDS": "3", "DG_HEARTBEAT_SECONDS": "0.5", "DG_PUBLISH_GRACE_SECONDS": "1",
+        "DG_SOFT_TIME_LIMIT_SECONDS": "60", "DG_HARD_TIME_LIMIT_SECONDS": "70",
+        "DG_VISIBILITY_TIMEOUT_SECONDS": "75",
+        "DG_UNACKED_RESTORE_INTERVAL_SECONDS": "1", "DG_UNACKED_RESTORE_THROTTLE": "1",
+        "DG_PROGRESS_INTERVAL_SECONDS": "0.2",
+        "OMP_NUM_THREADS": "1",
+    })
+    return env
+
+
+@pytest.fixture
+def store(migrated_pg_url: str) -> Iterator[JobStore]:
+    engine = make_engine(migrated_pg_url)
+    yield JobStore(session_factory(engine))
+    engine.dispose()
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[CeleryPublisher]:
+    publisher = CeleryPublisher(redis_url)
+    yield publisher
+    publisher.close()
+
+
+@pytest.fixture
+def start_worker(worker_env: dict[str, str], model_name: str, tmp_path: Path) -> Iterator[Any]:
+    started: list[WorkerProcess] = []
+
+    def start(env_overrides: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess({**worker_env, **(env_overrides or {})}, model_name,
+                               tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def _wait_terminal(store: JobStore, job_ids: list[str], timeout: float = 120) -> list[JobView]:
+    def done() -> bool:
+        return all(job.status in TERMINAL_STATUSES for job in store.get_many(job_ids))
+
+    wait_for(done, timeout, lambda: f"jobs not finished: {[(j.id, j.status) for j in store.get_many(job_ids)]}")
+    return store.get_many(job_ids)
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int] = (96, 64)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_jobs_run_on_one_resident_model_and_bad_inputs_fail_cleanly(
+    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str, s3_endpoint: str,
+    s3_bucket: str, worker_env: dict[str, str],
+) -> None:
+    s3 = _s3(s3_endpoint)
+    s3.put_object(Bucket=s3_bucket, Key="inputs/source.png", Body=_png((10, 200, 10)), ContentType="image/png")
+    s3.put_object(Bucket=s3_bucket, Key="inputs/corrupt.png", Body=b"\x89PNG\r\n\x1a\ntruncated", ContentType="image/png")
+    worker = start_worker()
+
+    t2i = [{"kind": "t2i", "prompt": f"a fox number {i}", "model_name": model_name, "params": FAST} for i in range(8)]
+    edit = {"kind": "edit", "instruction": "make it red", "model_name": model_name,
+            "images": [f"s3://{s3_bucket}/inputs/source.png"], "params": {"num_inference_steps": 2}}
+    unreachable = {**edit, "images": [f"http://127.0.0.1:{free_port()}/gone.png"]}
+    corrupt = {**edit, "images": [f"s3://{s3_bucket}/inputs/corrupt.png"]}
+    submitted = submit_jobs(store, publisher, [*t2i, edit, unreachable, corrupt, {**t2i[0], "prompt": "after"}])
+    jobs = _wait_terminal(store, [s.job.id for s in submitted])
+
+    by_status = {job.id: (job.kind, job.status.value, job.error_type, job.error_message) for job in jobs}
+    bad_unreachable, bad_corrupt = jobs[9], jobs[10]
+    good = [job for job in jobs if job.id not in (bad_unreachable.id, bad_corrupt.id)]
+    assert [job.id for job in good if job.status != JobStatus.SUCCEEDED] == [], [v for v in by_status.values() if v[1] != "succeeded"]
+    assert len(good) == 10
+    assert bad_unreachable.status == JobStatus.FAILED and bad_unreachable.error_type == "InputImageError"
+    assert "gone.png" in (bad_unreachable.error_message or "")
+    assert bad_corrupt.status == JobStatus.FAILED and "corrupt.png" in (bad_corrupt.error_message or "")
+    assert jobs[-1].status == JobStatus.SUCCEEDED  # the worker kept serving after the failures
+
+    artifacts = open_store(f"s3://{s3_bucket}/e2e", endpoint_url=s3_endpoint)
+    for job in good:
+        [artifact] = job.artifacts
+        assert artifact.uri == f"s3://{s3_bucket}/e2e/jobs/{job.id}/0.png"
+        data = artifacts.get_bytes(artifact.uri)
+        assert len(data) == artifact.bytes and Image.open(io.BytesIO(data)).size == (artifact.width, artifact.height)
+        assert job.attempts == 1 and job.provenance and job.seed is not None
+    edited = jobs[8]
+    assert (edited.width, edited.height) == (edited.artifacts[0].width, edited.artifacts[0].height)
+
+    # Ten (and more) jobs, one model load in the worker process.
+    assert worker.log_text().count("DeepGen model loaded") == 1
+
+    # The same message delivered twice: one execution.
+    [again] = submit_jobs(store, publisher, [{**t2i[0], "prompt": "twice"}])
+    publisher.publish([type("T", (), {"job_id": again.job.id, "model_name": model_name, "priority": 0})()])
+    [finished] = _wait_terminal(store, [again.job.id])
+    wait_for(lambda: worker.log_text().count(f"dropping delivery of job {again.job.id}") == 1, 30,
+             "the second delivery was not dropped")
+    assert finished.status == JobStatus.SUCCEEDED and finished.attempts == 1 and len(finished.artifacts) == 1
+
+
+def test_bad_spec_is_rejected_at_submit(store: JobStore, publisher: CeleryPublisher) -> None:
+    before = len(store.list(limit=1000))
+    with pytest.raises(ValidationError) as error:
+        submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "ok"},
+                                       {"kind": "t2i", "prompt": "x", "params": {"num_inference_steps": 0}}])
+    assert "num_inference_steps" in str(error.value)
+    assert len(store.list(limit=1000)) == before  # nothing of the batch was inserted
+
+
+def test_cancel_queued_and_running_jobs(store: JobStore, publisher: CeleryPublisher, start_worker: Any,
+                                        model_name: str) -> None:
+    worker = start_worker()
+    running, queued, after = (s.job.id for s in submit_jobs(store, publisher, [
+        {"kind": "t2i", "prompt": "slow", "model_name": model_name, "params": SLOW},
+        {"kind": "t2i", "prompt": "queued", "model_name": model_name, "params": FAST},
+        {"kind": "t2i", "prompt": "after", "model_name": model_name, "params": FAST},
+    ]))
+    wait_for(lambda: store.get(running).progress_step > 0, 90, "the slow job never started")
+    assert store.cancel(queued).status == JobStatus.CANCELLED
+    assert store.cancel(running).cancel_requested
+    stopped, never_ran, next_job = _wait_terminal(store, [running, queued, after])
+    assert stopped.status == JobStatus.CANCELLED and stopped.progress_step < 200 and stopped.artifacts == []
+    assert never_ran.status == JobStatus.CANCELLED and never_ran.attempts == 0
+    assert next_job.status == JobStatus.SUCCEEDED
+    assert worker.log_text().count("DeepGen model loaded") == 1  # the model stayed resident
+
+
+def test_kill_9_of_the_whole_worker_then_a_new_worker_completes_the_job_once(
+    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str,
+) -> None:
+    # Redis redelivers an unacked message only after the visibility timeout: keep it short here.
+    # (Above the job's run time on a busy 2-core machine, or the soft limit fails the job.)
+    quick = {"DG_SOFT_TIME_LIMIT_SECONDS": "30", "DG_HARD_TIME_LIMIT_SECONDS": "33",
+             "DG_VISIBILITY_TIMEOUT_SECONDS": "35"}
+    first = start_worker(quick)
+    [submitted] = submit_jobs(store, publisher, [
+        {"kind": "t2i", "prompt": "survive a crash", "model_name": model_name,
+         "params": {**SLOW, "num_inference_steps": 100}}])
+    job_id = submitted.job.id
+    wait_for(lambda: store.get(job_id).progress_step > 0, 90, "the job never started")
+    first.kill_all()
+    assert store.get(job_id).status == JobStatus.RUNNING
+    second = start_worker(quick)
+    # Redis' unacked-restore brings the message back; the expired lease lets the new worker claim it.
+    [job] = _wait_terminal(store, [job_id], timeout=180)
+    assert job.status == JobStatus.SUCCEEDED, (job.error_type, job.error_message)
+    assert job.attempts == 2 and len(job.artifacts) == 1
+    assert job.worker_id is not None and second.log_text().count(f"job {job_id} succeeded") == 1
+
+
+def test_sweeper_publishes_jobs_a_producer_left_unpublished(
+    store: JobStore, start_worker: Any, model_name: str, worker_env: dict[str, str],
+) -> None:
+    start_worker()
+    [submitted] = store.submit([{"kind": "t2i", "prompt": "orphan", "model_name": model_name, "params": FAST}])
+    settings = load_settings(worker_env)
+    wait_for(lambda: submitted.job.id in sweep_once(settings).unpublished, 10, "sweeper did not pick the job up")
+    [job] = _wait_terminal(store, [submitted.job.id])
+    assert job.status == JobStatus.SUCCEEDED and job.published_at is not None
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server binary not installed")
+def test_redis_restart_while_idle_then_the_next_job_runs(
+    store: JobStore, start_worker: Any, model_name: str, tmp_path: Path,
+) -> None:
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path)]
+    redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    own_url = f"redis://127.0.0.1:{port}/0"
+    publisher = CeleryPublisher(own_url)
+    try:
+        wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not start")
+        start_worker({"DG_BROKER_URL": own_url})
+        [first] = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "before", "model_name": model_name,
+                                                  "params": FAST}])
+        assert _wait_terminal(store, [first.job.id])[0].status == JobStatus.SUCCEEDED
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not restart")
+        [second] = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "after", "model_name": model_name,
+                                                   "params": FAST}])
+        assert _wait_terminal(store, [second.job.id], timeout=90)[0].status == JobStatus.SUCCEEDED
+    finally:
+        publisher.close()
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
+def _redis_up(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False

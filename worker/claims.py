@@ -1,0 +1,197 @@
+"""The worker side of a job row: claim with a lease, renew it, and fenced writes.
+
+Every statement here is a single conditional UPDATE, so two workers racing for the same
+job (a redelivered message, a sweeper re-publish) can never both own it: the database
+decides, on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from schemas.enums import JobStatus
+from schemas.tables import Artifact, Job, utcnow
+
+POISON_ERROR_TYPE = "AttemptsExhausted"
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run a job it now owns."""
+
+    id: str
+    kind: str
+    model_name: str
+    spec: dict[str, Any]
+    seed: int
+    attempts: int
+    max_attempts: int
+    worker_id: str
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class ClaimRefusal:
+    """Why a delivery was dropped: the job is finished, owned elsewhere, or gone."""
+
+    job_id: str
+    status: str | None  # None: no such job
+    reason: str
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    owned: bool  # False: the lease was lost (another worker took over, or the job ended)
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    index: int
+    uri: str
+    width: int
+    height: int
+    bytes: int
+    sha256: str
+
+
+def _owned_by(job_id: str, worker_id: str) -> sa.ColumnElement[bool]:
+    return sa.and_(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING.value)
+
+
+def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> ClaimedJob | ClaimRefusal:
+    """Take a queued job, or a running one whose lease expired, in ONE conditional UPDATE.
+
+    The same statement ends the job instead when it must not run again: `cancelled` if a
+    cancel was requested before the lease expired, `failed` (poison) when the attempts cap
+    is reached; the caller drops the delivery in both cases.
+    """
+    now = utcnow()
+    exhausted = Job.attempts >= Job.max_attempts
+    stop = sa.or_(Job.cancel_requested.is_(True), exhausted)
+    new_status = sa.case(
+        (Job.cancel_requested.is_(True), JobStatus.CANCELLED.value),
+        (exhausted, JobStatus.FAILED.value),
+        else_=JobStatus.RUNNING.value,
+    )
+    statement = (
+        sa.update(Job)
+        .where(
+            Job.id == job_id,
+            sa.or_(
+                Job.status == JobStatus.QUEUED.value,
+                sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+            ),
+        )
+        .values(
+            status=new_status,
+            attempts=sa.case((stop, Job.attempts), else_=Job.attempts + 1),
+            worker_id=sa.case((stop, Job.worker_id), else_=worker_id),
+            lease_expires_at=sa.case((stop, None), else_=now + timedelta(seconds=lease_seconds)),
+            started_at=sa.case((stop, Job.started_at), else_=now),
+            finished_at=sa.case((stop, now), else_=None),
+            progress_step=sa.case((stop, Job.progress_step), else_=0),
+            error_type=sa.case(
+                (Job.cancel_requested.is_(True), None), (exhausted, POISON_ERROR_TYPE), else_=None
+            ),
+            error_message=sa.case(
+                (Job.cancel_requested.is_(True), None),
+                (
+                    exhausted,
+                    sa.literal("gave up after ")
+                    + sa.cast(Job.attempts, sa.String)
+                    + sa.literal(" attempts: each run ended without completing (worker killed or lease lost)"),
+                ),
+                else_=None,
+            ),
+        )
+        .returning(Job.id, Job.status, Job.kind, Job.model_name, Job.spec, Job.seed, Job.attempts,
+                   Job.max_attempts, Job.worker_id, Job.lease_expires_at)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(statement).one_or_none()
+    if row is None:
+        current = session.execute(sa.select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+        reason = "no such job" if current is None else f"job is {current} (finished, cancelled or owned elsewhere)"
+        return ClaimRefusal(job_id, current, reason)
+    if row.status != JobStatus.RUNNING.value:
+        return ClaimRefusal(job_id, row.status, f"job ended {row.status} at claim time")
+    return ClaimedJob(
+        id=row.id,
+        kind=row.kind,
+        model_name=row.model_name,
+        spec=row.spec,
+        seed=row.seed if row.seed is not None else secrets.randbelow(2**32),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        worker_id=row.worker_id,
+        lease_expires_at=row.lease_expires_at,
+    )
+
+
+def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> LeaseState:
+    expires = utcnow() + timedelta(seconds=lease_seconds)
+    statement = (
+        sa.update(Job)
+        .where(_owned_by(job_id, worker_id))
+        .values(lease_expires_at=expires)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    )
+    cancel = session.execute(statement).scalar_one_or_none()
+    return LeaseState(owned=cancel is not None, cancel_requested=bool(cancel))
+
+
+def record_progress(session: Session, job_id: str, worker_id: str, step: int, total: int) -> LeaseState:
+    statement = (
+        sa.update(Job)
+        .where(_owned_by(job_id, worker_id))
+        .values(progress_step=step, progress_total=total)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    )
+    cancel = session.execute(statement).scalar_one_or_none()
+    return LeaseState(owned=cancel is not None, cancel_requested=bool(cancel))
+
+
+def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, **values: Any) -> bool:
+    """Move an owned running job to a terminal state; False if this worker no longer owns it."""
+    statement = (
+        sa.update(Job)
+        .where(_owned_by(job_id, worker_id))
+        .values(status=status.value, finished_at=utcnow(), lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount == 1
+
+
+def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactRecord]) -> None:
+    """Insert or overwrite artifact rows on (job, index): a re-run never adds a second set."""
+    if not artifacts:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two supported databases
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    now = utcnow()
+    rows = [
+        {"job_id": job_id, "index": a.index, "uri": a.uri, "width": a.width, "height": a.height,
+         "bytes": a.bytes, "sha256": a.sha256, "created_at": now}
+        for a in artifacts
+    ]
+    statement = insert(Artifact).values(rows)
+    excluded = statement.excluded
+    statement = statement.on_conflict_do_update(
+        index_elements=[Artifact.job_id, Artifact.index],
+        set_={name: excluded[name] for name in ("uri", "width", "height", "bytes", "sha256", "created_at")},
+    )
+    session.execute(statement)

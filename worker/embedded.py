@@ -1,0 +1,39 @@
+"""Embedded mode: no broker; a publish runs the job right away in this process.
+
+The same `JobRunner` as a Celery worker does the work, against an SQLite job database and
+`file://DG_HOME/artifacts` by default, so a single machine needs no services at all.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+
+from worker.jobstore import PublishTarget
+from worker.runner import EngineProvider, JobRunner, ResidentEngine, RunOutcome
+from worker.settings import Settings
+
+
+def _load_deepgen():  # -> DeepGenEngine
+    from worker.deepgen.engine import DeepGenEngine
+
+    return DeepGenEngine.from_env()
+
+
+class InProcessPublisher:
+    def __init__(self, runner: JobRunner, worker_id: str | None = None) -> None:
+        self.runner = runner
+        self.worker_id = worker_id or f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.outcomes: dict[str, RunOutcome] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, engine_provider: EngineProvider | None = None) -> InProcessPublisher:
+        provider = engine_provider or ResidentEngine(_load_deepgen)
+        return cls(JobRunner.from_settings(settings, provider))
+
+    def publish(self, targets: Sequence[PublishTarget]) -> None:
+        # Most urgent first, then submission order, as the queue would.
+        for target in sorted(targets, key=lambda t: -t.priority):
+            self.outcomes[target.job_id] = self.runner.run(target.job_id, self.worker_id)

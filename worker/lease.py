@@ -1,0 +1,83 @@
+"""Keep a claimed job's lease alive from a background thread, and throttle progress writes.
+
+The heartbeat thread runs from claim to finish, so the lease stays live during the model
+load and the input download too, not only between denoising steps. Both the heartbeat and
+the progress writes report a cancel request or a lost lease back to the job's step callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from types import TracebackType
+
+from worker.claims import LeaseState
+from worker.jobstore import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(self, store: JobStore, job_id: str, worker_id: str, *, lease_seconds: float,
+                 heartbeat_seconds: float) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._lease_seconds = lease_seconds
+        self._heartbeat_seconds = heartbeat_seconds
+        self._stopped = threading.Event()
+        self.cancel_requested = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=self._heartbeat_seconds + 5)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.cancel_requested.is_set() or self.lost.is_set()
+
+    def observe(self, state: LeaseState) -> None:
+        if state.cancel_requested:
+            self.cancel_requested.set()
+        if not state.owned:
+            self.lost.set()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self._heartbeat_seconds):
+            try:
+                self.observe(self._store.heartbeat(self._job_id, self._worker_id, self._lease_seconds))
+            except Exception:  # a database blip must not kill the job; the next beat retries
+                log.warning("lease renewal for job %s failed", self._job_id, exc_info=True)
+            if self.lost.is_set():
+                return
+
+
+class ProgressReporter:
+    """The engine's step callback: writes progress at most every `interval` seconds."""
+
+    def __init__(self, store: JobStore, job_id: str, worker_id: str, lease: LeaseKeeper,
+                 interval_seconds: float) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._lease = lease
+        self._interval = interval_seconds
+        self._last_write = float("-inf")
+
+    def __call__(self, step: int, total: int) -> bool:
+        now = time.monotonic()
+        if now - self._last_write >= self._interval or step == total:
+            self._last_write = now
+            try:
+                self._lease.observe(self._store.record_progress(self._job_id, self._worker_id, step, total))
+            except Exception:
+                log.warning("progress write for job %s failed", self._job_id, exc_info=True)
+        return self._lease.should_stop  # True asks the engine to stop at this step

@@ -1,0 +1,157 @@
+"""Every `DG_*` job-system setting, read once from the environment into a frozen dataclass.
+
+Each value is validated with an error that names the variable, and the relationships the
+lifecycle depends on are enforced here (see docs/jobs.md for the table):
+visibility timeout > hard time limit > soft time limit, and heartbeat < lease.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+DEFAULT_WORKER_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_HOME = "~/.diffgentor"
+SQLITE_FILE_NAME = "jobs.sqlite3"
+ARTIFACTS_DIR_NAME = "artifacts"
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A DG_* variable is missing, malformed or inconsistent with another one."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    broker_url: str | None  # None: producers run jobs in-process (embedded mode)
+    storage_url: str
+    s3_endpoint_url: str | None
+    s3_public_endpoint_url: str | None
+    home: Path
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    sweep_interval_seconds: float = 30.0
+    publish_grace_seconds: float = 30.0
+    visibility_timeout_seconds: int = 7200
+    soft_time_limit_seconds: float = 3300.0
+    hard_time_limit_seconds: float = 3600.0
+    unacked_restore_interval_seconds: float = 10.0
+    unacked_restore_throttle: int = 10
+    max_attempts: int = 3
+    progress_interval_seconds: float = 0.5
+    input_max_bytes: int = 32 * 1024 * 1024
+    input_timeout_seconds: float = 30.0
+    input_max_pixels: int = 40_000_000
+    allow_local_inputs: bool = False
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def worker_broker_url(self) -> str:
+        """Workers always need a broker; they default to a local Redis."""
+        return self.broker_url or DEFAULT_WORKER_BROKER_URL
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat_seconds < self.lease_seconds:
+            raise SettingsError(
+                f"DG_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be smaller than "
+                f"DG_LEASE_SECONDS ({self.lease_seconds}), or a live worker would lose its lease"
+            )
+        if not self.soft_time_limit_seconds < self.hard_time_limit_seconds:
+            raise SettingsError(
+                f"DG_SOFT_TIME_LIMIT_SECONDS ({self.soft_time_limit_seconds}) must be smaller than "
+                f"DG_HARD_TIME_LIMIT_SECONDS ({self.hard_time_limit_seconds})"
+            )
+        if not self.hard_time_limit_seconds < self.visibility_timeout_seconds:
+            raise SettingsError(
+                f"DG_VISIBILITY_TIMEOUT_SECONDS ({self.visibility_timeout_seconds}) must be larger than "
+                f"DG_HARD_TIME_LIMIT_SECONDS ({self.hard_time_limit_seconds}), or Redis redelivers running jobs"
+            )
+
+
+def _read(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T, check: str = "") -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = parse(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {parse.__name__} value") from None
+    if check == "positive" and not value > 0:  # type: ignore[operator]
+        raise SettingsError(f"{name}={raw!r} must be greater than 0")
+    if check == "non-negative" and not value >= 0:  # type: ignore[operator]
+        raise SettingsError(f"{name}={raw!r} must be 0 or greater")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(raw)
+
+
+_bool.__name__ = "boolean"
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(schemes):
+        raise SettingsError(f"{name}={_redact(raw)!r} must start with one of {', '.join(schemes)}")
+    return raw
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a URL before it goes into an error message."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    credentials, _, host = rest.partition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    home = Path(env.get("DG_HOME", "").strip() or DEFAULT_HOME).expanduser()
+    broker_url = _url(env, "DG_BROKER_URL", ("redis://", "rediss://", "redis+socket://", "memory://"))
+    database_url = env.get("DG_DATABASE_URL", "").strip() or f"sqlite:///{home / SQLITE_FILE_NAME}"
+    if not database_url.startswith(("sqlite", "postgresql")):
+        raise SettingsError(f"DG_DATABASE_URL={_redact(database_url)!r} must be a sqlite:// or postgresql:// URL")
+    storage_url = _url(env, "DG_STORAGE_URL", ("s3://", "file://")) or (home / ARTIFACTS_DIR_NAME).as_uri()
+    pos, nonneg = "positive", "non-negative"
+    return Settings(
+        database_url=database_url,
+        broker_url=broker_url,
+        storage_url=storage_url,
+        s3_endpoint_url=_url(env, "DG_S3_ENDPOINT_URL", ("http://", "https://")),
+        s3_public_endpoint_url=_url(env, "DG_S3_PUBLIC_ENDPOINT_URL", ("http://", "https://")),
+        home=home,
+        lease_seconds=_read(env, "DG_LEASE_SECONDS", float, 60.0, pos),
+        heartbeat_seconds=_read(env, "DG_HEARTBEAT_SECONDS", float, 10.0, pos),
+        sweep_interval_seconds=_read(env, "DG_SWEEP_INTERVAL_SECONDS", float, 30.0, pos),
+        publish_grace_seconds=_read(env, "DG_PUBLISH_GRACE_SECONDS", float, 30.0, nonneg),
+        visibility_timeout_seconds=_read(env, "DG_VISIBILITY_TIMEOUT_SECONDS", int, 7200, pos),
+        soft_time_limit_seconds=_read(env, "DG_SOFT_TIME_LIMIT_SECONDS", float, 3300.0, pos),
+        hard_time_limit_seconds=_read(env, "DG_HARD_TIME_LIMIT_SECONDS", float, 3600.0, pos),
+        unacked_restore_interval_seconds=_read(env, "DG_UNACKED_RESTORE_INTERVAL_SECONDS", float, 10.0, pos),
+        unacked_restore_throttle=_read(env, "DG_UNACKED_RESTORE_THROTTLE", int, 10, pos),
+        max_attempts=_read(env, "DG_MAX_ATTEMPTS", int, 3, pos),
+        progress_interval_seconds=_read(env, "DG_PROGRESS_INTERVAL_SECONDS", float, 0.5, nonneg),
+        input_max_bytes=_read(env, "DG_INPUT_MAX_BYTES", int, 32 * 1024 * 1024, pos),
+        input_timeout_seconds=_read(env, "DG_INPUT_TIMEOUT_SECONDS", float, 30.0, pos),
+        input_max_pixels=_read(env, "DG_INPUT_MAX_PIXELS", int, 40_000_000, pos),
+        # Local paths are the producer's own files in embedded mode; a shared worker must refuse them.
+        allow_local_inputs=_read(env, "DG_ALLOW_LOCAL_INPUTS", _bool, broker_url is None),
+    )

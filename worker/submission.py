@@ -1,0 +1,52 @@
+"""Producer flow: commit the rows first, then publish, then record the publish.
+
+Publishing after the commit means a worker never sees an id whose row is not there yet.
+If publishing fails the rows stay `queued` with no `published_at`, and the sweeper
+re-publishes them after the grace period: a job is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from schemas.specs import EditSpec, T2ISpec
+from schemas.views import JobView
+from worker.jobstore import JobStore, Submitted, publish_target
+from worker.publish import Publisher
+
+log = logging.getLogger(__name__)
+
+
+def submit_jobs(
+    store: JobStore, publisher: Publisher, specs: Iterable[T2ISpec | EditSpec | dict[str, Any]]
+) -> list[Submitted]:
+    """Insert (one transaction), publish the new jobs, mark them published; input order kept.
+
+    Raises the publisher's error after the rows are committed; the caller may report it,
+    the sweeper delivers the jobs later.
+    """
+    submitted = store.submit(specs)
+    fresh = [s.job for s in submitted if s.created]
+    _publish(store, publisher, fresh)
+    if fresh:
+        # Refresh: in embedded mode the jobs already ran during publish.
+        latest = {job.id: job for job in store.get_many([job.id for job in fresh])}
+        submitted = [Submitted(latest.get(s.job.id, s.job), s.created) for s in submitted]
+    return submitted
+
+
+def retry_job(store: JobStore, publisher: Publisher, job_id: str) -> JobView:
+    """A failed/cancelled job becomes a new linked job, published like a fresh submit."""
+    job = store.retry(job_id)
+    _publish(store, publisher, [job])
+    return store.get(job.id)
+
+
+def _publish(store: JobStore, publisher: Publisher, jobs: list[JobView]) -> None:
+    if not jobs:
+        return
+    ids = [job.id for job in jobs]
+    publisher.publish([publish_target(job) for job in jobs])
+    store.mark_published(ids)

@@ -1,0 +1,71 @@
+"""Celery tasks: run one job (by id), and the periodic sweep.
+
+The runner, its database engine and the DeepGen model are created lazily on the first
+task, i.e. inside the prefork child: nothing CUDA-related exists in the parent that forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from worker.celery_app import SWEEP_TASK_NAME, app
+from worker.publish import RUN_JOB_TASK_NAME
+from worker.runner import JobRunner, ResidentEngine, RunOutcome
+from worker.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+_runner: JobRunner | None = None
+_worker_id: str | None = None
+_settings: Settings | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Settings for the jobs of this worker (set in the parent, inherited by prefork children)."""
+    global _settings, _runner
+    _settings = settings
+    _runner = None
+
+
+def settings() -> Settings:
+    return _settings or load_settings()
+
+
+def _load_deepgen():  # -> DeepGenEngine; torch is imported here, in the process that runs jobs
+    from worker.deepgen.engine import DeepGenEngine
+
+    return DeepGenEngine.from_env()
+
+
+def worker_id() -> str:
+    """Unique per process (a prefork child replaced after a crash gets a new identity)."""
+    global _worker_id
+    if _worker_id is None or not _worker_id.startswith(f"{socket.gethostname()}:{os.getpid()}:"):
+        _worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return _worker_id
+
+
+def runner() -> JobRunner:
+    global _runner
+    if _runner is None:
+        _runner = JobRunner.from_settings(settings(), ResidentEngine(_load_deepgen))
+    return _runner
+
+
+@app.task(name=RUN_JOB_TASK_NAME, ignore_result=True)
+def run_job(job_id: str) -> str:
+    if not isinstance(job_id, str) or not job_id:
+        log.error("run_job got a malformed job id %r; dropping the message", job_id)
+        return RunOutcome.SKIPPED.value
+    return runner().run(job_id, worker_id()).value
+
+
+@app.task(name=SWEEP_TASK_NAME, ignore_result=True)
+def sweep() -> dict[str, int]:
+    from worker.sweeper import sweep_once
+
+    report = sweep_once(settings())
+    return {"unpublished": len(report.unpublished), "expired": len(report.expired)}
