@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `python3 bench/engine.py` puts bench/ first on sys.path, not the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

@@ -20,7 +20,7 @@ from worker.deepgen.engine import DeepGenEngine
 from worker.deepgen.model import selected_layer_indices
 from worker.deepgen.prompts import PromptTemplate
 from worker.deepgen.types import GenerationRequest
-from worker.deepgen.vision import qwen_patches
+from worker.deepgen.vision import qwen_patches, vision_inputs
 
 TEMPLATE = PromptTemplate.from_mapping(None)
 SHORT = TEMPLATE.text_to_image("a cat")
@@ -176,3 +176,34 @@ def test_vit_patch_order_matches_qwen_processor() -> None:
     patches, grid = qwen_patches(frame)
     assert list(grid) == expected["image_grid_thw"][0].tolist()
     torch.testing.assert_close(patches, expected["pixel_values"].float())
+
+
+def test_image_tokens_get_3d_positions_and_text_continues_after_them(engine: DeepGenEngine) -> None:
+    """Qwen's M-RoPE for an edit row: (t, h, w) offset by the image start, text resumes at max + 1."""
+    vision = vision_inputs([torch.zeros(3, 64, 96), torch.zeros(3, 32, 32)])  # merged grids 2x3 and 1x1
+    prompt = TEMPLATE.edit("add a hat", vision.token_counts)
+    ids, mask = tokenize(engine.tokenizer, [prompt, TEMPLATE.edit("", vision.token_counts)], 1024, ["p", "n"])
+    queries = engine.model.num_queries
+    full_ids = torch.cat([ids, ids.new_zeros(2, queries)], dim=1)
+    full_mask = torch.cat([mask, mask.new_ones(2, queries)], dim=1).long()
+    image_token_id = int(engine.model.lmm.config.image_token_id)
+    positions = rope_index(engine.model.lmm, full_ids, full_mask, image_token_id, vision.grid_thw.repeat(2, 1))
+    for row in range(2):
+        valid = full_mask[row].bool()
+        row_ids, row_positions = full_ids[row, valid], positions[:, row, valid]
+        image_at = (row_ids == image_token_id).nonzero().flatten().tolist()
+        first, second = image_at[:6], image_at[6:]
+        assert len(second) == 1 and first == list(range(first[0], first[0] + 6))
+        start = first[0]  # text before the first image counts 0..start-1
+        assert torch.equal(row_positions[:, :start], torch.arange(start).expand(3, -1))
+        grid = row_positions[:, first]
+        assert grid[0].tolist() == [start] * 6
+        assert grid[1].tolist() == [start + r for r in (0, 0, 0, 1, 1, 1)]
+        assert grid[2].tolist() == [start + c for c in (0, 1, 2, 0, 1, 2)]
+        # <|vision_end|><|vision_start|> then the 1x1 image: text resumes at max + 1 = start + 3.
+        after = start + 3
+        assert row_positions[:, first[-1] + 1].tolist() == [after] * 3
+        assert row_positions[:, second[0]].tolist() == [after + 2] * 3
+        tail = row_positions[:, second[0] + 1 :]
+        expected_tail = torch.arange(after + 3, after + 3 + tail.shape[1]).expand(3, -1)
+        assert torch.equal(tail, expected_tail)  # closing text and the think queries continue the count

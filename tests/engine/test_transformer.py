@@ -7,6 +7,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from worker.deepgen import tiny
+from worker.deepgen import transformer as transformer_module
 from worker.deepgen.transformer import DeepGenSD3Transformer, pairwise_attention_mask
 
 
@@ -86,3 +87,35 @@ def test_builds_on_the_meta_device(tiny_model: tiny.TinyModelPaths) -> None:
     with torch.device("meta"):
         transformer = DeepGenSD3Transformer.from_config(config)
     assert all(parameter.is_meta for parameter in transformer.parameters())
+
+
+def test_mask_only_when_padded(
+    transformers_pair: tuple[SD3Transformer2DModel, DeepGenSD3Transformer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unpadded batches (every engine call: CFG rows share their references) pass no mask, so CUDA
+    SDPA keeps its flash kernels; padded ones mask every joint and attn2 call."""
+    _, ours = transformers_pair
+    masks: list[torch.Tensor | None] = []
+    sdpa = transformer_module.F.scaled_dot_product_attention
+
+    def recording_sdpa(*args: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(transformer_module.F, "scaled_dot_product_attention", recording_sdpa)
+    inputs = dit_inputs(ours, batch=2, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    shared = [torch.randn(16, 8, 8, generator=generator)]
+    with torch.inference_mode():
+        ours(**inputs, reference_latents=[shared, shared])
+        calls = len(masks)
+        assert calls == ours.config.num_layers + len(ours.config.dual_attention_layers)
+        assert all(mask is None for mask in masks)
+        ours(**inputs, reference_latents=[shared, [torch.randn(16, 4, 8, generator=generator)]])
+    padded = masks[calls:]
+    assert len(padded) == calls and all(mask is not None and mask.dtype == torch.bool for mask in padded)
+    image_tokens, context_tokens = 16 + 16, inputs["encoder_hidden_states"].shape[1]
+    assert {tuple(mask.shape[-2:]) for mask in padded if mask is not None} == {
+        (image_tokens + context_tokens, image_tokens + context_tokens),
+        (image_tokens, image_tokens),
+    }

@@ -15,6 +15,7 @@ the attention processor:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,32 @@ def pairwise_attention_mask(token_is_valid: torch.Tensor) -> torch.Tensor:
     return (pairwise | diagonal).unsqueeze(1)
 
 
+@dataclass(frozen=True)
+class PaddingMasks:
+    """Pairwise SDPA masks of one padded DiT batch, built once per forward for every block.
+
+    `joint` covers `[image tokens, context tokens]` (context always valid), `image` the image tokens
+    alone (the dual-attention `attn2` branch).
+    """
+
+    joint: torch.Tensor  # (B, 1, N + C, N + C) bool
+    image: torch.Tensor  # (B, 1, N, N) bool
+
+    @classmethod
+    def build(cls, image_token_is_valid: torch.Tensor, context_length: int) -> PaddingMasks:
+        context_is_valid = image_token_is_valid.new_ones(image_token_is_valid.shape[0], context_length)
+        joint_is_valid = torch.cat([image_token_is_valid, context_is_valid], dim=1)
+        return cls(
+            joint=pairwise_attention_mask(joint_is_valid), image=pairwise_attention_mask(image_token_is_valid)
+        )
+
+
 class MaskedJointAttnProcessor:
-    """SD3 joint attention (and the image-only `attn2`) with an optional image-token padding mask."""
+    """SD3 joint attention (and the image-only `attn2`) with an optional image-token padding mask.
+
+    Without `padding_masks` it computes exactly diffusers' `JointAttnProcessor2_0` (no mask, so SDPA
+    may pick its flash kernel on CUDA).
+    """
 
     def __call__(
         self,
@@ -44,10 +69,10 @@ class MaskedJointAttnProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        image_token_mask: torch.Tensor | None = None,
+        padding_masks: PaddingMasks | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
-            raise ValueError("pass padding as image_token_mask; a raw attention_mask is not supported")
+            raise ValueError("pass padding as padding_masks; a raw attention_mask is not supported")
         batch_size, image_length, _ = hidden_states.shape
         heads = attn.heads
 
@@ -62,7 +87,7 @@ class MaskedJointAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        token_is_valid = image_token_mask
+        mask = None
         if encoder_hidden_states is not None:
             context_query = split_heads(attn.add_q_proj(encoder_hidden_states))
             context_key = split_heads(attn.add_k_proj(encoder_hidden_states))
@@ -74,11 +99,11 @@ class MaskedJointAttnProcessor:
             query = torch.cat([query, context_query], dim=2)
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
-            if token_is_valid is not None:
-                context_is_valid = token_is_valid.new_ones(batch_size, encoder_hidden_states.shape[1])
-                token_is_valid = torch.cat([token_is_valid, context_is_valid], dim=1)
+            if padding_masks is not None:
+                mask = padding_masks.joint
+        elif padding_masks is not None:
+            mask = padding_masks.image
 
-        mask = pairwise_attention_mask(token_is_valid) if token_is_valid is not None else None
         attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0)
         attended = attended.transpose(1, 2).reshape(batch_size, -1, attended.shape[1] * attended.shape[3])
         attended = attended.to(query.dtype)
@@ -116,10 +141,18 @@ class DeepGenSD3Transformer(SD3Transformer2DModel):
             raise ValueError(
                 f"reference_latents has {len(reference_latents)} entries for a batch of {batch_size}"
             )
-        sequences = []
-        for sample_tokens, refs in zip(target_tokens, reference_latents, strict=True):
-            ref_tokens = [self.pos_embed(ref.unsqueeze(0).to(hidden_states.dtype))[0] for ref in refs]
-            sequences.append(torch.cat([sample_tokens, *ref_tokens], dim=0))
+        # CFG rows share their reference tensors: patchify each distinct one once.
+        patchified: dict[int, torch.Tensor] = {}
+
+        def ref_tokens(ref: torch.Tensor) -> torch.Tensor:
+            if id(ref) not in patchified:
+                patchified[id(ref)] = self.pos_embed(ref.unsqueeze(0).to(hidden_states.dtype))[0]
+            return patchified[id(ref)]
+
+        sequences = [
+            torch.cat([sample_tokens, *(ref_tokens(ref) for ref in refs)], dim=0)
+            for sample_tokens, refs in zip(target_tokens, reference_latents, strict=True)
+        ]
         lengths = [sequence.shape[0] for sequence in sequences]
         longest = max(lengths)
         if all(length == longest for length in lengths):
@@ -154,7 +187,9 @@ class DeepGenSD3Transformer(SD3Transformer2DModel):
         tokens, token_is_valid = self._image_tokens(hidden_states, reference_latents)
         temb = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        attention_kwargs = {} if token_is_valid is None else {"image_token_mask": token_is_valid}
+        attention_kwargs = (
+            {} if token_is_valid is None else {"padding_masks": PaddingMasks.build(token_is_valid, context.shape[1])}
+        )
         for block in self.transformer_blocks:
             context, tokens = block(
                 hidden_states=tokens,
