@@ -1,0 +1,438 @@
+"""The `diffgentor` command: DeepGen t2i/edit on the job system, plus job and operator commands.
+
+`main(argv)` returns the exit code (docs/cli.md lists them). Errors print one `error: ...` line that
+says what to fix; `DG_DEBUG=1` adds the traceback. Torch is imported only by the commands that run
+the model in this process (embedded t2i/edit, demo, tiny-model, worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from api_client.errors import DiffgentorError, ExitCode, UsageError
+from api_client.generation import GenerationOptions, run_edit, run_t2i
+
+SUPPORTED_BACKENDS = ("deepgen",)
+_FOREIGN_ERRORS = {  # errors raised by worker modules, by class name (importing them could pull torch)
+    "DeepGenEnvError": ExitCode.CONFIGURATION,
+    "ConfigError": ExitCode.CONFIGURATION,
+    "SettingsError": ExitCode.CONFIGURATION,
+    "ValidationError": ExitCode.CONFIGURATION,
+    "StorageError": ExitCode.UNREACHABLE,
+    "JobNotFound": ExitCode.NOT_FOUND,
+    "InvalidTransition": ExitCode.STATE,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return int(ExitCode.USAGE)
+    try:
+        code = int(handler(args))
+        if code == ExitCode.INTERRUPTED:
+            _exit_now_if_model_running(code)
+        return code
+    except DiffgentorError as exc:
+        return _report(exc, exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; jobs already submitted stay queued (`diffgentor list` shows them)", file=sys.stderr)
+        _exit_now_if_model_running(ExitCode.INTERRUPTED)
+        return int(ExitCode.INTERRUPTED)
+    except Exception as exc:
+        for cls in type(exc).__mro__:
+            if cls.__name__ in _FOREIGN_ERRORS:
+                return _report(exc, _FOREIGN_ERRORS[cls.__name__])
+        return _report(exc, ExitCode.INTERNAL, prefix=f"internal error ({type(exc).__name__}): ")
+
+
+def _exit_now_if_model_running(code: int) -> None:
+    """After Ctrl-C in embedded mode a job may still be inside torch on the runner thread; a normal
+    interpreter shutdown would then abort. Its row stays for a rerun, so leave at once."""
+    from api_client.embedded import runner_thread_alive
+
+    if runner_thread_alive():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _report(exc: BaseException, code: ExitCode, prefix: str = "") -> int:
+    if os.environ.get("DG_DEBUG"):
+        traceback.print_exception(exc)
+    message = str(exc).strip() or type(exc).__name__
+    hint = "" if code != ExitCode.INTERNAL else " (set DG_DEBUG=1 for the traceback)"
+    print(f"error: {prefix}{message}{hint}", file=sys.stderr)
+    return int(code)
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffgentor",
+        description="DeepGen 1.0 image generation on a job queue (embedded in-process without DG_BROKER_URL).",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    t2i = commands.add_parser("t2i", help="text-to-image: one job per prompt, PNGs into --output_dir")
+    prompt_source = t2i.add_mutually_exclusive_group(required=True)
+    prompt_source.add_argument("--prompt", help="one prompt (index 0)")
+    prompt_source.add_argument("--prompts_file", type=Path, help="prompts in .jsonl, .json, .txt or .csv")
+    _add_generation_options(t2i, default_side=512)
+    t2i.set_defaults(handler=_cmd_t2i)
+
+    edit = commands.add_parser("edit", help="image editing: one job per CSV row, PNGs and results.csv")
+    edit.add_argument("--input", required=True, type=Path, help="CSV with input_images and instruction columns")
+    edit.add_argument("--instruction_key", default="instruction", help="instruction column (default: instruction)")
+    edit.add_argument("--output_csv", type=Path, help="results CSV (default: OUTPUT_DIR/results.csv)")
+    _add_generation_options(edit, default_side=None)
+    edit.set_defaults(handler=_cmd_edit)
+
+    status = commands.add_parser("status", help="show jobs")
+    status.add_argument("job_ids", nargs="+", metavar="JOB")
+    status.add_argument("--json", action="store_true", help="one JSON object per job")
+    status.set_defaults(handler=_cmd_status)
+
+    listing = commands.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--status", action="append", choices=_status_names(), help="repeatable")
+    listing.add_argument("--model_name", help="only jobs for this model")
+    listing.add_argument("--since", type=_time_arg, help="created at/after: ISO time or age like 30m, 2h, 7d")
+    listing.add_argument("--until", type=_time_arg, help="created before: ISO time or age")
+    listing.add_argument("--limit", type=int, default=50, help="page size, 1-1000 (default 50)")
+    listing.add_argument("--offset", type=int, default=0, help="skip this many jobs (next page)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per job")
+    listing.set_defaults(handler=_cmd_list)
+
+    wait = commands.add_parser("wait", help="wait until jobs finish (reattach after Ctrl-C)")
+    wait.add_argument("job_ids", nargs="+", metavar="JOB")
+    wait.add_argument("--timeout", type=float, help="give up after this many seconds (exit 7)")
+    wait.add_argument("--no-progress", action="store_true", help="no progress bar")
+    wait.add_argument("-o", "--output_dir", type=Path, help="also download the PNGs here")
+    wait.set_defaults(handler=_cmd_wait)
+
+    fetch = commands.add_parser("fetch", help="download a job's PNGs (or print presigned URLs)")
+    fetch.add_argument("job_ids", nargs="+", metavar="JOB")
+    fetch.add_argument("-o", "--output_dir", type=Path, help="folder for <job_id>-<index>.png files")
+    fetch.add_argument("--urls", action="store_true", help="print presigned GET URLs instead of downloading")
+    fetch.add_argument("--expires", type=int, default=3600, help="presigned URL lifetime in seconds")
+    fetch.set_defaults(handler=_cmd_fetch)
+
+    cancel = commands.add_parser("cancel", help="cancel jobs (queued: never start; running: stop at next step)")
+    cancel.add_argument("job_ids", nargs="+", metavar="JOB")
+    cancel.set_defaults(handler=_cmd_cancel)
+
+    retry = commands.add_parser("retry", help="resubmit failed or cancelled jobs as new linked jobs")
+    retry.add_argument("job_ids", nargs="+", metavar="JOB")
+    retry.set_defaults(handler=_cmd_retry)
+
+    worker = commands.add_parser("worker", help="run a GPU worker for one model queue (needs DG_DEEPGEN_*)")
+    worker.add_argument("--model_name", default="deepgen", help="queue / model to serve (default deepgen)")
+    worker.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork",
+                        help="Celery pool (default prefork: the parent never touches CUDA)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--sweeper", action="store_true", help="also consume the sweep queue")
+    worker.add_argument("--beat", action="store_true", help="also run the beat that schedules sweeps")
+    worker.add_argument("--hostname", help="Celery node name (default MODEL-xxxxxx@host)")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="after --: passed to celery worker")
+    worker.set_defaults(handler=_cmd_worker)
+
+    db = commands.add_parser("db", help="job database maintenance")
+    db_commands = db.add_subparsers(title="db commands", metavar="DB_COMMAND")
+    upgrade = db_commands.add_parser("upgrade", help="apply the Alembic migrations to DG_DATABASE_URL")
+    upgrade.add_argument("--revision", default="head")
+    upgrade.set_defaults(handler=_cmd_db_upgrade)
+
+    sweep = commands.add_parser("sweep", help="re-publish unpublished and lease-expired jobs")
+    sweep.add_argument("--loop", action="store_true", help="keep sweeping every --interval seconds")
+    sweep.add_argument("--interval", type=float, help="seconds between sweeps (default DG_SWEEP_INTERVAL_SECONDS)")
+    sweep.set_defaults(handler=_cmd_sweep)
+
+    from worker import health as worker_health  # torch-free: registry rows and the job table
+
+    workers = commands.add_parser("workers", help="list registered workers and their state")
+    health = commands.add_parser("health", help="exit 1 when a worker is gone or not consuming (monitoring)")
+    worker_health.add_arguments(workers, health)
+    workers.set_defaults(handler=worker_health.cmd_workers)
+    health.set_defaults(handler=worker_health.cmd_health)
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight DeepGen (for tests and demos)")
+    tiny.add_argument("directory", type=Path)
+    tiny.set_defaults(handler=_cmd_tiny_model)
+
+    demo = commands.add_parser("demo", help="run one t2i and one edit job on the embedded default")
+    demo.add_argument("--output_dir", type=Path, help="default: DG_HOME/demo")
+    demo.add_argument("--num_inference_steps", type=int, default=None)
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _add_generation_options(parser: argparse.ArgumentParser, default_side: int | None) -> None:
+    side_help = "default 512" if default_side else "default: the first input image's size"
+    parser.add_argument("--backend", default="deepgen", help="model backend (supported: deepgen)")
+    parser.add_argument("--model_name", default="deepgen", help="model / worker queue (default deepgen)")
+    parser.add_argument("--output_dir", required=True, type=Path, help="where {index:06d}.png files go")
+    parser.add_argument("--guidance_scale", type=float, default=4.0, help="CFG scale (default 4.0)")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--height", type=int, default=default_side, help=f"output height, {side_help}")
+    parser.add_argument("--width", type=int, default=default_side, help=f"output width, {side_help}")
+    parser.add_argument("--negative_prompt", default="", help='negative prompt (default "")')
+    parser.add_argument("--seed", type=int, help="seed for every job (default: a random seed per job)")
+    parser.add_argument("--priority", type=int, default=0, help="0 (normal) to 9 (most urgent)")
+    parser.add_argument("--no-wait", dest="no_wait", action="store_true", help="submit, print job ids, exit")
+    parser.add_argument("--timeout", type=float, help="stop waiting after this many seconds (exit 7)")
+    parser.add_argument("--no_resume", action="store_true", help="regenerate indices whose PNG exists")
+    compat = parser.add_argument_group("accepted for DeepGen CLI compatibility, ignored (workers decide)")
+    compat.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--device", "--torch_dtype", "--num_gpus", "--batch_size", "--max_retries"):
+        compat.add_argument(flag, help=argparse.SUPPRESS)
+    compat.add_argument("--num_images_per_prompt", type=int, default=1, help="only 1 is supported")
+
+
+def _status_names() -> list[str]:
+    from schemas.enums import JobStatus
+
+    return [status.value for status in JobStatus]
+
+
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _time_arg(text: str) -> datetime:
+    match = _AGE.match(text.strip())
+    if match:
+        return datetime.now(timezone.utc) - timedelta(seconds=float(match[1]) * _AGE_UNITS[match[2]])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO time (2026-01-31T12:00) nor an age (30m, 2h, 7d)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _client() -> Any:
+    from api_client.client import DiffgentorClient
+
+    return DiffgentorClient.from_env()
+
+
+def _generation_options(args: argparse.Namespace) -> GenerationOptions:
+    if args.backend not in SUPPORTED_BACKENDS:
+        raise UsageError(f"unsupported backend {args.backend!r}; supported backends: {', '.join(SUPPORTED_BACKENDS)}")
+    if (args.height is None) != (args.width is None):
+        raise UsageError("give both --height and --width, or neither (edit then uses the first image's size)")
+    if args.num_images_per_prompt != 1:
+        raise UsageError("--num_images_per_prompt must be 1 for the deepgen backend (one image per job)")
+    return GenerationOptions(
+        model_name=args.model_name,
+        output_dir=args.output_dir,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        height=args.height,
+        width=args.width,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        priority=args.priority,
+        wait=not args.no_wait,
+        timeout=args.timeout,
+        resume=not args.no_resume,
+    )
+
+
+def _cmd_t2i(args: argparse.Namespace) -> int:
+    from api_client.inputs import PromptRow, load_prompts
+
+    options = _generation_options(args)
+    rows = load_prompts(args.prompts_file) if args.prompts_file else [PromptRow(0, args.prompt)]
+    with _client() as client:
+        return run_t2i(client, rows, options)
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from api_client.inputs import load_edit_rows
+
+    options = _generation_options(args)
+    rows = load_edit_rows(args.input, instruction_key=args.instruction_key)
+    results_csv = args.output_csv or args.output_dir / "results.csv"
+    with _client() as client:
+        return run_edit(client, rows, options, results_csv)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client() as client:
+        _print_jobs(client.get_many(args.job_ids), as_json=args.json)
+    return int(ExitCode.OK)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with _client() as client:
+        jobs = client.list(
+            status=args.status,
+            model_name=args.model_name,
+            created_after=args.since,
+            created_before=args.until,
+            limit=args.limit,
+            offset=args.offset,
+        )
+        _print_jobs(jobs, as_json=args.json)
+        if not args.json and len(jobs) == args.limit:
+            print(f"(more may exist: --offset {args.offset + args.limit})", file=sys.stderr)
+    return int(ExitCode.OK)
+
+
+def _cmd_wait(args: argparse.Namespace) -> int:
+    with _client() as client:
+        try:
+            jobs = client.wait(args.job_ids, timeout=args.timeout, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            client.detach()
+            print(_reattach_hint(args.job_ids), file=sys.stderr)
+            return int(ExitCode.INTERRUPTED)
+        _print_jobs(jobs, as_json=False)
+        if args.output_dir:
+            for job in jobs:
+                if job.status.value == "succeeded":
+                    for path in client.download(job, args.output_dir):
+                        print(path)
+    return _outcome_code(jobs)
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    if not args.urls and args.output_dir is None:
+        raise UsageError("fetch needs -o/--output_dir DIR (or --urls to print presigned URLs)")
+    with _client() as client:
+        for job_id in args.job_ids:
+            if args.urls:
+                for url in client.presigned_urls(job_id, args.expires):
+                    print(url)
+            else:
+                for path in client.download(job_id, args.output_dir):
+                    print(path)
+    return int(ExitCode.OK)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with _client() as client:
+        _print_jobs([client.cancel(job_id) for job_id in args.job_ids], as_json=False)
+    return int(ExitCode.OK)
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    with _client() as client:
+        for job_id in args.job_ids:
+            new_job = client.retry(job_id)
+            print(f"{job_id} -> {new_job.id} {new_job.status.value}")
+    return int(ExitCode.OK)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from api_client.client import DiffgentorClient
+    from worker.deepgen.env import read_deepgen_env
+    from worker.main import start_worker
+
+    client = DiffgentorClient.from_env()
+    read_deepgen_env(os.environ)  # a missing DG_DEEPGEN_* variable or unknown config fails here, naming it
+    client.check_database()
+    client.settings = replace(client.settings, broker_url=client.settings.worker_broker_url)
+    client.check_broker()
+    _ = client.artifacts  # S3 reachable and bucket present, before the model loads
+    extra = [arg for arg in args.celery_args if arg != "--"]
+    start_worker(args.model_name, client.settings, pool=args.pool, loglevel=args.loglevel,
+                 sweeper=args.sweeper, beat=args.beat, node_name=args.hostname, extra_args=extra)
+    return int(ExitCode.OK)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from api_client.client import DiffgentorClient
+    from worker.db import current_revision, upgrade
+    from worker.redact import redact_url
+
+    client = DiffgentorClient.from_env()
+    url = client.settings.database_url
+    client.check_database_reachable()
+    upgrade(url, args.revision)
+    print(f"job database at {redact_url(url)} is at revision {current_revision(url)}")
+    return int(ExitCode.OK)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from api_client.client import DiffgentorClient
+    from worker.sweeper import sweep_once
+
+    client = DiffgentorClient.from_env()
+    client.check_services()
+    interval = args.interval or client.settings.sweep_interval_seconds
+    while True:
+        report = sweep_once(client.settings)
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        print(f"{stamp} re-published {report.republished} job(s): {len(report.unpublished)} unpublished, "
+              f"{len(report.expired)} lease-expired", flush=True)
+        if report.error:
+            print(f"warning: publishing failed, the jobs stay for the next sweep: {report.error}", file=sys.stderr)
+        if not args.loop:
+            return int(ExitCode.OK)
+        time.sleep(interval)
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from worker.deepgen.tiny import tiny_env, write_tiny_model
+
+    paths = write_tiny_model(args.directory)
+    print(f"# tiny random-weight DeepGen written to {paths.root} (its images are noise); use it with:")
+    for name, value in tiny_env(paths).items():
+        print(f"export {name}={value}")
+    return int(ExitCode.OK)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from api_client.demo import run_demo
+
+    return run_demo(output_dir=args.output_dir, num_inference_steps=args.num_inference_steps)
+
+
+# ------------------------------------------------------------------------------------------ printing
+
+
+def _print_jobs(jobs: Sequence[Any], *, as_json: bool) -> None:
+    if as_json:
+        for job in jobs:
+            print(job.model_dump_json())
+        return
+    for job in jobs:
+        progress = f"{job.progress_step}/{job.progress_total}"
+        error = f"  {job.error_type}: {job.error_message}" if job.error_type else ""
+        created = job.created_at.isoformat(timespec="seconds")
+        print(f"{job.id}  {job.kind.value:<4}  {job.model_name}  {job.status.value:<9}  {progress:>7}  "
+              f"seed={job.seed}  {created}{error}")
+
+
+def _outcome_code(jobs: Sequence[Any]) -> int:
+    ok = all(job.status.value == "succeeded" for job in jobs)
+    return int(ExitCode.OK if ok else ExitCode.JOBS_FAILED)
+
+
+def _reattach_hint(job_ids: Sequence[str]) -> str:
+    return f"interrupted; the jobs stay queued. Reattach with: diffgentor wait {' '.join(job_ids)}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,610 @@
+"""`DiffgentorClient`: submit DeepGen jobs, follow them through the job table, collect the PNGs.
+
+Configured from the `DG_*` environment (`from_env()`) or from arguments. With a broker URL, jobs go to
+Redis for GPU workers; without one (the embedded default) they run in this process through the same
+task code, on SQLite and a local artifact folder under `DG_HOME`.
+
+    client = DiffgentorClient.from_env()
+    job = client.submit_t2i("a red fox in snow", seed=7)
+    done = client.wait(job, timeout=600)
+    client.download(done, "out/")
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias, overload
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+from PIL import Image
+
+from api_client.embedded import EmbeddedRunner
+from api_client.errors import (
+    ConfigurationError,
+    DiffgentorError,
+    InputFileError,
+    JobNotFound,
+    JobStateError,
+    ServiceUnreachable,
+    UsageError,
+    WaitTimeout,
+)
+from api_client.progress import JobProgress, WaitProgressBar
+from schemas.enums import TERMINAL_STATUSES, JobStatus
+from schemas.specs import EditParams, EditSpec, GenerationParams, T2ISpec
+from schemas.views import JobView
+from worker.redact import redact_url, redact_urls_in
+from worker.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from worker.storage import ArtifactStore
+
+# One edit input: a local path, image bytes, a PIL image, or an http(s):// / s3:// URL.
+ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
+# A job given by id or by a view of it.
+JobRef: TypeAlias = "str | JobView"
+
+DEFAULT_POLL_SECONDS = 0.5
+CONNECT_TIMEOUT_SECONDS = 5
+_REMOTE_SCHEMES = ("s3://", "http://", "https://")
+
+
+@dataclass(frozen=True)
+class SubmittedJob:
+    """A submitted job and whether this call created it (False: the idempotency key matched)."""
+
+    job: JobView
+    created: bool
+
+
+class DiffgentorClient:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        database_url: str | None = None,
+        broker_url: str | None = None,
+        storage_url: str | None = None,
+        s3_endpoint_url: str | None = None,
+        s3_public_endpoint_url: str | None = None,
+        home: str | os.PathLike[str] | None = None,
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
+    ) -> None:
+        """Arguments override the matching `DG_*` variable; `settings` replaces the environment."""
+        overrides = {
+            "DG_DATABASE_URL": database_url,
+            "DG_BROKER_URL": broker_url,
+            "DG_STORAGE_URL": storage_url,
+            "DG_S3_ENDPOINT_URL": s3_endpoint_url,
+            "DG_S3_PUBLIC_ENDPOINT_URL": s3_public_endpoint_url,
+            "DG_HOME": None if home is None else os.fspath(home),
+        }
+        if settings is None or any(value is not None for value in overrides.values()):
+            base = dict(os.environ) if settings is None else {}
+            base.update({key: value for key, value in overrides.items() if value is not None})
+            settings = _load_settings(base) if settings is None else _replace_settings(settings, overrides)
+        self.settings = settings
+        self.poll_seconds = poll_seconds
+        self._checked_db = False
+        self._detached = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DiffgentorClient:
+        return cls(_load_settings(os.environ if environ is None else environ))
+
+    # ------------------------------------------------------------------------------------ wiring
+
+    @property
+    def embedded(self) -> bool:
+        return self.settings.embedded
+
+    @cached_property
+    def _engine(self) -> Any:
+        from worker.db import make_engine
+
+        url = self.settings.database_url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("postgresql"):
+            kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        return make_engine(url, **kwargs)
+
+    @cached_property
+    def store(self) -> Any:
+        """The `worker.jobstore.JobStore` on the configured database (checked and migrated first)."""
+        from worker.db import session_factory
+        from worker.jobstore import JobStore
+
+        self.check_database()
+        return JobStore(session_factory(self._engine), max_attempts=self.settings.max_attempts)
+
+    @cached_property
+    def artifacts(self) -> ArtifactStore:
+        """The artifact storage (S3 or a local folder), checked once on first use."""
+        from worker.storage import StorageError, open_store
+
+        settings = self.settings
+        try:
+            store = open_store(
+                settings.storage_url,
+                endpoint_url=settings.s3_endpoint_url,
+                public_endpoint_url=settings.s3_public_endpoint_url,
+            )
+            store.check_reachable()
+        except StorageError as exc:
+            raise ServiceUnreachable("S3", _storage_where(settings), str(exc)) from None
+        return store
+
+    @cached_property
+    def _publisher(self) -> Any:
+        if self.embedded:
+            from worker.embedded import InProcessPublisher
+
+            return InProcessPublisher.from_settings(self.settings)
+        self.check_broker()
+        from worker.celery_app import make_producer_app
+        from worker.publish import CeleryPublisher
+
+        # Built from our settings (not the process environment), so argument overrides apply.
+        return CeleryPublisher(app=make_producer_app(self.settings.worker_broker_url, self.settings))
+
+    @cached_property
+    def _embedded_runner(self) -> EmbeddedRunner:
+        return EmbeddedRunner(self.store, self._publisher, lease_seconds=self.settings.lease_seconds)
+
+    def check_database_reachable(self) -> None:
+        """Connect once; an unreachable database raises `ServiceUnreachable` naming the (redacted) URL."""
+        import sqlalchemy as sa
+
+        url = self.settings.database_url
+        try:
+            with self._engine.connect() as connection:
+                connection.execute(sa.text("SELECT 1"))
+        except sa.exc.OperationalError as exc:
+            raise ServiceUnreachable("the job database", redact_url(url), _first_line(exc)) from None
+
+    def check_database(self) -> None:
+        """Fail fast when the job database is unreachable or has no tables (embedded: create them)."""
+        if self._checked_db:
+            return
+        from worker.db import current_revision, upgrade
+
+        self.check_database_reachable()
+        url = self.settings.database_url
+        if current_revision(url) is None:
+            if not self.embedded:
+                raise ConfigurationError(
+                    f"the job database at {redact_url(url)} has no job tables; run `diffgentor db upgrade`"
+                )
+            upgrade(url)
+        self._checked_db = True
+
+    def check_broker(self) -> None:
+        """Fail fast when Redis does not answer (no job row is written before this passes)."""
+        url = self.settings.broker_url
+        if url is None or url.startswith("memory://"):
+            return
+        import redis
+
+        try:
+            connection = redis.Redis.from_url(
+                url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS, socket_timeout=CONNECT_TIMEOUT_SECONDS
+            )
+            try:
+                connection.ping()
+            finally:
+                connection.close()
+        except redis.RedisError as exc:
+            raise ServiceUnreachable("Redis", redact_url(url), redact_urls_in(str(exc))) from None
+
+    def check_services(self) -> None:
+        """Check every service the configuration names: database, broker (if any) and storage."""
+        self.check_database()
+        self.check_broker()
+        _ = self.artifacts
+
+    def close(self, *, finish_embedded_jobs: bool = True) -> None:
+        """Release connections. Embedded jobs still running in this process are finished first
+        unless ``finish_embedded_jobs`` is False (Ctrl-C: they stay queued for a rerun)."""
+        runner = self.__dict__.get("_embedded_runner")
+        if runner is not None and finish_embedded_jobs and not self._detached:
+            runner.join()
+        publisher = self.__dict__.get("_publisher")
+        if publisher is not None and hasattr(publisher, "close"):
+            publisher.close()
+        engine = self.__dict__.get("_engine")
+        if engine is not None:
+            engine.dispose()
+
+    def detach(self) -> None:
+        """Do not finish embedded jobs on close (after Ctrl-C: a rerun picks them up)."""
+        self._detached = True
+
+    def __enter__(self) -> DiffgentorClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        self.close(finish_embedded_jobs=exc_type is None)
+
+    # ------------------------------------------------------------------------------------ submit
+
+    def t2i_spec(
+        self,
+        prompt: str,
+        *,
+        model_name: str = "deepgen",
+        priority: int = 0,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> T2ISpec:
+        return _validated(
+            lambda: T2ISpec(
+                prompt=prompt,
+                model_name=model_name,
+                priority=priority,
+                idempotency_key=idempotency_key,
+                params=GenerationParams(**_without_none(params)),
+            )
+        )
+
+    def edit_spec(
+        self,
+        instruction: str,
+        images: Sequence[ImageInput],
+        *,
+        model_name: str = "deepgen",
+        priority: int = 0,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> EditSpec:
+        """Build an edit spec; local images are uploaded (content-addressed) to the storage first."""
+        references = [self.image_reference(image) for image in images]
+        return _validated(
+            lambda: EditSpec(
+                instruction=instruction,
+                images=references,
+                model_name=model_name,
+                priority=priority,
+                idempotency_key=idempotency_key,
+                params=EditParams(**_without_none(params)),
+            )
+        )
+
+    def submit_t2i(self, prompt: str, **options: Any) -> JobView:
+        """Submit one text-to-image job. Options: model_name, priority, idempotency_key, params."""
+        return self.submit_many([self.t2i_spec(prompt, **options)])[0].job
+
+    def submit_edit(self, instruction: str, images: Sequence[ImageInput], **options: Any) -> JobView:
+        """Submit one edit job; images are local paths, PIL images, bytes or http(s)/s3 URLs."""
+        return self.submit_many([self.edit_spec(instruction, images, **options)])[0].job
+
+    def submit_many(self, specs: Sequence[T2ISpec | EditSpec]) -> list[SubmittedJob]:
+        """Insert all jobs in one transaction, then publish them in one pipelined send.
+
+        Returns the jobs in input order; a spec whose idempotency key is already known returns that
+        job (``created=False``) instead of a new one.
+        """
+        from worker.submission import submit_jobs
+
+        if not specs:
+            return []
+        self.check_services()  # before any row is written: nothing half-submitted on a dead broker
+        if self.embedded:
+            self._check_engine_env()
+            submitted = self.store.submit(list(specs))
+            # Unfinished jobs found by idempotency key belong to an interrupted earlier run: run them too.
+            self._embedded_runner.enqueue([item.job for item in submitted if not item.job.is_terminal])
+        else:
+            submitted = submit_jobs(self.store, self._publisher, list(specs))
+        return [SubmittedJob(job=_as_view(item.job), created=bool(item.created)) for item in submitted]
+
+    def image_reference(self, image: ImageInput) -> str:
+        """One edit input -> a reference the worker can read (uploading local data when needed)."""
+        if isinstance(image, str) and image.lower().startswith(_REMOTE_SCHEMES):
+            return image
+        if isinstance(image, Image.Image):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return self._upload_input(buffer.getvalue(), "png")
+        if isinstance(image, bytes | bytearray):
+            data = bytes(image)
+            return self._upload_input(data, _image_suffix(data, "bytes given to submit_edit"))
+        if isinstance(image, str | os.PathLike):
+            path = Path(image).expanduser()
+            if not path.is_file():
+                raise InputFileError(f"input image {path} does not exist")
+            if self.embedded and self.settings.allow_local_inputs:
+                return str(path.resolve())  # the in-process worker reads the producer's own files
+            data = path.read_bytes()
+            return self._upload_input(data, _image_suffix(data, str(path)))
+        raise InputFileError(
+            f"unsupported input image type {type(image).__name__}: give a path, PIL image, bytes or URL"
+        )
+
+    def _upload_input(self, data: bytes, suffix: str) -> str:
+        from worker.storage import StorageError, content_addressed_key
+
+        try:
+            uri = self.artifacts.put_bytes(content_addressed_key(data, suffix), data, content_type=f"image/{suffix}")
+        except StorageError as exc:
+            raise ServiceUnreachable("S3", _storage_where(self.settings), str(exc)) from None
+        if uri.startswith("file://"):
+            return _file_uri_path(uri)  # job specs take local paths, not file:// URIs
+        return uri
+
+    def _check_engine_env(self) -> None:
+        """Embedded jobs load the engine here: validate `DG_DEEPGEN_*` before submitting any."""
+        from worker.deepgen.env import DeepGenEnvError, read_deepgen_env
+
+        try:
+            read_deepgen_env(os.environ)
+        except DeepGenEnvError as exc:
+            raise ConfigurationError(
+                f"{exc} (the embedded default runs the model in this process; "
+                "set the DG_DEEPGEN_* variables or run `diffgentor demo` for a tiny test model)"
+            ) from None
+
+    # ------------------------------------------------------------------------------------ query
+
+    def get(self, job: JobRef) -> JobView:
+        job_id = _job_id(job)
+        return _as_view(self._store_call(lambda: self.store.get(job_id)))
+
+    def get_many(self, jobs: Sequence[JobRef]) -> list[JobView]:
+        ids = [_job_id(job) for job in jobs]
+        return [_as_view(view) for view in self._store_call(lambda: self.store.get_many(ids))]
+
+    def list(
+        self,
+        *,
+        status: JobStatus | str | Iterable[JobStatus | str] | None = None,
+        model_name: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobView]:
+        """Jobs newest first, filtered by status, model and creation time; page with limit/offset."""
+        statuses = _statuses(status)
+        try:
+            jobs = self.store.list(
+                status=statuses,
+                model_name=model_name,
+                created_after=created_after,
+                created_before=created_before,
+                limit=limit,
+                offset=offset,
+            )
+        except ValueError as exc:  # limit/offset out of range
+            raise UsageError(str(exc)) from None
+        return [_as_view(job) for job in jobs]
+
+    def cancel(self, job: JobRef) -> JobView:
+        """Cancel: a queued job never starts; a running one stops at its next step."""
+        job_id = _job_id(job)
+        self.get(job_id)
+        return _as_view(self._store_call(lambda: self.store.cancel(job_id)))
+
+    def retry(self, job: JobRef) -> JobView:
+        """A failed or cancelled job -> a new queued job linked to it (``retry_of``), published now."""
+        job_id = _job_id(job)
+        self.get(job_id)
+        self.check_services()
+        if self.embedded:
+            self._check_engine_env()
+            new_job = _as_view(self._store_call(lambda: self.store.retry(job_id)))
+            self._embedded_runner.enqueue([new_job])
+            return new_job
+        from worker.submission import retry_job
+
+        return _as_view(self._store_call(lambda: retry_job(self.store, self._publisher, job_id)))
+
+    def _store_call(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except LookupError as exc:
+            raise JobNotFound(str(getattr(exc, "job_id", exc))) from None
+        except ValueError as exc:
+            raise JobStateError(str(exc)) from None
+
+    # ------------------------------------------------------------------------------------ wait
+
+    @overload
+    def wait(self, jobs: JobRef, *, timeout: float | None = ..., progress: bool = ...,
+             on_update: Callable[[list[JobView]], None] | None = ...) -> JobView: ...
+
+    @overload
+    def wait(self, jobs: Sequence[JobRef], *, timeout: float | None = ..., progress: bool = ...,
+             on_update: Callable[[list[JobView]], None] | None = ...) -> list[JobView]: ...
+
+    def wait(
+        self,
+        jobs: JobRef | Sequence[JobRef],
+        *,
+        timeout: float | None = None,
+        progress: bool = False,
+        on_update: Callable[[list[JobView]], None] | None = None,
+    ) -> Any:
+        """Poll until every job is finished; returns the final view(s) (one job in, one view out).
+
+        Raises `WaitTimeout` (naming the unfinished jobs) when ``timeout`` seconds pass first.
+        """
+        single = isinstance(jobs, str | JobView)
+        ids = [_job_id(jobs)] if single else [_job_id(job) for job in jobs]  # type: ignore[union-attr]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = WaitProgressBar(len(ids)) if progress else None
+        try:
+            views = dict(zip(ids, self.get_many(ids), strict=True))
+            if self.embedded:
+                # Nobody else runs embedded jobs: ones left by an interrupted run are run here.
+                unfinished = [view for view in views.values() if not view.is_terminal]
+                if unfinished:
+                    self._check_engine_env()
+                    self._embedded_runner.enqueue(unfinished)
+            while True:
+                current = [views[job_id] for job_id in ids]
+                if bar is not None:
+                    bar.update([_progress_of(view) for view in current])
+                if on_update is not None:
+                    on_update(current)
+                pending = [view.id for view in current if not view.is_terminal]
+                runner = self.__dict__.get("_embedded_runner")
+                if pending and runner is not None and runner.error is not None:
+                    raise DiffgentorError(f"the in-process job runner stopped: {runner.error}")
+                if not pending:
+                    return current[0] if single else current
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WaitTimeout(pending, timeout or 0.0)
+                time.sleep(self.poll_seconds)
+                views.update(zip(pending, self.get_many(pending), strict=True))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # ------------------------------------------------------------------------------------ results
+
+    def artifact_uris(self, job: JobRef) -> list[str]:
+        view = job if isinstance(job, JobView) and job.is_terminal else self.get(job)
+        return [artifact.uri for artifact in sorted(view.artifacts, key=lambda a: a.index)]
+
+    def presigned_urls(self, job: JobRef, expires_seconds: int = 3600) -> list[str]:
+        return [self.artifacts.presigned_url(uri, expires_seconds) for uri in self.artifact_uris(job)]
+
+    def download(self, job: JobRef, folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+        """Copy a job's PNGs into ``folder`` as ``<job_id>-<index>.png`` (or ``name`` for one image)."""
+        view = self.get(job)
+        if view.status != JobStatus.SUCCEEDED:
+            raise JobStateError(f"job {view.id} is {view.status.value}, not succeeded; it has no images")
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for artifact in sorted(view.artifacts, key=lambda a: a.index):
+            file_name = name if name and len(view.artifacts) == 1 else f"{view.id}-{artifact.index}.png"
+            path = target / file_name
+            self._storage_call(lambda uri=artifact.uri, path=path: self.artifacts.download(uri, path))
+            paths.append(path)
+        return paths
+
+    def open_images(self, job: JobRef) -> list[Image.Image]:
+        images = []
+        for uri in self.artifact_uris(job):
+            data = self._storage_call(lambda uri=uri: self.artifacts.get_bytes(uri))
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            images.append(image)
+        return images
+
+    def _storage_call(self, call: Callable[[], Any]) -> Any:
+        from worker.storage import StorageError
+
+        try:
+            return call()
+        except StorageError as exc:
+            raise DiffgentorError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _load_settings(environ: Mapping[str, str]) -> Settings:
+    try:
+        return load_settings(environ)
+    except SettingsError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def _replace_settings(settings: Settings, overrides: Mapping[str, str | None]) -> Settings:
+    from dataclasses import replace
+
+    names = {
+        "DG_DATABASE_URL": "database_url",
+        "DG_BROKER_URL": "broker_url",
+        "DG_STORAGE_URL": "storage_url",
+        "DG_S3_ENDPOINT_URL": "s3_endpoint_url",
+        "DG_S3_PUBLIC_ENDPOINT_URL": "s3_public_endpoint_url",
+    }
+    changes: dict[str, Any] = {names[key]: value for key, value in overrides.items() if value and key in names}
+    if overrides.get("DG_HOME"):
+        changes["home"] = Path(str(overrides["DG_HOME"])).expanduser()
+    return replace(settings, **changes)
+
+
+def _validated(build: Callable[[], Any]) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return build()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: {error['msg']}" for error in exc.errors()
+        )
+        raise ConfigurationError(f"invalid job parameters: {problems}") from None
+
+
+def _without_none(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def _job_id(job: Any) -> str:
+    return job.id if isinstance(job, JobView) else str(job)
+
+
+def _as_view(job: Any) -> JobView:
+    return job if isinstance(job, JobView) else JobView.model_validate(job)
+
+
+def _statuses(status: Any) -> list[JobStatus] | None:
+    if status is None:
+        return None
+    items = [status] if isinstance(status, str | JobStatus) else list(status)
+    try:
+        return [JobStatus(item) for item in items]
+    except ValueError:
+        choices = ", ".join(s.value for s in JobStatus)
+        raise ConfigurationError(f"unknown job status in {items}; use one of {choices}") from None
+
+
+def _progress_of(view: JobView) -> JobProgress:
+    running = view.status == JobStatus.RUNNING and view.progress_total > 0
+    return JobProgress(
+        job_id=view.id,
+        finished=view.status in TERMINAL_STATUSES,
+        step=view.progress_step if running else None,
+        total=view.progress_total if running else None,
+    )
+
+
+def _image_suffix(data: bytes, what: str) -> str:
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image_format = (image.format or "").lower()
+    except (UnidentifiedImageError, OSError):
+        raise InputFileError(f"{what} is not a readable image") from None
+    return {"jpeg": "jpg"}.get(image_format, image_format or "png")
+
+
+def _first_line(exc: Any) -> str:
+    original = getattr(exc, "orig", None) or exc
+    lines = str(original).strip().splitlines()
+    return redact_urls_in(lines[0] if lines else type(original).__name__)
+
+
+def _file_uri_path(uri: str) -> str:
+    return url2pathname(unquote(urlsplit(uri).path))
+
+
+def _storage_where(settings: Settings) -> str:
+    endpoint = settings.s3_endpoint_url
+    where = redact_url(settings.storage_url)
+    return f"{where} (endpoint {redact_url(endpoint)})" if endpoint else where
+
+

@@ -1,0 +1,44 @@
+"""Output naming, resume and results.csv merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from api_client.inputs import PromptRow
+from api_client.outputs import (
+    ResultRecord,
+    output_name,
+    pending_rows,
+    read_results_csv,
+    write_atomically,
+    write_results_csv,
+)
+
+
+def test_output_name_is_zero_padded() -> None:
+    assert output_name(7) == "000007.png"
+    assert output_name(1234567) == "1234567.png"
+
+
+def test_pending_rows_skips_existing_outputs(tmp_path: Path) -> None:
+    rows = [PromptRow(0, "a"), PromptRow(1, "b"), PromptRow(5, "c")]
+    write_atomically(tmp_path / "000001.png", b"x")
+    (tmp_path / ".000005.png.tmp.part").write_bytes(b"half")  # a leftover temp file is not an output
+    assert [r.index for r in pending_rows(rows, tmp_path)] == [0, 5]
+    assert list(tmp_path.glob("*.part")) == [tmp_path / ".000005.png.tmp.part"]
+
+
+def test_results_csv_keeps_rows_of_earlier_runs(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    first = ResultRecord(2, {"instruction": "red", "input_images": "a.png"}, "000002.png", "j2", 11, "succeeded", "")
+    failed = ResultRecord(0, {"instruction": "blue", "input_images": "b.png"}, "", "j0", None, "failed", "boom")
+    write_results_csv(path, [first, failed])
+    retried = ResultRecord(0, {"instruction": "blue", "input_images": "b.png"}, "000000.png", "j0b", 5, "succeeded", "")
+    write_results_csv(path, [retried])
+    rows = read_results_csv(path)
+    assert [r["index"] for r in rows] == ["0", "2"]
+    assert rows[0]["job_id"] == "j0b" and rows[0]["seed"] == "5" and rows[0]["error"] == ""
+    assert rows[1]["output_image"] == "000002.png" and rows[1]["seed"] == "11"
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[-5:] == ["output_image", "job_id", "seed", "status", "error"]
+    assert set(header[:3]) == {"instruction", "input_images", "index"}
