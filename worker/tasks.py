@@ -11,12 +11,18 @@ import os
 import socket
 import uuid
 
+from worker import metrics, registry
 from worker.celery_app import SWEEP_TASK_NAME, app
 from worker.publish import RUN_JOB_TASK_NAME
 from worker.runner import JobRunner, ResidentEngine, RunOutcome
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+
+# Operations hooks (docs/operations.md): /metrics and the workers-table heartbeat, both in
+# the process that runs jobs (the prefork child, or the main process with --pool solo).
+metrics.install(app)
+registry.install(app)
 
 _runner: JobRunner | None = None
 _worker_id: str | None = None
@@ -51,7 +57,7 @@ def worker_id() -> str:
 def runner() -> JobRunner:
     global _runner
     if _runner is None:
-        _runner = JobRunner.from_settings(settings(), ResidentEngine(_load_deepgen))
+        _runner = JobRunner.from_settings(settings(), ResidentEngine(metrics.instrument_engine(_load_deepgen)))
     return _runner
 
 

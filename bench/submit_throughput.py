@@ -1,0 +1,72 @@
+"""(c) Submission throughput to Redis + PostgreSQL: one job per call, and bulk batches.
+
+    .venv/bin/python -m bench.submit_throughput --n 2000 --batch 1000
+
+Single mode runs once with one producer and once with several producer threads (realistic:
+many clients), bulk mode sends `--batch` specs per call. Each job takes the full producer path (`worker.submission.submit_jobs`): INSERT in one
+transaction, publish the id to its Redis queue, record `published_at`, re-read the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from bench.harness import Report, pg_database, redis_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=2000, help="jobs per mode")
+    parser.add_argument("--batch", type=int, default=1000, help="jobs per bulk call")
+    parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads (single mode, 2nd run)")
+    args = parser.parse_args(argv)
+
+    from worker.db import make_engine, session_factory
+    from worker.jobstore import JobStore
+    from worker.publish import CeleryPublisher
+    from worker.submission import submit_jobs
+
+    with pg_database() as db, redis_url() as broker:
+        engine = make_engine(db)
+        store = JobStore(session_factory(engine))
+        publisher = CeleryPublisher(broker)
+        spec = {"kind": "t2i", "prompt": "a red fox in the snow", "model_name": "bench-unconsumed"}
+        submit_jobs(store, publisher, [spec])  # warm connections and caches
+
+        started = time.perf_counter()
+        for _ in range(args.n):
+            submit_jobs(store, publisher, [spec])
+        single = args.n / (time.perf_counter() - started)
+
+        # Many producers submitting one job each: PostgreSQL groups their commits (one fsync for several).
+        per_thread = args.n // args.producers
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.producers) as pool:
+            list(pool.map(lambda _: [submit_jobs(store, publisher, [spec]) for _ in range(per_thread)],
+                          range(args.producers)))
+        concurrent = per_thread * args.producers / (time.perf_counter() - started)
+
+        started = time.perf_counter()
+        for offset in range(0, args.n, args.batch):
+            submit_jobs(store, publisher, [spec] * min(args.batch, args.n - offset))
+        bulk = args.n / (time.perf_counter() - started)
+
+        from worker.metrics import QueueDepthCollector
+
+        depth = QueueDepthCollector(broker, ["bench-unconsumed"]).depths()["bench-unconsumed"]
+        expected = 2 * args.n + 1 + per_thread * args.producers
+        assert depth == expected, f"expected {expected} messages, found {depth}"
+        publisher.close()
+        engine.dispose()
+    Report("c submit single", args.n, {"jobs_per_s": single}, ">= 500 jobs/s", single >= 500).emit()
+    Report(f"c submit single x{args.producers} producers", per_thread * args.producers,
+           {"jobs_per_s": concurrent}, ">= 500 jobs/s", concurrent >= 500).emit()
+    Report("c submit bulk", args.n, {"jobs_per_s": bulk, "batch": args.batch}, ">= 5000 jobs/s",
+           bulk >= 5000).emit()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

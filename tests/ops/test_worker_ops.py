@@ -1,0 +1,162 @@
+"""A real worker subprocess: scrape its /metrics after real jobs, list it, and catch it stuck.
+
+The worker uses its own `redis-server` on a free port, so the test can take the broker away
+(the stuck-after-reconnect symptom: a live process that consumes nothing) without touching
+the shared Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from schemas.enums import TERMINAL_STATUSES
+from tests.conftest import free_port
+from tests.jobs.workers import WorkerProcess, wait_for
+from worker import health
+from worker.db import make_engine, session_factory
+from worker.deepgen.tiny import tiny_env, write_tiny_model
+from worker.jobstore import JobStore
+from worker.publish import CeleryPublisher
+from worker.registry import WorkerRegistry
+from worker.submission import submit_jobs
+
+pytestmark = pytest.mark.integration
+FAST = {"num_inference_steps": 3, "height": 64, "width": 64}
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server binary not installed")
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    wait_for(lambda: _pings(client), 10, "redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0", server
+    if server.poll() is None:
+        server.terminate()
+        server.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _args(**overrides: Any) -> Any:
+    import argparse
+
+    values = {"model_name": None, "worker_id": None, "stale_seconds": 5.0, "stuck_seconds": 3.0, "json": False}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_metrics_registry_and_stuck_detection(
+    own_redis: tuple[str, subprocess.Popen[bytes]], pg_url: str, s3_endpoint: str, s3_bucket: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from worker.db import upgrade
+
+    upgrade(pg_url)
+    broker_url, redis_server = own_redis
+    model = f"ops-{uuid.uuid4().hex[:8]}"
+    metrics_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DG_", "PYTEST"))}
+    env.update(tiny_env(write_tiny_model(tmp_path / "tiny")))
+    env.update({
+        "DG_HOME": str(tmp_path / "home"), "DG_DATABASE_URL": pg_url, "DG_BROKER_URL": broker_url,
+        "DG_STORAGE_URL": f"s3://{s3_bucket}/ops", "DG_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DG_METRICS_PORT": str(metrics_port),
+        "DG_LEASE_SECONDS": "5", "DG_HEARTBEAT_SECONDS": "0.5",
+    })
+    monkeypatch.setenv("DG_DATABASE_URL", pg_url)
+    engine = make_engine(pg_url)
+    store, registry = JobStore(session_factory(engine)), WorkerRegistry(session_factory(engine))
+    worker = WorkerProcess(env, model, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        wait_for(lambda: registry.list(model_name=model), 30, lambda: f"worker never registered:\n{worker.log_text()[-3000:]}")
+        [record] = registry.list(model_name=model)
+        assert record.queue == model and record.current_job_id is None
+
+        publisher = CeleryPublisher(broker_url)
+        good = {"kind": "t2i", "prompt": "a fox", "model_name": model, "params": FAST}
+        bad = {"kind": "edit", "instruction": "x", "model_name": model, "params": FAST,
+               "images": [f"http://127.0.0.1:{free_port()}/gone.png"]}
+        ids = [s.job.id for s in submit_jobs(store, publisher, [good, bad, {**good, "prompt": "again"}])]
+        publisher.close()
+        wait_for(lambda: all(j.status in TERMINAL_STATUSES for j in store.get_many(ids)), 120,
+                 lambda: f"jobs not finished:\n{worker.log_text()[-3000:]}")
+        assert [j.status for j in store.get_many(ids)] == ["succeeded", "failed", "succeeded"]
+
+        # Metrics of the job-running process after real jobs.
+        wait_for(lambda: _scrape(metrics_port).get(
+            ("diffgentor_job_queue_wait_seconds_count", (("model", model),))) == 3, 10, "queue waits not recorded")
+        samples = _scrape(metrics_port)
+        assert samples[("diffgentor_jobs_finished_total", (("model", model), ("status", "succeeded")))] == 2
+        assert samples[("diffgentor_jobs_finished_total", (("model", model), ("status", "failed")))] == 1
+        assert samples[("diffgentor_job_run_seconds_count", (("model", model), ("status", "succeeded")))] == 2
+        assert samples[("diffgentor_job_run_seconds_sum", (("model", model), ("status", "succeeded")))] > 0
+        assert samples[("diffgentor_model_loads_total", (("model", model),))] == 1
+        assert samples[("diffgentor_model_load_seconds", (("model", model),))] > 0
+        assert samples[("diffgentor_steps_per_second", (("model", model),))] > 0
+        assert samples[("diffgentor_worker_busy", (("model", model),))] == 0
+        assert samples[("diffgentor_queue_depth", (("queue", model),))] == 0
+        assert samples[("diffgentor_broker_up", ())] == 1
+        assert not any(name.startswith("diffgentor_accelerator") for name, _ in samples)  # CPU host
+
+        # Registry and the commands: consumed everything, healthy.
+        wait_for(lambda: registry.list(model_name=model)[0].jobs_done == 3, 10, "jobs_done not updated")
+        assert health.cmd_workers(_args(model_name=model)) == 0
+        assert record.worker_id in capsys.readouterr().out
+        assert health.cmd_health(_args(model_name=model)) == 0
+        from api_client.cli import main as diffgentor  # the same commands through the CLI
+
+        assert diffgentor(["health", "--model_name", model]) == 0
+        assert diffgentor(["workers", "--model_name", model, "--json"]) == 0
+        assert f'"worker_id": "{record.worker_id}"' in capsys.readouterr().out
+
+        # The broker goes away: the process lives on (heartbeat fresh) but consumes nothing.
+        redis_server.terminate()
+        redis_server.wait(10)
+        [waiting] = store.submit([{**good, "prompt": "never taken"}])
+        store.mark_published([waiting.job.id])  # as if the publish reached a broker it cannot read
+        assert health.cmd_health(_args(model_name=model)) == 0  # within the limit
+        wait_for(lambda: health.cmd_health(_args(model_name=model)) == 1, 15, "stuck worker not detected")
+        assert "stuck" in capsys.readouterr().err
+        assert worker.process.poll() is None
+        assert (time.time() - registry.list(model_name=model)[0].heartbeat_at.timestamp()) < 5
+        assert _scrape(metrics_port)[("diffgentor_broker_up", ())] == 0
+
+        # The process dies: its heartbeat goes stale -> gone.
+        worker.kill_all()
+        capsys.readouterr()
+        wait_for(lambda: [r.state for r in health.check(registry, worker_id=record.worker_id, stale_seconds=5,
+                                                        stuck_seconds=3)] == ["gone"], 15, "dead worker not detected")
+        assert health.cmd_health(_args(worker_id=record.worker_id)) == 1
+        assert "is gone: no heartbeat" in capsys.readouterr().err
+    finally:
+        worker.stop()
+        engine.dispose()
