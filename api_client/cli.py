@@ -36,7 +36,10 @@ _FOREIGN_ERRORS = {  # errors raised by worker modules, by class name (importing
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, so its usage line is the one shown
+        command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)} (see `{command_parser.prog} --help`)")
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
@@ -86,17 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffgentor",
         description="DeepGen 1.0 image generation on a job queue (embedded in-process without DG_BROKER_URL).",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    t2i = commands.add_parser("t2i", help="text-to-image: one job per prompt, PNGs into --output_dir")
+    t2i = commands.add_parser(
+        "t2i", help="text-to-image: one job per prompt, PNGs into --output_dir",
+        description="Text-to-image: one job per prompt; writes OUTPUT_DIR/{index:06d}.png as each job succeeds.",
+        epilog=_T2I_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     prompt_source = t2i.add_mutually_exclusive_group(required=True)
     prompt_source.add_argument("--prompt", help="one prompt (index 0)")
     prompt_source.add_argument("--prompts_file", type=Path, help="prompts in .jsonl, .json, .txt or .csv")
     _add_generation_options(t2i, default_side=512)
     t2i.set_defaults(handler=_cmd_t2i)
 
-    edit = commands.add_parser("edit", help="image editing: one job per CSV row, PNGs and results.csv")
+    edit = commands.add_parser(
+        "edit", help="image editing: one job per CSV row, PNGs and results.csv",
+        description="Image editing: one job per CSV row; writes OUTPUT_DIR/{index:06d}.png and results.csv.",
+        epilog=_EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     edit.add_argument("--input", required=True, type=Path, help="CSV with input_images and instruction columns")
     edit.add_argument("--instruction_key", default="instruction", help="instruction column (default: instruction)")
     edit.add_argument("--output_csv", type=Path, help="results CSV (default: OUTPUT_DIR/results.csv)")
@@ -178,7 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output_dir", type=Path, help="default: DG_HOME/demo")
     demo.add_argument("--num_inference_steps", type=int, default=None)
     demo.set_defaults(handler=_cmd_demo)
+    for command_parser in _all_subparsers(parser):
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
+
+
+def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found.append(child)
+                found.extend(_all_subparsers(child))
+    return found
 
 
 def _add_generation_options(parser: argparse.ArgumentParser, default_side: int | None) -> None:
@@ -196,11 +221,76 @@ def _add_generation_options(parser: argparse.ArgumentParser, default_side: int |
     parser.add_argument("--no-wait", dest="no_wait", action="store_true", help="submit, print job ids, exit")
     parser.add_argument("--timeout", type=float, help="stop waiting after this many seconds (exit 7)")
     parser.add_argument("--no_resume", action="store_true", help="regenerate indices whose PNG exists")
-    compat = parser.add_argument_group("accepted for DeepGen CLI compatibility, ignored (workers decide)")
-    compat.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
-    for flag in ("--device", "--torch_dtype", "--num_gpus", "--batch_size", "--max_retries"):
-        compat.add_argument(flag, help=argparse.SUPPRESS)
-    compat.add_argument("--num_images_per_prompt", type=int, default=1, help="only 1 is supported")
+    parser.add_argument("--num_images_per_prompt", type=int, default=1, help="only 1 is supported (one image per job)")
+    ignored = [flag for flag in IGNORED_FLAGS if flag not in _EDIT_ONLY_IGNORED or default_side is None]
+    compat = parser.add_argument_group(
+        "DeepGen CLI flags accepted with no effect here",
+        "each prints a one-line note naming the equivalent setting: " + ", ".join(ignored),
+    )
+    for flag in ignored:
+        takes_value, _ = IGNORED_FLAGS[flag]
+        if takes_value:
+            compat.add_argument(flag, metavar="X", help=argparse.SUPPRESS)
+        else:
+            compat.add_argument(flag, action="store_true", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt_enhance_type", help=argparse.SUPPRESS)  # refused: it would change the output
+
+
+_MODEL_HOST = "where the model runs (each `diffgentor worker`; this process in embedded mode)"
+# Reference-CLI flags users pass out of habit: flag -> (takes a value, where the equivalent lives).
+IGNORED_FLAGS: dict[str, tuple[bool, str]] = {
+    "--device": (True, f"set DG_DEEPGEN_DEVICE {_MODEL_HOST}"),
+    "--torch_dtype": (True, f"set DG_DEEPGEN_DTYPE {_MODEL_HOST}"),
+    "--num_gpus": (True, "run one `diffgentor worker` per GPU (CUDA_VISIBLE_DEVICES=N); they share the queue"),
+    "--batch_size": (True, "each worker runs one job at a time; add workers for throughput"),
+    "--max_retries": (True, "a job is attempted up to DG_MAX_ATTEMPTS times; `diffgentor retry JOB` resubmits"),
+    "--resume": (False, "resuming is the default here (--no_resume turns it off)"),
+    "--model_type": (True, "the deepgen backend handles both t2i and edit"),
+    "--enable_cpu_offload": (False, f"set DG_DEEPGEN_OFFLOAD {_MODEL_HOST}"),
+    "--attention_backend": (True, f"set DG_DEEPGEN_ATTENTION {_MODEL_HOST}"),
+    "--optimize": (True, "the DeepGen backend has no such optimisations"),
+    "--cache_type": (True, "the DeepGen backend has no step cache"),
+    "--enable_compile": (False, "the DeepGen backend does not compile"),
+    "--enable_vae_slicing": (False, "the DeepGen backend decodes one image per job"),
+    "--enable_vae_tiling": (False, "the DeepGen backend decodes one image per job"),
+    "--num_nodes": (True, "workers on any number of hosts share the queue (set DG_BROKER_URL)"),
+    "--node_rank": (True, "workers on any number of hosts share the queue (set DG_BROKER_URL)"),
+    "--log_dir": (True, "workers log where they run; job errors show in `diffgentor status JOB`"),
+    "--true_cfg_scale": (True, "DeepGen uses --guidance_scale"),
+    "--image_cache_dir": (True, "URL inputs are fetched by the worker, within DG_INPUT_* limits"),
+    "--filter_rows": (True, "filter the CSV before passing it (the reference CLI ignored it too)"),
+}
+_EDIT_ONLY_IGNORED = ("--true_cfg_scale", "--image_cache_dir", "--filter_rows")
+
+_MAIN_EPILOG = """\
+first run:  diffgentor demo      (builds a tiny random-weight model when no DG_DEEPGEN_* paths are set)
+
+Without DG_BROKER_URL, jobs run inside this process on SQLite and a local artifact folder under
+DG_HOME (default ~/.diffgentor). Set DG_BROKER_URL, DG_DATABASE_URL and DG_STORAGE_URL to use
+Redis, PostgreSQL, S3 and `diffgentor worker` processes instead; the commands stay the same.
+The model is named by DG_DEEPGEN_CONFIG, DG_DEEPGEN_DIFFUSION_MODEL_PATH, DG_DEEPGEN_AR_MODEL_PATH
+and DG_DEEPGEN_CHECKPOINT. `diffgentor COMMAND --help` for each command; docs/cli.md for every
+variable and exit code (DG_DEBUG=1 adds tracebacks to errors).
+"""
+
+_T2I_EPILOG = """\
+example:
+  diffgentor t2i --backend deepgen --model_name deepgen \\
+      --prompt "A beautiful sunset over the ocean" --output_dir ./output
+
+Prompts files: .jsonl ({"prompt": ..., "index": 7} or a JSON string per line), .json (array),
+.txt (one prompt per line), .csv (prompt column, optional index). Rerunning skips existing PNGs
+and reattaches to the jobs of an interrupted run; Ctrl-C leaves the jobs queued.
+"""
+
+_EDIT_EPILOG = """\
+example:
+  diffgentor edit --backend deepgen --model_name deepgen --input data.csv --output_dir ./output
+
+CSV columns: input_images (a JSON list, a comma list or one path/URL; relative paths are read
+against the CSV's folder), instruction (or --instruction_key), optional integer index.
+results.csv gets the row's fields plus output_image, job_id, seed, status and error.
+"""
 
 
 def _status_names() -> list[str]:
@@ -242,6 +332,14 @@ def _generation_options(args: argparse.Namespace) -> GenerationOptions:
         raise UsageError("give both --height and --width, or neither (edit then uses the first image's size)")
     if args.num_images_per_prompt != 1:
         raise UsageError("--num_images_per_prompt must be 1 for the deepgen backend (one image per job)")
+    if args.prompt_enhance_type is not None:
+        raise UsageError("--prompt_enhance_type is not supported: write the enhanced instructions into the CSV")
+    if "/" in args.model_name or "\\" in args.model_name or args.model_name.endswith(_CHECKPOINT_SUFFIXES):
+        raise UsageError(
+            f"--model_name {args.model_name!r} looks like a checkpoint path; here --model_name names the model "
+            "queue (default deepgen) and the checkpoint is DG_DEEPGEN_CHECKPOINT where the model runs"
+        )
+    _note_ignored_flags(args)
     return GenerationOptions(
         model_name=args.model_name,
         output_dir=args.output_dir,
@@ -256,6 +354,15 @@ def _generation_options(args: argparse.Namespace) -> GenerationOptions:
         timeout=args.timeout,
         resume=not args.no_resume,
     )
+
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _note_ignored_flags(args: argparse.Namespace) -> None:
+    for flag, (_, equivalent) in IGNORED_FLAGS.items():
+        if getattr(args, flag.lstrip("-"), None) is not None:
+            print(f"note: {flag} has no effect here: {equivalent}", file=sys.stderr)
 
 
 def _cmd_t2i(args: argparse.Namespace) -> int:
