@@ -3,7 +3,8 @@
 Default: the tiny random model (written to a temporary folder, loaded through DG_DEEPGEN_* exactly
 as real weights) at 64x64 and 512x512. `--full-size-random`: the real DeepGen geometry
 (Qwen2.5-VL-3B + SD3.5-Medium DiT/VAE, connector 2048x6) with random weights built directly on the
-device, bf16, 512x512, 50 steps, with and without stage offload. No files, no hub access.
+device, bf16, 512x512, 50 steps: stage offload off/on x CUDA graphs off/on (graphs only on CUDA), one
+warm-up + one timed call per row. No files, no hub access.
 
     .venv/bin/python bench/engine.py                       # -> bench/results/engine.md
     .venv/bin/python bench/engine.py --full-size-random    # on a GPU -> bench/results/engine_full_size.md
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from worker.deepgen import cuda_graphs
 from worker.deepgen.engine import DeepGenEngine
 from worker.deepgen.types import GenerationRequest
 
@@ -165,20 +167,32 @@ def full_size_rows(device: torch.device, size: int, steps: int, repeats: int, sm
     geometry = SMOKE_GEOMETRY if smoke else FULL_GEOMETRY
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
+    started = time.perf_counter()
+    print(f"building {geometry['name']} with random weights on {device} ({dtype})", flush=True)
     loaded = build_full_size_loaded(device, dtype, offload=False, geometry=geometry)
+    print(f"built in {time.perf_counter() - started:.1f} s", flush=True)
+    graph_options = (False, True) if device.type == "cuda" else (False,)  # graphs are CUDA-only
     for offload in (False, True):
-        engine = DeepGenEngine(dataclasses.replace(loaded, env=dataclasses.replace(loaded.env, offload=offload)))
-        row = measure(engine, size, steps, repeats)
-        rows.append(dict(model=geometry["name"], dtype=str(dtype), offload=offload, **row))
-        print(json.dumps(rows[-1]), flush=True)
-    del engine, loaded
+        for graphs in graph_options:
+            env = dataclasses.replace(loaded.env, offload=offload, cuda_graphs=graphs)
+            engine = DeepGenEngine(dataclasses.replace(loaded, env=env))
+            before = dict(cuda_graphs.graph_counts)
+            row = measure(engine, size, steps, repeats)
+            # Proof that the graph path ran (a silent eager fallback would show fell_back > 0).
+            graph_stats = {f"graphs_{key}": cuda_graphs.graph_counts[key] - before.get(key, 0)
+                           for key in ("captured", "replayed", "fell_back")}
+            rows.append(dict(model=geometry["name"], dtype=str(dtype), offload=offload, cuda_graphs=graphs,
+                             **row, **graph_stats))
+            print(json.dumps(rows[-1]), f"[{time.perf_counter() - started:.1f} s]", flush=True)
+            del engine
+    del loaded
     gc.collect()
     return rows
 
 
 def write_markdown(path: Path, command: str, machine: str, rows: list[dict[str, Any]]) -> None:
-    columns = ["model", "offload", "size", "steps", "seconds_per_image", "encode_s", "denoise_per_step_s",
-               "decode_s", "peak_memory_mib"]
+    columns = ["model", "offload", "cuda_graphs", "size", "steps", "seconds_per_image", "encode_s",
+               "denoise_per_step_s", "decode_s", "peak_memory_mib", "graphs_fell_back"]
     lines = ["# DeepGen engine benchmark\n", f"Command: `{command}`\n", f"Machine: {machine}\n",
              "Seconds are the best of the repeats after one warm-up call; peak memory is CUDA "
              "`max_memory_allocated` on a GPU, else the call's peak RSS growth.\n",

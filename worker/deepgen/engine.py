@@ -8,6 +8,7 @@ reference latents into the one sample's DiT sequence (the reference tool edited 
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -37,6 +38,8 @@ from worker.deepgen.vision import (
 
 if TYPE_CHECKING:
     from worker.deepgen.loading import LoadedDeepGen
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_T2I_SIDE = 512
 MAX_INFERENCE_STEPS = 1000
@@ -68,6 +71,10 @@ class DeepGenEngine:
         self.dtype = loaded.dtype
         self.template = PromptTemplate.from_mapping(loaded.env.config.prompt_template)
         self.placement = StagePlacement(self.model, self.vae, self.device, loaded.env.offload)
+        # The DiT always samples on the run device (offload or not): graphs need it to be CUDA.
+        self.cuda_graphs = loaded.env.cuda_graphs and self.device.type == "cuda"
+        if loaded.env.cuda_graphs and not self.cuda_graphs:
+            logger.info("DG_DEEPGEN_CUDA_GRAPHS ignored: the DiT runs on %s, not CUDA", self.device)
         self._check_image_token()
         transformer_config = self.model.transformer.config
         self.vae_scale = vae_scale_factor(self.vae)
@@ -163,6 +170,7 @@ class DeepGenEngine:
             guidance_scale=request.guidance_scale,
             reference_latents=[latent.to(self.device) for latent in reference_latents],
             step_callback=step_callback,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def _prepare(self, request: GenerationRequest) -> _PreparedPrompt:

@@ -42,6 +42,7 @@ class DeepGenEnv:
     dtype: str | None = None  # None: float32 on CPU, the config's (bfloat16) on CUDA
     offload: bool = False  # keep only the active stage on the accelerator
     attention: str | None = None  # overrides the config's LLM and connector kernels
+    cuda_graphs: bool = False  # replay the DiT forward as a CUDA graph (ignored off CUDA)
 
 
 def read_deepgen_env(environ: Mapping[str, str] | None = None) -> DeepGenEnv:
@@ -90,6 +91,7 @@ def read_deepgen_env(environ: Mapping[str, str] | None = None) -> DeepGenEnv:
         dtype=_choice(optional("DTYPE"), "DTYPE", tuple(DTYPES)),
         offload=_flag(optional("OFFLOAD"), "OFFLOAD"),
         attention=_choice(optional("ATTENTION"), "ATTENTION", ATTENTION_KERNELS),
+        cuda_graphs=_flag(optional("CUDA_GRAPHS"), "CUDA_GRAPHS"),
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.deepgen.cuda_graphs import dit_step
 from worker.deepgen.encoding import PromptConditioning
 from worker.deepgen.types import GenerationStopped, StepCallback
 
@@ -73,8 +74,12 @@ def denoise(
     guidance_scale: float,
     reference_latents: Sequence[torch.Tensor] = (),
     step_callback: StepCallback | None = None,
+    cuda_graphs: bool = False,
 ) -> torch.Tensor:
-    """Run the Euler loop from `latents` (b, C, h, w); every sample is conditioned by all references."""
+    """Run the Euler loop from `latents` (b, C, h, w); every sample is conditioned by all references.
+
+    `cuda_graphs`: on CUDA, capture the DiT forward once and replay it every step (see `cuda_graphs`).
+    """
     scheduler = fresh_scheduler(scheduler)
     patch = transformer.config.patch_size
     image_seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
@@ -91,21 +96,25 @@ def denoise(
     references = [list(reference_latents)] * dit_batch if reference_latents else None
     latents_dtype = latents.dtype
     total = len(timesteps)
-    for index, timestep in enumerate(timesteps):
-        model_input = torch.cat([latents] * branch_count) if use_guidance else latents
-        velocity = transformer(
-            hidden_states=model_input,
-            encoder_hidden_states=context,
-            pooled_projections=pooled,
-            timestep=timestep.expand(dit_batch),
-            reference_latents=references,
-            return_dict=False,
-        )[0]
-        if use_guidance:
-            uncond, cond = velocity.chunk(2)
-            velocity = uncond + guidance_scale * (cond - uncond)
-        # The scheduler steps in fp32 and returns the model output's dtype; keep the latents' dtype.
-        latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0].to(latents_dtype)
-        if step_callback is not None and step_callback(index + 1, total):
-            raise GenerationStopped(index + 1, total)
+    dit = dit_step(
+        transformer,
+        encoder_hidden_states=context,
+        pooled_projections=pooled,
+        reference_latents=references,
+        cuda_graphs=cuda_graphs,
+    )
+    try:
+        for index, timestep in enumerate(timesteps):
+            model_input = torch.cat([latents] * branch_count) if use_guidance else latents
+            # `timesteps` already live on the device: no host->device copy inside a captured forward.
+            velocity = dit(model_input, timestep.expand(dit_batch))
+            if use_guidance:
+                uncond, cond = velocity.chunk(2)
+                velocity = uncond + guidance_scale * (cond - uncond)
+            # The scheduler steps in fp32 and returns the model output's dtype; keep the latents' dtype.
+            latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0].to(latents_dtype)
+            if step_callback is not None and step_callback(index + 1, total):
+                raise GenerationStopped(index + 1, total)
+    finally:
+        dit.close()  # the graph and its memory pool live for this generation only
     return latents
