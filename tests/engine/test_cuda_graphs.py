@@ -77,8 +77,8 @@ def conditioning() -> dict[str, Any]:
 # --- the option ------------------------------------------------------------------------------------
 
 
-def test_option_defaults_off_and_parses(tiny_env: dict[str, str]) -> None:
-    assert read_deepgen_env(tiny_env).cuda_graphs is False
+def test_option_defaults_to_automatic_and_parses(tiny_env: dict[str, str]) -> None:
+    assert read_deepgen_env(tiny_env).cuda_graphs is None  # on exactly when the DiT runs on CUDA
     for value, expected in (("1", True), ("on", True), ("false", False)):
         tiny_env["DG_DEEPGEN_CUDA_GRAPHS"] = value
         assert read_deepgen_env(tiny_env).cuda_graphs is expected

@@ -72,7 +72,7 @@ class DeepGenEngine:
         self.template = PromptTemplate.from_mapping(loaded.env.config.prompt_template)
         self.placement = StagePlacement(self.model, self.vae, self.device, loaded.env.offload)
         # The DiT always samples on the run device (offload or not): graphs need it to be CUDA.
-        self.cuda_graphs = loaded.env.cuda_graphs and self.device.type == "cuda"
+        self.cuda_graphs = loaded.env.cuda_graphs is not False and self.device.type == "cuda"
         if loaded.env.cuda_graphs and not self.cuda_graphs:
             logger.info("DG_DEEPGEN_CUDA_GRAPHS ignored: the DiT runs on %s, not CUDA", self.device)
         self._check_image_token()
