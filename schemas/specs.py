@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -52,6 +52,7 @@ class _StrictModel(BaseModel):
 class GenerationParams(_StrictModel):
     guidance_scale: float = Field(4.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
     num_inference_steps: int = Field(50, ge=MIN_STEPS, le=MAX_STEPS)
+    # t2i needs a size: null is rejected here (edit may leave it to the first input image).
     height: int | None = 512
     width: int | None = 512
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
@@ -60,10 +61,15 @@ class GenerationParams(_StrictModel):
     @field_validator("height", "width")
     @classmethod
     def _round_side(cls, value: int | None, info: Any) -> int | None:
+        if value is None and not cls._size_optional:
+            raise ValueError(f"{info.field_name} must be a number of pixels, not null")
         return _check_side(info.field_name, value)
+
+    _size_optional: ClassVar[bool] = False
 
 
 class EditParams(GenerationParams):
+    _size_optional: ClassVar[bool] = True
     # None: the output takes the (resized) size of the first input image.
     height: int | None = None
     width: int | None = None

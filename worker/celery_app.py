@@ -84,9 +84,14 @@ def _configure(app: Celery, settings: Settings) -> None:
         visibility_timeout=settings.visibility_timeout_seconds,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a GPU worker waits for Redis to come back, it does not exit
-        # A redelivered copy after a reconnect is refused by the claim (live lease), so the
-        # running job is allowed to finish rather than being killed.
+        # Decided, not defaulted (Celery 6 flips it): after a broker reconnect the running job's
+        # message can no longer be acked and comes back later; its redelivery is refused by the
+        # claim (live lease, or finished), so the GPU work is kept instead of being killed.
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # SIGTERM stays a warm shutdown that finishes the job. A cold shutdown (SIGQUIT, second
+        # SIGTERM) first waits this long for the job, then restores the unacked message to Redis
+        # at once instead of after the visibility timeout; the lease/sweeper covers the rest.
+        worker_soft_shutdown_timeout=settings.soft_shutdown_timeout_seconds,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )

@@ -171,6 +171,24 @@ def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, **v
     return session.execute(statement).rowcount == 1
 
 
+def fail_killed_process_job(session: Session, job_id: str, worker_id_prefix: str, *, error_type: str,
+                            error_message: str) -> bool:
+    """End a running job whose process was killed (hard time limit) from the supervising process.
+
+    The parent does not know the child's full worker id, only its `host:pid:` prefix, so the
+    write is fenced on that prefix: a job another process took over meanwhile is not touched.
+    """
+    statement = (
+        sa.update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
+               Job.worker_id.startswith(worker_id_prefix, autoescape=True))
+        .values(status=JobStatus.FAILED.value, finished_at=utcnow(), lease_expires_at=None,
+                error_type=error_type, error_message=error_message)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount == 1
+
+
 def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactRecord]) -> None:
     """Insert or overwrite artifact rows on (job, index): a re-run never adds a second set."""
     if not artifacts:

@@ -23,6 +23,8 @@ def _load_deepgen():  # -> DeepGenEngine
 
 
 class InProcessPublisher:
+    runs_jobs_in_process = True  # submit_jobs reads the finished rows back after publish
+
     def __init__(self, runner: JobRunner, worker_id: str | None = None) -> None:
         self.runner = runner
         self.worker_id = worker_id or f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -42,3 +42,9 @@ def describe_error(exc: BaseException, *, soft_time_limit_seconds: float | None 
             "(try a smaller height/width or fewer input images)"
         )
     return name, message[:MAX_ERROR_MESSAGE_CHARS]
+
+
+def hard_time_limit_message(timeout: float | None) -> str:
+    limit = f" of {timeout:g} s" if timeout else ""
+    return (f"the job ran past the hard time limit{limit} (DG_HARD_TIME_LIMIT_SECONDS) and did not stop at the "
+            "soft limit; its worker process was killed and replaced")

@@ -62,29 +62,43 @@ def _view(job: Job) -> JobView:
     return JobView.model_validate(job)
 
 
+def _new_values(spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None,
+                seed: int | None = None) -> dict[str, Any]:
+    """Every column of a new queued row (also what its JobView is built from, without a read back)."""
+    params = spec.params
+    return {
+        "id": str(uuid.uuid4()),
+        "kind": spec.kind,
+        "model_name": spec.model_name,
+        "status": JobStatus.QUEUED.value,
+        "spec": spec.model_dump(mode="json"),
+        # Drawn now, not at run time, so a redelivered or re-run job reproduces the same image.
+        "seed": params.seed if params.seed is not None else (seed if seed is not None else secrets.randbelow(SEED_RANGE)),
+        "priority": spec.priority,
+        "idempotency_key": spec.idempotency_key,
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "worker_id": None,
+        "lease_expires_at": None,
+        "progress_step": 0,
+        "progress_total": params.num_inference_steps,
+        "cancel_requested": False,
+        "error_type": None,
+        "error_message": None,
+        "created_at": utcnow(),
+        "published_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "retry_of": retry_of,
+        "provenance": None,
+        "width": params.width,
+        "height": params.height,
+    }
+
+
 def _new_row(spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None,
              seed: int | None = None) -> Job:
-    params = spec.params
-    return Job(
-        id=str(uuid.uuid4()),
-        kind=spec.kind,
-        model_name=spec.model_name,
-        status=JobStatus.QUEUED.value,
-        spec=spec.model_dump(mode="json"),
-        # Drawn now, not at run time, so a redelivered or re-run job reproduces the same image.
-        seed=params.seed if params.seed is not None else (seed if seed is not None else secrets.randbelow(SEED_RANGE)),
-        priority=spec.priority,
-        idempotency_key=spec.idempotency_key,
-        attempts=0,
-        max_attempts=max_attempts,
-        progress_step=0,
-        progress_total=params.num_inference_steps,
-        cancel_requested=False,
-        created_at=utcnow(),
-        retry_of=retry_of,
-        width=params.width,
-        height=params.height,
-    )
+    return Job(**_new_values(spec, max_attempts, retry_of, seed))
 
 
 class JobStore:
@@ -104,39 +118,46 @@ class JobStore:
             return self._submit_once(parsed)
 
     def _submit_once(self, specs: list[T2ISpec | EditSpec]) -> list[Submitted]:
+        # Bulk path: one IN lookup for all idempotency keys and one multi-row INSERT (Core, not
+        # per-object ORM flushes); the views are built from the inserted values, not read back.
         keys = {s.idempotency_key for s in specs if s.idempotency_key}
         with self._sessions.begin() as session:
-            existing: dict[str, Job] = {}
+            existing: dict[str, JobView] = {}
             if keys:
                 found = session.scalars(
                     sa.select(Job).where(Job.idempotency_key.in_(keys)).options(selectinload(Job.artifacts))
                 )
-                existing = {job.idempotency_key: job for job in found if job.idempotency_key}
-            results: list[tuple[Job, bool]] = []
+                existing = {job.idempotency_key: _view(job) for job in found if job.idempotency_key}
+            rows: list[dict[str, Any]] = []
+            results: list[Submitted] = []
             for spec in specs:
                 key = spec.idempotency_key
                 if key and key in existing:
-                    results.append((existing[key], False))
+                    results.append(Submitted(existing[key], False))
                     continue
-                row = _new_row(spec, self.max_attempts)
-                row.artifacts = []
-                session.add(row)
+                values = _new_values(spec, self.max_attempts)
+                rows.append(values)
+                view = JobView.model_validate(values)
                 if key:
-                    existing[key] = row  # a repeated key inside one batch is one job
-                results.append((row, True))
-            session.flush()
-            return [Submitted(_view(job), created) for job, created in results]
+                    existing[key] = view  # a repeated key inside one batch is one job
+                results.append(Submitted(view, True))
+            if rows:
+                session.execute(Job.__table__.insert(), rows)  # Core executemany: batched multi-row INSERTs
+            return results
 
-    def mark_published(self, job_ids: Sequence[str]) -> None:
+    def mark_published(self, job_ids: Sequence[str]) -> datetime:
+        """Set `published_at` (still queued or running jobs only); returns the time written."""
+        now = utcnow()
         if not job_ids:
-            return
+            return now
         with self._sessions.begin() as session:
             session.execute(
                 sa.update(Job)
                 .where(Job.id.in_(list(job_ids)), Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-                .values(published_at=utcnow())
+                .values(published_at=now)
                 .execution_options(synchronize_session=False)
             )
+        return now
 
     def get(self, job_id: str) -> JobView:
         with self._sessions() as session:
@@ -275,6 +296,12 @@ class JobStore:
                 session, job_id, worker_id, JobStatus.FAILED,
                 error_type=error_type[:255], error_message=error_message,
             )
+
+    def fail_killed_process_job(self, job_id: str, worker_id_prefix: str, *, error_type: str,
+                                error_message: str) -> bool:
+        with self._sessions.begin() as session:
+            return claims.fail_killed_process_job(session, job_id, worker_id_prefix, error_type=error_type[:255],
+                                                  error_message=error_message)
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
         with self._sessions.begin() as session:

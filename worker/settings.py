@@ -43,6 +43,7 @@ class Settings:
     unacked_restore_interval_seconds: float = 10.0
     unacked_restore_throttle: int = 10
     max_attempts: int = 3
+    soft_shutdown_timeout_seconds: float = 30.0
     progress_interval_seconds: float = 0.5
     input_max_bytes: int = 32 * 1024 * 1024
     input_timeout_seconds: float = 30.0
@@ -148,6 +149,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         unacked_restore_interval_seconds=_read(env, "DG_UNACKED_RESTORE_INTERVAL_SECONDS", float, 10.0, pos),
         unacked_restore_throttle=_read(env, "DG_UNACKED_RESTORE_THROTTLE", int, 10, pos),
         max_attempts=_read(env, "DG_MAX_ATTEMPTS", int, 3, pos),
+        soft_shutdown_timeout_seconds=_read(env, "DG_SOFT_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0, nonneg),
         progress_interval_seconds=_read(env, "DG_PROGRESS_INTERVAL_SECONDS", float, 0.5, nonneg),
         input_max_bytes=_read(env, "DG_INPUT_MAX_BYTES", int, 32 * 1024 * 1024, pos),
         input_timeout_seconds=_read(env, "DG_INPUT_TIMEOUT_SECONDS", float, 30.0, pos),

@@ -11,6 +11,9 @@ import os
 import socket
 import uuid
 
+from celery.worker import state as worker_state
+from celery.worker.request import Request
+
 from worker import metrics, registry
 from worker.celery_app import SWEEP_TASK_NAME, app
 from worker.publish import RUN_JOB_TASK_NAME
@@ -61,7 +64,46 @@ def runner() -> JobRunner:
     return _runner
 
 
-@app.task(name=RUN_JOB_TASK_NAME, ignore_result=True)
+class JobRequest(Request):
+    """A run_job request; its hard-time-limit path records the job as failed.
+
+    The hard limit kills the prefork child, so nothing in the job body runs; without this the
+    job would stay `running` until its lease expired and then be retried up to the attempts
+    cap. This runs in the worker's main process, before the child is killed; the write is
+    fenced on the killed child's `host:pid:` worker-id prefix and on status `running`.
+    """
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if soft or worker_state.should_terminate:  # soft: the job body handles it; cold shutdown: not a limit
+            return
+        job_id = self.args[0] if self.args else None
+        if not isinstance(job_id, str) or self.worker_pid is None:
+            return
+        from sqlalchemy.pool import NullPool
+
+        from worker.db import make_engine, session_factory
+        from worker.errors import hard_time_limit_message
+        from worker.jobstore import JobStore
+
+        # A throwaway engine without a pool: no connection of the main process leaks into
+        # the prefork child that replaces the killed one.
+        engine = make_engine(settings().database_url, poolclass=NullPool)
+        try:
+            recorded = JobStore(session_factory(engine)).fail_killed_process_job(
+                job_id, f"{socket.gethostname()}:{self.worker_pid}:", error_type="TimeLimitExceeded",
+                error_message=hard_time_limit_message(timeout),
+            )
+        except Exception:
+            log.exception("could not record the hard time limit of job %s; its lease will expire", job_id)
+            return
+        finally:
+            engine.dispose()
+        log.warning("job %s %s at the hard time limit (%ss)", job_id,
+                    "failed" if recorded else "was not owned by the killed process", timeout)
+
+
+@app.task(name=RUN_JOB_TASK_NAME, ignore_result=True, Request=JobRequest)
 def run_job(job_id: str) -> str:
     if not isinstance(job_id, str) or not job_id:
         log.error("run_job got a malformed job id %r; dropping the message", job_id)

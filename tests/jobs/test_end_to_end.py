@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -26,8 +27,8 @@ from tests.conftest import free_port
 from tests.jobs.workers import WorkerProcess, wait_for
 from worker.db import make_engine, session_factory
 from worker.deepgen.tiny import tiny_env
-from worker.jobstore import JobStore
-from worker.publish import CeleryPublisher
+from worker.jobstore import JobStore, publish_target
+from worker.publish import RUN_JOB_TASK_NAME, CeleryPublisher
 from worker.settings import load_settings
 from worker.storage import open_store
 from worker.submission import submit_jobs
@@ -215,6 +216,58 @@ def test_kill_9_of_the_whole_worker_then_a_new_worker_completes_the_job_once(
     assert job.status == JobStatus.SUCCEEDED, (job.error_type, job.error_message)
     assert job.attempts == 2 and len(job.artifacts) == 1
     assert job.worker_id is not None and second.log_text().count(f"job {job_id} succeeded") == 1
+
+
+def test_hard_time_limit_fails_the_job_at_once_and_the_worker_keeps_serving(
+    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str,
+) -> None:
+    worker = start_worker()
+    [stuck] = store.submit([{"kind": "t2i", "prompt": "stuck", "model_name": model_name, "params": SLOW}])
+    job_id = stuck.job.id
+    # Per-message limits (a Celery feature), so the worker's own 60/70 s stay for the next job.
+    # The child is stopped right after its claim, so the soft limit (4 s) is never handled there
+    # (as in a child stuck in native code) and only the hard path (7 s) can end the job.
+    publisher.app.send_task(RUN_JOB_TASK_NAME, args=[job_id], queue=model_name, routing_key=model_name,
+                            time_limit=7, soft_time_limit=4)
+    wait_for(lambda: store.get(job_id).status != JobStatus.QUEUED, 60, "the job was never claimed")
+    claimed = store.get(job_id)
+    assert claimed.status == JobStatus.RUNNING and claimed.worker_id
+    child_pid = int(claimed.worker_id.split(":")[1])
+    assert child_pid != worker.process.pid  # the job runs in the prefork child
+    os.kill(child_pid, signal.SIGSTOP)
+    [job] = _wait_terminal(store, [job_id], timeout=60)  # promptly: not after the 3 s lease + retries
+    assert job.status == JobStatus.FAILED and job.error_type == "TimeLimitExceeded", (job.error_type, job.error_message)
+    assert "hard time limit of 7 s" in (job.error_message or "") and job.attempts == 1
+    assert "Hard time limit (7" in worker.log_text()
+    # A new child serves the next job; the killed job is neither retried nor overwritten.
+    [after] = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "after", "model_name": model_name,
+                                              "params": FAST}])
+    assert _wait_terminal(store, [after.job.id], timeout=120)[0].status == JobStatus.SUCCEEDED
+    again = store.get(job_id)
+    assert (again.status, again.attempts, again.artifacts) == (JobStatus.FAILED, 1, [])
+
+
+def test_duplicate_delivery_while_running_elsewhere_is_dropped_and_sigterm_finishes_the_job(
+    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str,
+) -> None:
+    first, second = start_worker(), start_worker()
+    [submitted] = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "warm shutdown", "model_name": model_name,
+                                                  "params": SLOW}])
+    job_id = submitted.job.id
+    # The same id again: the busy worker holds no second message (prefetch 1, acks late), so the
+    # idle one takes it while the job runs with a live lease there.
+    publisher.publish([publish_target(submitted.job)])
+    wait_for(lambda: store.get(job_id).progress_step > 0, 90, "the job never started")
+    owner, other = (first, second) if f"job {job_id} claimed" in first.log_text() else (second, first)
+    before = store.get(job_id)
+    assert before.status == JobStatus.RUNNING and before.progress_step < before.progress_total
+    assert owner.warm_shutdown() == 0  # SIGTERM mid-job: finish the job, then exit
+    [job] = _wait_terminal(store, [job_id])
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and len(job.artifacts) == 1
+    assert owner.log_text().count(f"job {job_id} succeeded") == 1
+    wait_for(lambda: f"dropping delivery of job {job_id}: job is running" in other.log_text(), 30,
+             lambda: f"the duplicate was not dropped by the idle worker; log:\n{other.log_text()[-2000:]}")
+    assert f"job {job_id} claimed" not in other.log_text()
 
 
 def test_sweeper_publishes_jobs_a_producer_left_unpublished(

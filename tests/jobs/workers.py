@@ -37,6 +37,11 @@ class WorkerProcess:
         self.process.wait(10)
         self._log.close()
 
+    def warm_shutdown(self, timeout: float = 180) -> int:
+        """SIGTERM to the main process only, as `docker stop` does; returns its exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)  # warm shutdown
