@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from worker.deepgen.connector import ConnectorConfig
+from worker.deepgen.prompts import DEFAULT_PROMPT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ DEFAULT_CONNECTOR: dict[str, Any] = dict(
 DEFAULT_LORA_RANK = 64
 DEFAULT_LORA_ALPHA = 128
 
-# Template entries the prompt builder uses (reference doc §2.1, §3.3).
-DEFAULT_PROMPT_TEMPLATE: dict[str, str] = {
-    "INSTRUCTION": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-    "GENERATION": "Generate an image: {input}",
-    "IMG_START_TOKEN": "<|vision_start|>",
-    "IMG_END_TOKEN": "<|vision_end|>",
-    "IMG_CONTEXT_TOKEN": "<|image_pad|>",
-}
 TRAINING_ONLY_TEMPLATE_KEYS = frozenset(
     {"SYSTEM", "SUFFIX", "SUFFIX_AS_EOS", "SEP", "STOP_WORDS", "CFG", "IMG_START_TOKEN_FOR_GENERATION"}
 )
