@@ -8,9 +8,11 @@ the model in this process (embedded t2i/edit, demo, tiny-model, worker).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -73,6 +75,28 @@ def _exit_now_if_model_running(code: int) -> None:
         os._exit(code)
 
 
+class _OneLineFormatter(logging.Formatter):
+    """`warning: message`, without the traceback (DG_DEBUG=1 keeps the full record)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _quiet_job_logs() -> None:
+    """Commands that may run embedded jobs in this process: the in-process worker's log records
+    become one-line messages on stderr, and per-job failures are left to the CLI's own summary
+    (`index N job ID failed: ...`) instead of being printed twice, with tracebacks."""
+    root = logging.getLogger()
+    if root.handlers:  # the embedding program configured logging itself
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    if not os.environ.get("DG_DEBUG"):
+        handler.setFormatter(_OneLineFormatter())
+        logging.getLogger("worker.runner").setLevel(logging.ERROR)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
 def _report(exc: BaseException, code: ExitCode, prefix: str = "") -> int:
     if os.environ.get("DG_DEBUG"):
         traceback.print_exception(exc)
@@ -102,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt_source = t2i.add_mutually_exclusive_group(required=True)
     prompt_source.add_argument("--prompt", help="one prompt (index 0)")
     prompt_source.add_argument("--prompts_file", type=Path, help="prompts in .jsonl, .json, .txt or .csv")
-    _add_generation_options(t2i, default_side=512)
+    _add_generation_options(t2i, edit=False)
     t2i.set_defaults(handler=_cmd_t2i)
 
     edit = commands.add_parser(
@@ -113,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--input", required=True, type=Path, help="CSV with input_images and instruction columns")
     edit.add_argument("--instruction_key", default="instruction", help="instruction column (default: instruction)")
     edit.add_argument("--output_csv", type=Path, help="results CSV (default: OUTPUT_DIR/results.csv)")
-    _add_generation_options(edit, default_side=None)
+    _add_generation_options(edit, edit=True)
     edit.set_defaults(handler=_cmd_edit)
 
     status = commands.add_parser("status", help="show jobs")
@@ -206,8 +230,9 @@ def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPa
     return found
 
 
-def _add_generation_options(parser: argparse.ArgumentParser, default_side: int | None) -> None:
-    side_help = "default 512" if default_side else "default: the first input image's size"
+def _add_generation_options(parser: argparse.ArgumentParser, *, edit: bool) -> None:
+    default_side = None if edit else 512
+    side_help = "default: the first input image's size" if edit else "default 512"
     parser.add_argument("--backend", default="deepgen", help="model backend (supported: deepgen)")
     parser.add_argument("--model_name", default="deepgen", help="model / worker queue (default deepgen)")
     parser.add_argument("--output_dir", required=True, type=Path, help="where {index:06d}.png files go")
@@ -221,11 +246,11 @@ def _add_generation_options(parser: argparse.ArgumentParser, default_side: int |
     parser.add_argument("--no-wait", dest="no_wait", action="store_true", help="submit, print job ids, exit")
     parser.add_argument("--timeout", type=float, help="stop waiting after this many seconds (exit 7)")
     parser.add_argument("--no_resume", action="store_true", help="regenerate indices whose PNG exists")
-    parser.add_argument("--num_images_per_prompt", type=int, default=1, help="only 1 is supported (one image per job)")
-    ignored = [flag for flag in IGNORED_FLAGS if flag not in _EDIT_ONLY_IGNORED or default_side is None]
+    parser.add_argument("--num_images_per_prompt", type=int, default=1, help="only 1 (one image per job)")
+    ignored = [flag for flag in IGNORED_FLAGS if edit or flag not in _EDIT_ONLY_IGNORED]
     compat = parser.add_argument_group(
         "DeepGen CLI flags accepted with no effect here",
-        "each prints a one-line note naming the equivalent setting: " + ", ".join(ignored),
+        textwrap.fill("each prints a one-line note naming the equivalent setting: " + ", ".join(ignored), 76),
     )
     for flag in ignored:
         takes_value, _ = IGNORED_FLAGS[flag]
@@ -244,7 +269,7 @@ IGNORED_FLAGS: dict[str, tuple[bool, str]] = {
     "--num_gpus": (True, "run one `diffgentor worker` per GPU (CUDA_VISIBLE_DEVICES=N); they share the queue"),
     "--batch_size": (True, "each worker runs one job at a time; add workers for throughput"),
     "--max_retries": (True, "a job is attempted up to DG_MAX_ATTEMPTS times; `diffgentor retry JOB` resubmits"),
-    "--resume": (False, "resuming is the default here (--no_resume turns it off)"),
+    "--resume": (False, "resuming is already the default (--no_resume turns it off)"),
     "--model_type": (True, "the deepgen backend handles both t2i and edit"),
     "--enable_cpu_offload": (False, f"set DG_DEEPGEN_OFFLOAD {_MODEL_HOST}"),
     "--attention_backend": (True, f"set DG_DEEPGEN_ATTENTION {_MODEL_HOST}"),
@@ -336,7 +361,7 @@ def _generation_options(args: argparse.Namespace) -> GenerationOptions:
         raise UsageError("--prompt_enhance_type is not supported: write the enhanced instructions into the CSV")
     if "/" in args.model_name or "\\" in args.model_name or args.model_name.endswith(_CHECKPOINT_SUFFIXES):
         raise UsageError(
-            f"--model_name {args.model_name!r} looks like a checkpoint path; here --model_name names the model "
+            f"--model_name {args.model_name!r} looks like a checkpoint path or repo id; here --model_name names the model "
             "queue (default deepgen) and the checkpoint is DG_DEEPGEN_CHECKPOINT where the model runs"
         )
     _note_ignored_flags(args)
@@ -362,10 +387,11 @@ _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 def _note_ignored_flags(args: argparse.Namespace) -> None:
     for flag, (_, equivalent) in IGNORED_FLAGS.items():
         if getattr(args, flag.lstrip("-"), None) is not None:
-            print(f"note: {flag} has no effect here: {equivalent}", file=sys.stderr)
+            print(f"note: {flag} is ignored here; {equivalent}", file=sys.stderr)
 
 
 def _cmd_t2i(args: argparse.Namespace) -> int:
+    _quiet_job_logs()
     from api_client.inputs import PromptRow, load_prompts
 
     options = _generation_options(args)
@@ -375,6 +401,7 @@ def _cmd_t2i(args: argparse.Namespace) -> int:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
+    _quiet_job_logs()
     from api_client.inputs import load_edit_rows
 
     options = _generation_options(args)
@@ -407,6 +434,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_wait(args: argparse.Namespace) -> int:
+    _quiet_job_logs()
     with _client() as client:
         try:
             jobs = client.wait(args.job_ids, timeout=args.timeout, progress=not args.no_progress)
@@ -501,8 +529,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from api_client.embedded import quiet_library_progress_bars
     from worker.deepgen.tiny import tiny_env, write_tiny_model
 
+    quiet_library_progress_bars()
     paths = write_tiny_model(args.directory)
     print(f"# tiny random-weight DeepGen written to {paths.root} (its images are noise); use it with:")
     for name, value in tiny_env(paths).items():
@@ -511,6 +541,7 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _quiet_job_logs()
     from api_client.demo import run_demo
 
     return run_demo(output_dir=args.output_dir, num_inference_steps=args.num_inference_steps)

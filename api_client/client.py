@@ -26,7 +26,7 @@ from urllib.request import url2pathname
 
 from PIL import Image
 
-from api_client.embedded import EmbeddedRunner
+from api_client.embedded import EmbeddedRunner, quiet_library_progress_bars
 from api_client.errors import (
     ConfigurationError,
     DiffgentorError,
@@ -147,6 +147,8 @@ class DiffgentorClient:
         if self.embedded:
             from worker.embedded import InProcessPublisher
 
+            # The engine loads in this process on the first job: keep library bars off our progress bar.
+            quiet_library_progress_bars()
             return InProcessPublisher.from_settings(self.settings)
         self.check_broker()
         from worker.celery_app import make_producer_app

@@ -20,6 +20,23 @@ log = logging.getLogger(__name__)
 THREAD_NAME = "diffgentor-embedded"
 
 
+def quiet_library_progress_bars() -> None:
+    """Turn off the tqdm bars of transformers, diffusers and huggingface_hub in this process.
+
+    Embedded jobs load the model on the runner thread while the CLI draws its own progress bar;
+    the libraries' "Loading weights" / "Writing model shards" bars would interleave with it (and
+    flood logs). Called only where this process is about to load or write model weights, so a
+    queue-mode producer never imports those libraries. Warnings and errors still print.
+    """
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def runner_thread_alive() -> bool:
     """True while a job runs on an embedded runner thread in this process."""
     return any(thread.name == THREAD_NAME and thread.is_alive() for thread in threading.enumerate())
@@ -57,8 +74,8 @@ class EmbeddedRunner:
             target = self._queue.get()
             try:
                 self._run(target)
-            except Exception as exc:  # surfaced by DiffgentorClient.wait
-                log.exception("embedded job %s could not be run", target.job_id)
+            except Exception as exc:  # surfaced by DiffgentorClient.wait, as one line
+                log.debug("embedded job %s could not be run", target.job_id, exc_info=True)
                 self.error = exc
             finally:
                 self._queue.task_done()

@@ -182,7 +182,9 @@ def _resolve_image(csv_path: Path, where: str, reference: str) -> str:
     if not candidate.is_absolute():
         candidate = csv_path.parent / candidate
     if not candidate.is_file():
-        raise InputFileError(f"{csv_path} {where}: input image {reference} not found (looked at {candidate})")
+        raise InputFileError(
+            f"{csv_path} {where}: input image {reference} not found (looked at {candidate.absolute()})"
+        )
     return str(candidate.resolve())
 
 

@@ -21,12 +21,68 @@ def test_edit_size_defaults_to_the_first_image() -> None:
     assert args.height is None and args.width is None and args.instruction_key == "instruction"
 
 
-def test_compatibility_flags_are_accepted() -> None:
-    args = build_parser().parse_args(
-        ["t2i", "--prompt", "x", "--output_dir", "o", "--device", "cuda", "--torch_dtype", "bfloat16",
-         "--num_gpus", "2", "--batch_size", "4", "--resume", "--no-wait", "--seed", "5", "--priority", "9"]
+def test_reference_flags_are_accepted_with_one_note_each(
+    capsys: pytest.CaptureFixture[str], clean_env
+) -> None:
+    # Out-of-habit DeepGen CLI flags parse, and each says once where its equivalent lives; the command
+    # then goes on (here it stops at the missing DG_DEEPGEN_CONFIG, exit 4, after the notes).
+    code = main(
+        ["edit", "--input", str(clean_env), "--output_dir", "o", "--device", "cuda", "--torch_dtype", "bfloat16",
+         "--num_gpus", "2", "--batch_size", "4", "--resume", "--enable_cpu_offload", "--true_cfg_scale", "4"]
     )
-    assert args.no_wait and args.seed == 5 and args.priority == 9
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert [note.split()[1] for note in notes] == [
+        "--device", "--torch_dtype", "--num_gpus", "--batch_size", "--resume", "--enable_cpu_offload",
+        "--true_cfg_scale",
+    ]
+    assert "DG_DEEPGEN_DEVICE" in notes[0] and "DG_DEEPGEN_DTYPE" in notes[1] and "diffgentor worker" in notes[2]
+    assert "DG_DEEPGEN_OFFLOAD" in notes[5] and "--guidance_scale" in notes[6]
+    assert code == 3  # the notes did not stop it: it went on to read --input (no such CSV)
+
+
+def test_no_notes_without_reference_flags(capsys: pytest.CaptureFixture[str], clean_env) -> None:
+    assert main(["t2i", "--prompt", "x", "--output_dir", str(clean_env / "o")]) == 4
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_edit_only_reference_flags_are_unknown_to_t2i(capsys: pytest.CaptureFixture[str], clean_env) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["t2i", "--prompt", "x", "--output_dir", "o", "--true_cfg_scale", "4"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: diffgentor t2i" in err  # the subcommand's usage, not the top-level one
+    assert "unrecognized arguments: --true_cfg_scale 4 (see `diffgentor t2i --help`)" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--prompt_enhance_type", "glm_image"], "--prompt_enhance_type is not supported"),
+        (["--model_name", "/ckpt/deepgen.safetensors"], "the checkpoint is DG_DEEPGEN_CHECKPOINT"),
+        (["--model_name", "org/DeepGen-1.0"], "looks like a checkpoint path or repo id"),
+    ],
+)
+def test_reference_habits_that_would_change_the_result_are_refused(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str], clean_env
+) -> None:
+    assert main(["t2i", "--prompt", "x", "--output_dir", "o", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_texts_show_examples_and_the_ignored_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, example in (("t2i", "--prompt \"A beautiful sunset"), ("edit", "--input data.csv")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert example in out and "accepted with no effect here" in out and "--torch_dtype" in out
+        assert ("--true_cfg_scale" in out) == (command == "edit")
+        assert max(len(line) for line in out.splitlines()) <= 100
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "diffgentor demo" in out and "DG_BROKER_URL" in out and "DG_DEEPGEN_CONFIG" in out
 
 
 def test_prompt_and_prompts_file_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
