@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.submit_throughput --n 2000 --batch 1000
 
 Single mode runs once with one producer and once with several producer threads (realistic:
-many clients), bulk mode sends `--batch` specs per call. Each job takes the full producer path (`worker.submission.submit_jobs`): INSERT in one
-transaction, publish the id to its Redis queue, record `published_at`, re-read the rows.
+many clients), bulk mode sends `--batch` specs per call. Each job takes the full producer path
+(`worker.submission.submit_jobs`): durable INSERT (one transaction), publish the id to its Redis
+queue, record `published_at` (a relaxed, non-durable commit); the views are not read back.
 """
 
 from __future__ import annotations

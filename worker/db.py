@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +12,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A pooled PostgreSQL connection idle longer than this is pinged before reuse (see `_ping_after_idle`).
+PING_AFTER_IDLE_SECONDS = 2.0
+_CHECKIN_AT = "dg_checkin_at"
 
 
 def make_engine(url: str, **kwargs: Any) -> sa.Engine:
     """An engine with the per-dialect settings the job system relies on."""
     parsed = make_url(url)
+    ping_after = kwargs.pop("ping_after_idle_seconds", PING_AFTER_IDLE_SECONDS)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
@@ -27,7 +33,49 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
         # so every transaction (including the claim UPDATE) is a real SQLite transaction.
         sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
         return engine
-    return sa.create_engine(parsed, pool_pre_ping=True, **kwargs)
+    engine = sa.create_engine(parsed, **kwargs)
+    _ping_after_idle(engine, ping_after)
+    return engine
+
+
+def _ping_after_idle(engine: sa.Engine, idle_seconds: float) -> None:
+    """Stale-connection safety without `pool_pre_ping`'s round trip on every checkout.
+
+    A connection is pinged before reuse when it sat in the pool longer than `idle_seconds`
+    (a failover or an idle-timeout proxy may have dropped it silently), or when its socket
+    has something to read while idle: a server restart or `pg_terminate_backend` sends an
+    error and closes the socket, which a zero-timeout poll sees without a round trip. A failed
+    ping makes the pool discard the connection and check out another. What still slips
+    through (a silent drop within `idle_seconds`) fails its first statement; SQLAlchemy then
+    invalidates the pool and the single-statement paths retry once (`JobStore._retrying`).
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_CHECKIN_AT] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        last = record.info.get(_CHECKIN_AT)
+        if last is None:
+            return  # brand new
+        if time.monotonic() - last < idle_seconds and not _socket_has_data(dbapi_connection):
+            return  # used moments ago and the server sent nothing since
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+            dbapi_connection.rollback()  # the ping opened a transaction; leave the connection idle
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
+
+
+def _socket_has_data(dbapi_connection: Any) -> bool:
+    """True if an idle connection's socket is readable (EOF or an unsolicited server message)."""
+    try:
+        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+    except (OSError, ValueError, AttributeError):
+        return True  # closed or no socket to look at: let the ping decide
+    return bool(readable)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

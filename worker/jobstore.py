@@ -7,12 +7,13 @@ Sweeper side: `unpublished_or_expired`.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -20,13 +21,21 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from schemas.enums import JobStatus
 from schemas.specs import EditSpec, T2ISpec, parse_job_spec
-from schemas.tables import Job, utcnow
-from schemas.views import JobView
+from schemas.tables import Artifact, Job, utcnow
+from schemas.views import ArtifactView, JobView
 from worker import claims
 from worker.claims import ArtifactRecord, ClaimedJob, ClaimRefusal, LeaseState
 
+log = logging.getLogger(__name__)
+
 MAX_LIST_LIMIT = 1000
 SEED_RANGE = 2**32
+_T = TypeVar("_T")
+
+# The columns a JobView is built from, and its artifacts', for the Core read path.
+_VIEW_JOB_COLUMNS = [Job.__table__.c[name] for name in JobView.model_fields if name != "artifacts"]
+_VIEW_ARTIFACT_FIELDS = list(ArtifactView.model_fields)
+_VIEW_ARTIFACT_COLUMNS = [Artifact.__table__.c[name].label(f"artifact_{name}") for name in _VIEW_ARTIFACT_FIELDS]
 
 
 class JobNotFound(LookupError):
@@ -60,6 +69,52 @@ def publish_target(job: JobView) -> PublishTarget:
 
 def _view(job: Job) -> JobView:
     return JobView.model_validate(job)
+
+
+def _views_query(by_id: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    """Jobs and their artifacts in ONE statement (LEFT JOIN, one row per artifact)."""
+    jobs, artifacts = Job.__table__, Artifact.__table__
+    return (
+        sa.select(*_VIEW_JOB_COLUMNS, *_VIEW_ARTIFACT_COLUMNS)
+        .select_from(jobs.outerjoin(artifacts, artifacts.c.job_id == jobs.c.id))
+        .where(by_id)
+        .order_by(jobs.c.id, artifacts.c.index)
+    )
+
+
+# Built once with bind parameters: building the statement per poll cost more than running it.
+_VIEW_ONE = _views_query(Job.__table__.c.id == sa.bindparam("job_id"))
+_VIEW_MANY = _views_query(Job.__table__.c.id.in_(sa.bindparam("job_ids", expanding=True)))
+
+
+def _views_from_rows(rows: Iterable[sa.Row[Any]]) -> dict[str, JobView]:
+    """Group the joined rows by job; same JobView as `JobView.model_validate(orm_job)`."""
+    grouped: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for row in rows:
+        data = row._mapping
+        entry = grouped.get(data["id"])
+        if entry is None:
+            entry = grouped[data["id"]] = ({column.name: data[column.name] for column in _VIEW_JOB_COLUMNS}, [])
+        if data["artifact_index"] is not None:
+            entry[1].append({name: data[f"artifact_{name}"] for name in _VIEW_ARTIFACT_FIELDS})
+    return {job_id: JobView.model_validate({**job, "artifacts": arts}) for job_id, (job, arts) in grouped.items()}
+
+
+_MARK_PUBLISHED = (
+    sa.update(Job)
+    .where(Job.id.in_(sa.bindparam("job_ids", expanding=True)),
+           Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+    .values(published_at=sa.bindparam("now"))
+)
+_MARK_PUBLISHED_BY_DIALECT: dict[str, Any] = {}
+
+
+def _mark_published_statement(conn: sa.Connection) -> Any:
+    # Built once per dialect: constructing it per single submit cost more than running it.
+    dialect = conn.dialect.name
+    if dialect not in _MARK_PUBLISHED_BY_DIALECT:
+        _MARK_PUBLISHED_BY_DIALECT[dialect] = claims.relaxed(_MARK_PUBLISHED, conn)
+    return _MARK_PUBLISHED_BY_DIALECT[dialect]
 
 
 def _new_values(spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None,
@@ -105,6 +160,12 @@ class JobStore:
     def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int = 3) -> None:
         self._sessions = sessions
         self.max_attempts = max_attempts
+        engine: sa.Engine = sessions.kw["bind"]
+        # Hot single-statement paths (status reads, the claim, relaxed writes) run in autocommit
+        # on PostgreSQL: no BEGIN/COMMIT/ROLLBACK round trips. One statement is atomic and sees
+        # one snapshot, so the job and its artifacts are read consistently.
+        self._single_engine = (engine.execution_options(isolation_level="AUTOCOMMIT")
+                               if engine.dialect.name == "postgresql" else engine)
 
     # ---- producer side -------------------------------------------------------------------
 
@@ -121,6 +182,14 @@ class JobStore:
         # Bulk path: one IN lookup for all idempotency keys and one multi-row INSERT (Core, not
         # per-object ORM flushes); the views are built from the inserted values, not read back.
         keys = {s.idempotency_key for s in specs if s.idempotency_key}
+        if len(specs) == 1 and not keys:
+            # The common single submit: one INSERT in autocommit (one round trip, still a durable
+            # commit). Not retried on a lost connection: a commit whose reply was lost would
+            # be inserted twice; the caller sees the error instead.
+            values = _new_values(specs[0], self.max_attempts)
+            with self._single_engine.begin() as conn:
+                conn.execute(Job.__table__.insert(), [values])
+            return [Submitted(JobView.model_validate(values), True)]
         with self._sessions.begin() as session:
             existing: dict[str, JobView] = {}
             if keys:
@@ -150,35 +219,58 @@ class JobStore:
         now = utcnow()
         if not job_ids:
             return now
-        with self._sessions.begin() as session:
-            session.execute(
-                sa.update(Job)
-                .where(Job.id.in_(list(job_ids)), Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-                .values(published_at=now)
-                .execution_options(synchronize_session=False)
-            )
+        # Not durable on purpose: a lost published_at only makes the sweeper publish the job
+        # again, and the conditional claim drops the duplicate delivery.
+        params = {"job_ids": list(job_ids), "now": now}
+        self._single(lambda conn: conn.execute(_mark_published_statement(conn), params))
         return now
 
     def get(self, job_id: str) -> JobView:
-        with self._sessions() as session:
-            job = session.get(Job, job_id, options=[selectinload(Job.artifacts)])
-            if job is None:
-                raise JobNotFound(job_id)
-            return _view(job)
+        # The hot polling path: Core, one statement, no ORM identity map, no transaction.
+        found = self._read_retrying(lambda conn: _views_from_rows(conn.execute(_VIEW_ONE, {"job_id": job_id})))
+        if job_id not in found:
+            raise JobNotFound(job_id)
+        return found[job_id]
 
     def get_many(self, job_ids: Sequence[str]) -> list[JobView]:
         """Jobs in the order asked; raises JobNotFound for the first unknown id."""
-        with self._sessions() as session:
-            found = {
-                job.id: job
-                for job in session.scalars(
-                    sa.select(Job).where(Job.id.in_(list(job_ids))).options(selectinload(Job.artifacts))
-                )
-            }
-            missing = [job_id for job_id in job_ids if job_id not in found]
-            if missing:
-                raise JobNotFound(missing[0])
-            return [_view(found[job_id]) for job_id in job_ids]
+        ids = list(job_ids)
+        found = (self._read_retrying(lambda conn: _views_from_rows(conn.execute(_VIEW_MANY, {"job_ids": ids})))
+                 if ids else {})
+        missing = [job_id for job_id in ids if job_id not in found]
+        if missing:
+            raise JobNotFound(missing[0])
+        return [found[job_id] for job_id in ids]
+
+    def _read_retrying(self, read: Callable[[sa.Connection], _T]) -> _T:
+        """Run a read-only query; retried once on a fresh connection if the pooled one was dead."""
+        return self._retrying(self._single_engine.connect, read)
+
+    def _single(self, write: Callable[[sa.Connection], _T]) -> _T:
+        """One write statement in its own transaction (autocommit on PostgreSQL), retried once
+        if the pooled connection was dead.
+
+        The retried writes are idempotent (progress, lease renewal, published_at) or, for the
+        claim, safe: if the lost first try did commit, the retry is refused (running, live
+        lease), the delivery is dropped and the sweeper re-publishes the job once the lease
+        expires; without the retry the acked delivery would leave the job queued for good.
+        """
+        return self._retrying(self._single_engine.begin, write)
+
+    @staticmethod
+    def _retrying(open_connection: Callable[[], Any], work: Callable[[Any], _T]) -> _T:
+        # Pooled connections are only pinged after sitting idle (`worker.db`), so one that died
+        # while in steady use (database restart, failover) fails its first statement instead;
+        # SQLAlchemy then invalidates the pool and the work runs once more on a new connection.
+        try:
+            with open_connection() as conn:
+                return work(conn)
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.warning("database connection lost; retrying once on a new connection")
+        with open_connection() as conn:
+            return work(conn)
 
     def list(
         self,
@@ -249,16 +341,14 @@ class JobStore:
         return outcome if isinstance(outcome, ClaimedJob) else None
 
     def claim_or_refusal(self, job_id: str, worker_id: str, lease_seconds: float) -> ClaimedJob | ClaimRefusal:
-        with self._sessions.begin() as session:
-            return claims.claim(session, job_id, worker_id, lease_seconds)
+        # Durable: the claim is one conditional UPDATE ... RETURNING, atomic in autocommit too.
+        return self._single(lambda conn: claims.claim(conn, job_id, worker_id, lease_seconds))
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> LeaseState:
-        with self._sessions.begin() as session:
-            return claims.renew_lease(session, job_id, worker_id, lease_seconds)
+        return self._single(lambda conn: claims.renew_lease(conn, job_id, worker_id, lease_seconds))
 
     def record_progress(self, job_id: str, worker_id: str, step: int, total: int) -> LeaseState:
-        with self._sessions.begin() as session:
-            return claims.record_progress(session, job_id, worker_id, step, total)
+        return self._single(lambda conn: claims.record_progress(conn, job_id, worker_id, step, total))
 
     def record_artifacts(self, job_id: str, artifacts: Sequence[ArtifactRecord]) -> None:
         with self._sessions.begin() as session:
@@ -275,27 +365,29 @@ class JobStore:
         height: int,
         provenance: dict[str, Any] | None,
     ) -> bool:
-        """Complete and record artifacts in one transaction, only while this worker owns the job."""
-        with self._sessions.begin() as session:
+        """Complete and record artifacts in one transaction, only while this worker owns the job.
+
+        Retried once on a dead pooled connection: the fenced UPDATE makes a retry after a
+        commit whose reply was lost return False (the job is already succeeded), never a
+        second completion.
+        """
+        def work(session: Session) -> bool:
             done = claims.finish(
                 session, job_id, worker_id, JobStatus.SUCCEEDED,
                 seed=seed, width=width, height=height, provenance=provenance,
                 error_type=None, error_message=None,
+                progress_step=Job.progress_total,  # the runner skips the last progress write
             )
             if done:
-                claims.upsert_artifacts(session, job_id, list(artifacts))
-                session.execute(
-                    sa.update(Job).where(Job.id == job_id).values(progress_step=Job.progress_total)
-                    .execution_options(synchronize_session=False)
-                )
+                claims.upsert_artifacts(session, job_id, list(artifacts))  # one multi-row statement
             return done
 
+        return self._retrying(self._sessions.begin, work)
+
     def finish_failed(self, job_id: str, worker_id: str, *, error_type: str, error_message: str) -> bool:
-        with self._sessions.begin() as session:
-            return claims.finish(
-                session, job_id, worker_id, JobStatus.FAILED,
-                error_type=error_type[:255], error_message=error_message,
-            )
+        return self._retrying(self._sessions.begin, lambda session: claims.finish(
+            session, job_id, worker_id, JobStatus.FAILED, error_type=error_type[:255], error_message=error_message,
+        ))
 
     def fail_killed_process_job(self, job_id: str, worker_id_prefix: str, *, error_type: str,
                                 error_message: str) -> bool:
@@ -304,8 +396,8 @@ class JobStore:
                                                   error_message=error_message)
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
-        with self._sessions.begin() as session:
-            return claims.finish(session, job_id, worker_id, JobStatus.CANCELLED)
+        return self._retrying(self._sessions.begin,
+                              lambda session: claims.finish(session, job_id, worker_id, JobStatus.CANCELLED))
 
     # ---- sweeper side --------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ class LeaseKeeper:
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
         self._heartbeat_seconds = heartbeat_seconds
+        self.claimed_at = time.monotonic()  # created right after the claim
         self._stopped = threading.Event()
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
@@ -61,7 +62,12 @@ class LeaseKeeper:
 
 
 class ProgressReporter:
-    """The engine's step callback: writes progress at most every `interval` seconds."""
+    """The engine's step callback: writes progress at most every `interval` seconds.
+
+    The throttle clock starts at the claim, so a job shorter than `interval` writes no progress
+    at all, and the last step is never written: the fenced completion sets `progress_step` to
+    the total in the same statement. Cancel requests are still seen by the lease heartbeat.
+    """
 
     def __init__(self, store: JobStore, job_id: str, worker_id: str, lease: LeaseKeeper,
                  interval_seconds: float) -> None:
@@ -70,11 +76,13 @@ class ProgressReporter:
         self._worker_id = worker_id
         self._lease = lease
         self._interval = interval_seconds
-        self._last_write = float("-inf")
+        self._last_write = lease.claimed_at
+        self.writes = 0
 
     def __call__(self, step: int, total: int) -> bool:
         now = time.monotonic()
-        if now - self._last_write >= self._interval or step == total:
+        if step < total and now - self._last_write >= self._interval:
+            self.writes += 1
             self._last_write = now
             try:
                 self._lease.observe(self._store.record_progress(self._job_id, self._worker_id, step, total))
