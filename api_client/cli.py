@@ -511,21 +511,26 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from api_client.client import DiffgentorClient
-    from worker.sweeper import sweep_once
+    from worker.sweeper import Sweeper
 
     client = DiffgentorClient.from_env()
     client.check_services()
     interval = args.interval or client.settings.sweep_interval_seconds
-    while True:
-        report = sweep_once(client.settings)
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        print(f"{stamp} re-published {report.republished} job(s): {len(report.unpublished)} unpublished, "
-              f"{len(report.expired)} lease-expired", flush=True)
-        if report.error:
-            print(f"warning: publishing failed, the jobs stay for the next sweep: {report.error}", file=sys.stderr)
-        if not args.loop:
-            return int(ExitCode.OK)
-        time.sleep(interval)
+    sweeper = Sweeper(client.settings)  # one engine and publisher for the whole --loop
+    try:
+        while True:
+            report = sweeper.sweep()
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            print(f"{stamp} re-published {report.republished} job(s): {len(report.unpublished)} unpublished, "
+                  f"{len(report.stale)} stale, {len(report.expired)} lease-expired", flush=True)
+            if report.error:
+                print(f"warning: publishing failed, the jobs stay for the next sweep: {report.error}",
+                      file=sys.stderr)
+            if not args.loop:
+                return int(ExitCode.OK)
+            time.sleep(interval)
+    finally:
+        sweeper.close()
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:

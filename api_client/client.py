@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, overload
@@ -373,14 +373,17 @@ class DiffgentorClient:
         limit: int = 50,
         offset: int = 0,
     ) -> list[JobView]:
-        """Jobs newest first, filtered by status, model and creation time; page with limit/offset."""
+        """Jobs newest first, filtered by status, model and creation time; page with limit/offset.
+
+        A naive ``created_after`` / ``created_before`` is taken as UTC (the table stores UTC).
+        """
         statuses = _statuses(status)
         try:
             jobs = self.store.list(
                 status=statuses,
                 model_name=model_name,
-                created_after=created_after,
-                created_before=created_before,
+                created_after=_as_utc(created_after),
+                created_before=_as_utc(created_before),
                 limit=limit,
                 offset=offset,
             )
@@ -395,14 +398,19 @@ class DiffgentorClient:
         return _as_view(self._store_call(lambda: self.store.cancel(job_id)))
 
     def retry(self, job: JobRef) -> JobView:
-        """A failed or cancelled job -> a new queued job linked to it (``retry_of``), published now."""
+        """A failed or cancelled job -> a new queued job linked to it (``retry_of``), published now.
+
+        Idempotent: while an earlier retry of the same job (followed to the end of its chain) is
+        queued, running or succeeded, that job is returned instead of a new one.
+        """
         job_id = _job_id(job)
         self.get(job_id)
         self.check_services()
         if self.embedded:
             self._check_engine_env()
             new_job = _as_view(self._store_call(lambda: self.store.retry(job_id)))
-            self._embedded_runner.enqueue([new_job])
+            if not new_job.is_terminal:  # a live retry from an earlier run may have succeeded already
+                self._embedded_runner.enqueue([new_job])
             return new_job
         from worker.submission import retry_job
 
@@ -458,8 +466,9 @@ class DiffgentorClient:
                     on_update(current)
                 pending = [view.id for view in current if not view.is_terminal]
                 runner = self.__dict__.get("_embedded_runner")
-                if pending and runner is not None and runner.error is not None:
-                    raise DiffgentorError(f"the in-process job runner stopped: {runner.error}")
+                error = runner.error_for(pending) if pending and runner is not None else None
+                if error is not None:
+                    raise DiffgentorError(f"the in-process job runner stopped: {error}")
                 if not pending:
                     return current[0] if single else current
                 if deadline is not None and time.monotonic() >= deadline:
@@ -592,6 +601,11 @@ def _image_suffix(data: bytes, what: str) -> str:
     except (UnidentifiedImageError, OSError):
         raise InputFileError(f"{what} is not a readable image") from None
     return {"jpeg": "jpg"}.get(image_format, image_format or "png")
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    # The UTC column type refuses naive values (a raw StatementError); the job table is in UTC.
+    return moment.replace(tzinfo=timezone.utc) if moment is not None and moment.tzinfo is None else moment
 
 
 def _first_line(exc: Any) -> str:

@@ -50,7 +50,13 @@ class EmbeddedRunner:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._known: set[str] = set()
-        self.error: BaseException | None = None
+        # Per job: an error that stopped one job's run must not abort waits on other jobs, and a
+        # later enqueue of the same job (the next wait) runs it again instead of failing at once.
+        self._errors: dict[str, BaseException] = {}
+
+    def error_for(self, job_ids: Iterable[str]) -> BaseException | None:
+        """The error that stopped the run of one of these jobs, if any."""
+        return next((self._errors[job_id] for job_id in job_ids if job_id in self._errors), None)
 
     def enqueue(self, jobs: Iterable[JobView]) -> None:
         from worker.jobstore import publish_target
@@ -59,6 +65,7 @@ class EmbeddedRunner:
         for job in sorted(jobs, key=lambda job: -job.priority):
             if job.id not in self._known:
                 self._known.add(job.id)
+                self._errors.pop(job.id, None)
                 self._queue.put(publish_target(job))
         if self._thread is None or not self._thread.is_alive():
             # Daemon: on Ctrl-C the process may exit; unfinished jobs stay in the table for a rerun.
@@ -74,9 +81,10 @@ class EmbeddedRunner:
             target = self._queue.get()
             try:
                 self._run(target)
-            except Exception as exc:  # surfaced by DiffgentorClient.wait, as one line
+            except Exception as exc:  # surfaced by DiffgentorClient.wait of this job, as one line
                 log.debug("embedded job %s could not be run", target.job_id, exc_info=True)
-                self.error = exc
+                self._errors[target.job_id] = exc
+                self._known.discard(target.job_id)  # may be enqueued again
             finally:
                 self._queue.task_done()
 

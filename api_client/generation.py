@@ -131,7 +131,11 @@ def _idempotency_key(kind: str, options: GenerationOptions, index: int, request:
 
 
 def _fresh_job(client: Any, job: JobView, created: bool) -> JobView:
-    """A reattached job that ended failed/cancelled is retried once per run as a new linked job."""
+    """A reattached job that ended failed/cancelled is retried once per run as a new linked job.
+
+    `retry` reattaches to the end of the job's retry chain when that is still live (an earlier
+    run retried it and was interrupted), so rerunning the command never piles up retries.
+    """
     if not created and job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         return client.retry(job)
     return job

@@ -91,9 +91,15 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
     The same statement ends the job instead when it must not run again: `cancelled` if a
     cancel was requested before the lease expired, `failed` (poison) when the attempts cap
     is reached; the caller drops the delivery in both cases.
+
+    A job already running under this same worker id is granted again, without counting an
+    attempt or hitting the cap: the claim of the same delivery retried after its commit reply
+    was lost, or the delivery requeued after a database error. A worker id is unique per
+    process and a process runs one job at a time, so no run of it is still going.
     """
     now = utcnow()
-    exhausted = Job.attempts >= Job.max_attempts
+    mine = sa.and_(Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
+    exhausted = sa.and_(Job.attempts >= Job.max_attempts, sa.not_(mine))
     stop = sa.or_(Job.cancel_requested.is_(True), exhausted)
     new_status = sa.case(
         (Job.cancel_requested.is_(True), JobStatus.CANCELLED.value),
@@ -107,11 +113,12 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
             sa.or_(
                 Job.status == JobStatus.QUEUED.value,
                 sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+                mine,
             ),
         )
         .values(
             status=new_status,
-            attempts=sa.case((stop, Job.attempts), else_=Job.attempts + 1),
+            attempts=sa.case((stop, Job.attempts), (mine, Job.attempts), else_=Job.attempts + 1),
             worker_id=sa.case((stop, Job.worker_id), else_=worker_id),
             lease_expires_at=sa.case((stop, None), else_=now + timedelta(seconds=lease_seconds)),
             started_at=sa.case((stop, Job.started_at), else_=now),

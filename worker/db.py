@@ -15,6 +15,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # A pooled PostgreSQL connection idle longer than this is pinged before reuse (see `_ping_after_idle`).
 PING_AFTER_IDLE_SECONDS = 2.0
 _CHECKIN_AT = "dg_checkin_at"
+# Execution option read by the SQLite "begin" listener: "immediate" takes the write lock at BEGIN.
+SQLITE_BEGIN_OPTION = "dg_sqlite_begin"
 
 
 def make_engine(url: str, **kwargs: Any) -> sa.Engine:
@@ -29,9 +31,9 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
             parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, **kwargs
         )
         sa.event.listen(engine, "connect", _sqlite_pragmas)
-        # pysqlite's own BEGIN handling defers locking; emit BEGIN IMMEDIATE-free plain BEGIN ourselves
-        # so every transaction (including the claim UPDATE) is a real SQLite transaction.
-        sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        # pysqlite's own BEGIN handling is off (`_sqlite_pragmas`); we emit BEGIN ourselves so every
+        # transaction (including the claim UPDATE) is a real SQLite transaction.
+        sa.event.listen(engine, "begin", _sqlite_begin)
         return engine
     engine = sa.create_engine(parsed, **kwargs)
     _ping_after_idle(engine, ping_after)
@@ -76,6 +78,25 @@ def _socket_has_data(dbapi_connection: Any) -> bool:
     except (OSError, ValueError, AttributeError):
         return True  # closed or no socket to look at: let the ping decide
     return bool(readable)
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    immediate = conn.get_execution_options().get(SQLITE_BEGIN_OPTION) == "immediate"
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def for_writes(engine: sa.Engine) -> sa.Engine:
+    """The engine to open write transactions with: on SQLite they BEGIN IMMEDIATE.
+
+    A deferred transaction that reads and then writes fails at once with "database is locked"
+    (SQLITE_BUSY_SNAPSHOT, which skips busy_timeout) when another connection committed after
+    its read, e.g. the embedded runner thread writing progress. Taking the write lock at BEGIN
+    makes it wait its turn (busy_timeout) instead. Reads keep a plain BEGIN and never wait for
+    the write lock. Other dialects: the engine itself.
+    """
+    if engine.dialect.name != "sqlite":
+        return engine
+    return engine.execution_options(**{SQLITE_BEGIN_OPTION: "immediate"})
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -30,10 +30,15 @@ def free_accelerator_memory() -> None:
         log.warning("could not empty the CUDA cache", exc_info=True)
 
 
+def is_soft_time_limit(exc: BaseException) -> bool:
+    """Celery's SoftTimeLimitExceeded, by name: this module must not import Celery (embedded mode)."""
+    return type(exc).__name__ == "SoftTimeLimitExceeded"
+
+
 def describe_error(exc: BaseException, *, soft_time_limit_seconds: float | None = None) -> tuple[str, str]:
     name = type(exc).__name__
     message = str(exc).strip() or repr(exc)
-    if name == "SoftTimeLimitExceeded":
+    if is_soft_time_limit(exc):
         limit = f" of {soft_time_limit_seconds:g} s" if soft_time_limit_seconds else ""
         return "TimeLimitExceeded", f"the job ran past the soft time limit{limit} (DG_SOFT_TIME_LIMIT_SECONDS)"
     if is_out_of_memory(exc):

@@ -25,6 +25,7 @@ from schemas.tables import Artifact, Job, utcnow
 from schemas.views import ArtifactView, JobView
 from worker import claims
 from worker.claims import ArtifactRecord, ClaimedJob, ClaimRefusal, LeaseState
+from worker.db import for_writes
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,9 @@ class JobStore:
         # one snapshot, so the job and its artifacts are read consistently.
         self._single_engine = (engine.execution_options(isolation_level="AUTOCOMMIT")
                                if engine.dialect.name == "postgresql" else engine)
+        # Writes on SQLite BEGIN IMMEDIATE (`worker.db.for_writes`); reads keep a deferred BEGIN.
+        self._single_write_engine = for_writes(self._single_engine)
+        self._write_sessions: sessionmaker[Session] = sessionmaker(**{**sessions.kw, "bind": for_writes(engine)})
 
     # ---- producer side -------------------------------------------------------------------
 
@@ -177,6 +181,12 @@ class JobStore:
         except IntegrityError:
             # A concurrent producer inserted one of our idempotency keys first: look again.
             return self._submit_once(parsed)
+        except sa.exc.OperationalError as exc:
+            # SQLite busy past busy_timeout: nothing was written (the transaction rolled back).
+            if not _sqlite_locked(exc):
+                raise
+            log.warning("job database locked during submit; trying once more")
+            return self._submit_once(parsed)
 
     def _submit_once(self, specs: list[T2ISpec | EditSpec]) -> list[Submitted]:
         # Bulk path: one IN lookup for all idempotency keys and one multi-row INSERT (Core, not
@@ -187,10 +197,10 @@ class JobStore:
             # commit). Not retried on a lost connection: a commit whose reply was lost would
             # be inserted twice; the caller sees the error instead.
             values = _new_values(specs[0], self.max_attempts)
-            with self._single_engine.begin() as conn:
+            with self._single_write_engine.begin() as conn:
                 conn.execute(Job.__table__.insert(), [values])
             return [Submitted(JobView.model_validate(values), True)]
-        with self._sessions.begin() as session:
+        with self._write_sessions.begin() as session:  # SQLite: read the keys under the write lock
             existing: dict[str, JobView] = {}
             if keys:
                 found = session.scalars(
@@ -250,12 +260,11 @@ class JobStore:
         """One write statement in its own transaction (autocommit on PostgreSQL), retried once
         if the pooled connection was dead.
 
-        The retried writes are idempotent (progress, lease renewal, published_at) or, for the
-        claim, safe: if the lost first try did commit, the retry is refused (running, live
-        lease), the delivery is dropped and the sweeper re-publishes the job once the lease
-        expires; without the retry the acked delivery would leave the job queued for good.
+        The retried writes are idempotent (progress, lease renewal, published_at, and the claim:
+        if the lost first try did commit, the retry by the same worker is granted again without
+        a second attempt, see `claims.claim`).
         """
-        return self._retrying(self._single_engine.begin, write)
+        return self._retrying(self._single_write_engine.begin, write)
 
     @staticmethod
     def _retrying(open_connection: Callable[[], Any], work: Callable[[Any], _T]) -> _T:
@@ -302,13 +311,18 @@ class JobStore:
             return [_view(job) for job in session.scalars(query)]
 
     def cancel(self, job_id: str) -> JobView:
-        """Queued: cancelled at once (a later claim fails). Running: ask the worker to stop."""
+        """Queued, or running with an expired lease (its worker is gone): cancelled at once (a later
+        claim or a late write of the old worker fails). Running with a live lease: ask the worker to stop."""
         now = utcnow()
-        with self._sessions.begin() as session:
+        with self._write_sessions.begin() as session:
             session.execute(
                 sa.update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-                .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now)
+                .where(Job.id == job_id, sa.or_(
+                    Job.status == JobStatus.QUEUED.value,
+                    sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+                ))
+                .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now,
+                        lease_expires_at=None)
                 .execution_options(synchronize_session=False)
             )
             session.execute(
@@ -320,19 +334,34 @@ class JobStore:
         return self.get(job_id)
 
     def retry(self, job_id: str) -> JobView:
-        """A failed or cancelled job becomes a new queued job (same spec and seed) linked to the old one."""
-        with self._sessions.begin() as session:
+        """A failed or cancelled job becomes a new queued job (same spec and seed) linked to the old one.
+
+        Idempotent: see `retry_or_existing`.
+        """
+        return self.retry_or_existing(job_id).job
+
+    def retry_or_existing(self, job_id: str) -> Submitted:
+        """`retry`, telling whether a new job was made (`created`) or a live one returned.
+
+        If a job of the same retry chain (the retries of the original job, followed to their
+        end) is still live (queued, running or succeeded), it is returned instead of a new
+        retry: a client that retried, was interrupted and runs again reattaches to that retry.
+        """
+        with self._write_sessions.begin() as session:  # SQLite: the whole check runs under the write lock
             old = session.get(Job, job_id)
             if old is None:
                 raise JobNotFound(job_id)
             if old.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
                 raise InvalidTransition(f"job {job_id} is {old.status}; only failed or cancelled jobs can be retried")
+            live = _live_retry(session, old)
+            if live is not None:
+                return Submitted(_view(live), False)
             spec = parse_job_spec({**old.spec, "idempotency_key": None})
             row = _new_row(spec, self.max_attempts, retry_of=old.id, seed=old.seed)
             row.artifacts = []
             session.add(row)
             session.flush()
-            return _view(row)
+            return Submitted(_view(row), True)
 
     # ---- worker side ---------------------------------------------------------------------
 
@@ -351,7 +380,7 @@ class JobStore:
         return self._single(lambda conn: claims.record_progress(conn, job_id, worker_id, step, total))
 
     def record_artifacts(self, job_id: str, artifacts: Sequence[ArtifactRecord]) -> None:
-        with self._sessions.begin() as session:
+        with self._write_sessions.begin() as session:
             claims.upsert_artifacts(session, job_id, list(artifacts))
 
     def finish_succeeded(
@@ -382,27 +411,30 @@ class JobStore:
                 claims.upsert_artifacts(session, job_id, list(artifacts))  # one multi-row statement
             return done
 
-        return self._retrying(self._sessions.begin, work)
+        return self._retrying(self._write_sessions.begin, work)
 
     def finish_failed(self, job_id: str, worker_id: str, *, error_type: str, error_message: str) -> bool:
-        return self._retrying(self._sessions.begin, lambda session: claims.finish(
+        return self._retrying(self._write_sessions.begin, lambda session: claims.finish(
             session, job_id, worker_id, JobStatus.FAILED, error_type=error_type[:255], error_message=error_message,
         ))
 
     def fail_killed_process_job(self, job_id: str, worker_id_prefix: str, *, error_type: str,
                                 error_message: str) -> bool:
-        with self._sessions.begin() as session:
+        with self._write_sessions.begin() as session:
             return claims.fail_killed_process_job(session, job_id, worker_id_prefix, error_type=error_type[:255],
                                                   error_message=error_message)
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
-        return self._retrying(self._sessions.begin,
+        return self._retrying(self._write_sessions.begin,
                               lambda session: claims.finish(session, job_id, worker_id, JobStatus.CANCELLED))
 
     # ---- sweeper side --------------------------------------------------------------------
 
-    def unpublished_or_expired(self, *, publish_grace_seconds: float, limit: int = 500) -> list[PublishTarget]:
-        """Queued jobs never published (past a grace) and running jobs whose lease expired.
+    def unpublished_or_expired(self, *, publish_grace_seconds: float, republish_stale_seconds: float | None = None,
+                               limit: int = 500) -> list[PublishTarget]:
+        """Queued jobs never published (past a grace), queued jobs published longer ago than
+        `republish_stale_seconds` (their message may be gone: acked after an error, or Redis lost
+        its data), and running jobs whose lease expired.
 
         An expired job is only returned again once its last re-publish is older than the grace,
         so each sweep does not pile up duplicate messages.
@@ -412,6 +444,10 @@ class JobStore:
         unpublished = sa.and_(
             Job.status == JobStatus.QUEUED.value, Job.published_at.is_(None), Job.created_at < horizon
         )
+        if republish_stale_seconds is not None:
+            stale = sa.and_(Job.status == JobStatus.QUEUED.value,
+                            Job.published_at < now - timedelta(seconds=republish_stale_seconds))
+            unpublished = sa.or_(unpublished, stale)
         expired = sa.and_(
             Job.status == JobStatus.RUNNING.value,
             Job.lease_expires_at < now,
@@ -425,6 +461,36 @@ class JobStore:
         )
         with self._sessions() as session:
             return [PublishTarget(row.id, row.model_name, row.priority) for row in session.execute(query)]
+
+
+def _sqlite_locked(exc: sa.exc.OperationalError) -> bool:
+    return "database is locked" in str(exc.orig) or "database is busy" in str(exc.orig)
+
+
+def _live_retry(session: Session, job: Job) -> Job | None:
+    """The newest job of `job`'s retry chain that is not failed or cancelled, if any.
+
+    Walks up `retry_of` to the original job, then down through every retry of it (chains are
+    short). On PostgreSQL the original row is locked, so concurrent retries of one chain
+    serialise and make one job; SQLite holds the write lock already (BEGIN IMMEDIATE).
+    """
+    root = job
+    while root.retry_of is not None:
+        parent = session.get(Job, root.retry_of)
+        if parent is None:
+            break
+        root = parent
+    session.execute(sa.select(Job.id).where(Job.id == root.id).with_for_update())
+    family: list[Job] = []
+    level = [root.id]
+    while level:
+        children = list(session.scalars(
+            sa.select(Job).where(Job.retry_of.in_(level)).options(selectinload(Job.artifacts))
+        ))
+        family.extend(children)
+        level = [child.id for child in children]
+    live = [j for j in family if j.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value)]
+    return max(live, key=lambda j: (j.created_at, j.id)) if live else None
 
 
 def open_job_store(settings: Any) -> JobStore:

@@ -13,6 +13,7 @@ import time
 from types import TracebackType
 
 from worker.claims import LeaseState
+from worker.errors import is_soft_time_limit
 from worker.jobstore import JobStore
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class ProgressReporter:
             self._last_write = now
             try:
                 self._lease.observe(self._store.record_progress(self._job_id, self._worker_id, step, total))
-            except Exception:
+            except Exception as exc:
+                if is_soft_time_limit(exc):
+                    raise  # the job must end now as TimeLimitExceeded, not run on to the hard kill
                 log.warning("progress write for job %s failed", self._job_id, exc_info=True)
         return self._lease.should_stop  # True asks the engine to stop at this step

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from schemas.specs import parse_job_spec
 from worker.claims import ArtifactRecord, ClaimedJob, ClaimRefusal
 from worker.deepgen.types import GenerationRequest, GenerationResult, GenerationStopped, StepCallback
-from worker.errors import describe_error, free_accelerator_memory
+from worker.errors import describe_error, free_accelerator_memory, is_soft_time_limit
 from worker.jobstore import JobStore
 from worker.lease import LeaseKeeper, ProgressReporter
 from worker.settings import Settings
@@ -131,6 +131,7 @@ class JobRunner:
         progress = ProgressReporter(self.store, claimed.id, claimed.worker_id, lease,
                                     self.settings.progress_interval_seconds)
         result = engine.generate(request, progress)
+        self._check_lease(claimed, lease, params.num_inference_steps)
         provenance = _plain(engine.provenance)
         artifact = self._upload(claimed, prompt, spec.model_dump(mode="json")["params"], result)
         done = self.store.finish_succeeded(
@@ -142,6 +143,22 @@ class JobRunner:
             return RunOutcome.LOST
         log.info("job %s succeeded -> %s", claimed.id, artifact.uri)
         return RunOutcome.SUCCEEDED
+
+    def _check_lease(self, claimed: ClaimedJob, lease: LeaseKeeper, total: int) -> None:
+        """Before uploading: renew the lease once more and stop if it was lost or a cancel came.
+
+        The last step writes no progress and the heartbeat may be up to a period behind, so a
+        worker whose job was taken over would otherwise overwrite the new owner's PNG.
+        """
+        try:
+            lease.observe(self.store.heartbeat(claimed.id, claimed.worker_id, self.settings.lease_seconds))
+        except Exception as exc:
+            if is_soft_time_limit(exc):
+                raise
+            # A database blip: go by what the heartbeat thread saw; the fenced finish decides.
+            log.warning("lease check of job %s before upload failed", claimed.id, exc_info=True)
+        if lease.should_stop:
+            raise GenerationStopped(total, total)
 
     def _load_inputs(self, refs: list[str]) -> list[Any]:
         from worker.inputs import InputLimits, load_input_images

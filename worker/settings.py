@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from worker.redact import redact_url
+
 DEFAULT_WORKER_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_HOME = "~/.diffgentor"
 SQLITE_FILE_NAME = "jobs.sqlite3"
@@ -38,6 +40,9 @@ class Settings:
     sweep_interval_seconds: float = 30.0
     publish_grace_seconds: float = 30.0
     visibility_timeout_seconds: int = 7200
+    # A queued job published longer ago than this is published again: its message may be gone
+    # (acked after an error, or Redis lost its data); a duplicate is dropped by the claim.
+    republish_stale_seconds: float = 7200.0
     soft_time_limit_seconds: float = 3300.0
     hard_time_limit_seconds: float = 3600.0
     unacked_restore_interval_seconds: float = 10.0
@@ -109,18 +114,8 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     if not raw:
         return None
     if not raw.startswith(schemes):
-        raise SettingsError(f"{name}={_redact(raw)!r} must start with one of {', '.join(schemes)}")
+        raise SettingsError(f"{name}={redact_url(raw)!r} must start with one of {', '.join(schemes)}")
     return raw
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a URL before it goes into an error message."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    credentials, _, host = rest.partition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -129,9 +124,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     broker_url = _url(env, "DG_BROKER_URL", ("redis://", "rediss://", "redis+socket://", "memory://"))
     database_url = env.get("DG_DATABASE_URL", "").strip() or f"sqlite:///{home / SQLITE_FILE_NAME}"
     if not database_url.startswith(("sqlite", "postgresql")):
-        raise SettingsError(f"DG_DATABASE_URL={_redact(database_url)!r} must be a sqlite:// or postgresql:// URL")
+        raise SettingsError(f"DG_DATABASE_URL={redact_url(database_url)!r} must be a sqlite:// or postgresql:// URL")
     storage_url = _url(env, "DG_STORAGE_URL", ("s3://", "file://")) or (home / ARTIFACTS_DIR_NAME).as_uri()
     pos, nonneg = "positive", "non-negative"
+    visibility_timeout = _read(env, "DG_VISIBILITY_TIMEOUT_SECONDS", int, 7200, pos)
     return Settings(
         database_url=database_url,
         broker_url=broker_url,
@@ -143,7 +139,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         heartbeat_seconds=_read(env, "DG_HEARTBEAT_SECONDS", float, 10.0, pos),
         sweep_interval_seconds=_read(env, "DG_SWEEP_INTERVAL_SECONDS", float, 30.0, pos),
         publish_grace_seconds=_read(env, "DG_PUBLISH_GRACE_SECONDS", float, 30.0, nonneg),
-        visibility_timeout_seconds=_read(env, "DG_VISIBILITY_TIMEOUT_SECONDS", int, 7200, pos),
+        visibility_timeout_seconds=visibility_timeout,
+        republish_stale_seconds=_read(env, "DG_REPUBLISH_STALE_SECONDS", float, float(visibility_timeout), pos),
         soft_time_limit_seconds=_read(env, "DG_SOFT_TIME_LIMIT_SECONDS", float, 3300.0, pos),
         hard_time_limit_seconds=_read(env, "DG_HARD_TIME_LIMIT_SECONDS", float, 3600.0, pos),
         unacked_restore_interval_seconds=_read(env, "DG_UNACKED_RESTORE_INTERVAL_SECONDS", float, 10.0, pos),

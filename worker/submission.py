@@ -43,10 +43,14 @@ def submit_jobs(
 
 
 def retry_job(store: JobStore, publisher: Publisher, job_id: str) -> JobView:
-    """A failed/cancelled job becomes a new linked job, published like a fresh submit."""
-    job = store.retry(job_id)
-    _publish(store, publisher, [job])
-    return store.get(job.id)
+    """A failed/cancelled job becomes a new linked job, published like a fresh submit.
+
+    A live retry made earlier is returned instead, and not published again (`JobStore.retry`).
+    """
+    item = store.retry_or_existing(job_id)
+    if item.created:
+        _publish(store, publisher, [item.job])
+    return store.get(item.job.id)
 
 
 def _publish(store: JobStore, publisher: Publisher, jobs: list[JobView]) -> datetime | None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
+from typing import TYPE_CHECKING
 
+from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
@@ -19,6 +22,9 @@ from worker.celery_app import SWEEP_TASK_NAME, app
 from worker.publish import RUN_JOB_TASK_NAME
 from worker.runner import JobRunner, ResidentEngine, RunOutcome
 from worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +36,21 @@ registry.install(app)
 _runner: JobRunner | None = None
 _worker_id: str | None = None
 _settings: Settings | None = None
+_sweeper: Sweeper | None = None
+# Back-off before a delivery whose claim met a database error goes back to the queue.
+DB_RETRY_MIN_SECONDS = 1.0
+DB_RETRY_MAX_SECONDS = 30.0
+_db_failures = 0  # consecutive, in this process
 
 
 def configure(settings: Settings) -> None:
     """Settings for the jobs of this worker (set in the parent, inherited by prefork children)."""
-    global _settings, _runner
+    global _settings, _runner, _sweeper
     _settings = settings
     _runner = None
+    if _sweeper is not None:
+        _sweeper.close()
+    _sweeper = None
 
 
 def settings() -> Settings:
@@ -108,12 +122,38 @@ def run_job(job_id: str) -> str:
     if not isinstance(job_id, str) or not job_id:
         log.error("run_job got a malformed job id %r; dropping the message", job_id)
         return RunOutcome.SKIPPED.value
-    return runner().run(job_id, worker_id()).value
+    global _db_failures
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    try:
+        outcome = runner().run(job_id, worker_id())
+    except (DBAPIError, PoolTimeout) as exc:
+        # The database failed before or during the claim (a failure inside the job body is
+        # recorded by the runner): acking now would lose the only message of a queued job.
+        # Put it back after a short, growing pause; the worker keeps serving, and a claim
+        # that did commit is taken up again by this same worker (`claims.claim`).
+        _db_failures += 1
+        pause = min(DB_RETRY_MAX_SECONDS, DB_RETRY_MIN_SECONDS * 2 ** (_db_failures - 1))
+        log.warning("database error while claiming job %s (%s); requeueing it in %.0f s",
+                    job_id, type(exc).__name__, pause)
+        time.sleep(pause)
+        raise Reject(f"database error: {type(exc).__name__}", requeue=True) from exc
+    _db_failures = 0
+    return outcome.value
+
+
+def sweeper() -> Sweeper:
+    """One job store and publisher per process for the beat sweep, not a new engine and app each time."""
+    global _sweeper
+    if _sweeper is None:
+        from worker.sweeper import Sweeper
+
+        _sweeper = Sweeper(settings())
+    return _sweeper
 
 
 @app.task(name=SWEEP_TASK_NAME, ignore_result=True)
 def sweep() -> dict[str, int]:
-    from worker.sweeper import sweep_once
-
-    report = sweep_once(settings())
-    return {"unpublished": len(report.unpublished), "expired": len(report.expired)}
+    report = sweeper().sweep()
+    return {"unpublished": len(report.unpublished), "expired": len(report.expired), "stale": len(report.stale)}

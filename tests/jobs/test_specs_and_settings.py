@@ -71,6 +71,29 @@ def test_settings_validation_names_the_variable() -> None:
         load_settings({"DG_DATABASE_URL": "mysql://u:secret@h/db"})
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [("postgres://dg:s3cr/et@db:5432/jobs", "postgres://dg:***@db:5432/jobs"),
+     ("mysql://dg:p@ss@db/jobs", "mysql://dg:***@db/jobs")],
+)
+def test_settings_errors_hide_passwords_with_slash_or_at(url: str, shown: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"DG_DATABASE_URL": url})
+    message = str(error.value)
+    assert shown in message and "s3cr" not in message and "et@" not in message and "ss@" not in message
+    with pytest.raises(SettingsError) as error:
+        load_settings({"DG_BROKER_URL": url})
+    assert shown in str(error.value)
+
+
+def test_republish_stale_defaults_to_the_visibility_timeout() -> None:
+    assert load_settings({}).republish_stale_seconds == 7200.0
+    assert load_settings({"DG_VISIBILITY_TIMEOUT_SECONDS": "9000"}).republish_stale_seconds == 9000.0
+    assert load_settings({"DG_REPUBLISH_STALE_SECONDS": "600"}).republish_stale_seconds == 600.0
+    with pytest.raises(SettingsError, match="DG_REPUBLISH_STALE_SECONDS"):
+        load_settings({"DG_REPUBLISH_STALE_SECONDS": "0"})
+
+
 def test_settings_embedded_and_worker_defaults(tmp_path) -> None:
     embedded = load_settings({"DG_HOME": str(tmp_path)})
     assert embedded.embedded and embedded.allow_local_inputs

@@ -21,3 +21,17 @@ def test_presigned_query_credentials_are_hidden() -> None:
 def test_urls_inside_text_are_redacted() -> None:
     text = 'Could not connect to the endpoint URL: "http://user:s3cret@127.0.0.1:9/x"'
     assert redact_urls_in(text) == 'Could not connect to the endpoint URL: "http://user:***@127.0.0.1:9/x"'
+
+
+def test_password_with_slash_or_at_is_hidden_entirely() -> None:
+    # urlsplit ends the host at the first `/`, and a first-`@` split keeps the tail of the password.
+    assert redact_url("postgres://dg:s3cr/et@db:5432/jobs") == "postgres://dg:***@db:5432/jobs"
+    assert redact_url("mysql://dg:p@ss@db/jobs") == "mysql://dg:***@db/jobs"
+    assert redact_url("postgres://dg:pa?ss@db/jobs") == "postgres://dg:***@db/jobs"
+    assert redact_urls_in("failed: redis://:s3cr/et@r:6379/0 refused") == "failed: redis://:***@r:6379/0 refused"
+
+
+def test_at_sign_in_a_path_after_a_port_is_not_a_password() -> None:
+    for url in ("http://example.com:8080/img@2x.png", "https://host/img@2x.png"):
+        assert redact_url(url) == url
+    assert redact_url("https://u:p@host/p?email=a@b.com") == "https://u:***@host/p?email=a@b.com"

@@ -129,6 +129,8 @@ class GraphedDiT:
             try:
                 self._capture_forward(hidden_states, timestep)
             except Exception as error:  # any capture failure means "run eagerly"
+                if type(error).__name__ == "SoftTimeLimitExceeded":
+                    raise  # Celery's soft time limit: the job must end, not fall back and run on
                 self._fall_back(error)
                 return self._eager(hidden_states, timestep)
         assert self._static_hidden is not None and self._static_timestep is not None
