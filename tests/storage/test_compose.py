@@ -128,3 +128,50 @@ def test_every_dg_variable_is_read_by_the_code() -> None:
     sources = _python_sources()
     unknown = sorted(name for name in named if not re.search(rf"\b{name}\b", sources))
     assert not unknown, f"docker/ sets variables no Python code reads: {unknown}"
+
+
+def test_every_service_and_volume_is_documented(compose: dict[str, Any]) -> None:
+    guide = (DOCKER / "README.md").read_text()
+    undocumented = [name for name in [*compose["services"], *compose["volumes"]] if f"`{name}`" not in guide]
+    assert not undocumented, f"docker/README.md does not describe: {undocumented}"
+
+
+def test_every_dg_variable_compose_sets_is_in_the_readme(services: dict[str, dict[str, Any]]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    named = set()
+    for service in services.values():
+        environment = service.get("environment") or {}
+        names = environment if isinstance(environment, dict) else [e.split("=", 1)[0] for e in environment]
+        named |= {name for name in names if name.startswith("DG_")}
+    compose_text = (DOCKER / "compose.yaml").read_text()
+    live = "\n".join(line.split("#", 1)[0] for line in compose_text.splitlines())
+    named |= set(re.findall(r"\bDG_[A-Z0-9_]+\b", live))
+    missing = sorted(name for name in named if f"`{name}`" not in readme and name not in readme)
+    assert not missing, f"README.md does not document: {missing}"
+
+
+def test_commands_the_services_run_exist(services: dict[str, dict[str, Any]]) -> None:
+    """Every `diffgentor ...` command line in compose parses with the real CLI parser."""
+    from api_client.cli import build_parser
+
+    dockerfile = (DOCKER / "worker.Dockerfile").read_text()
+    entrypoint = re.search(r'^ENTRYPOINT \[(.*)\]', dockerfile, re.M)
+    assert entrypoint is not None
+    worker_prefix = [part.strip().strip('"') for part in entrypoint.group(1).split(",")][2:]  # drop tini --
+    parser = build_parser()
+    checked = 0
+    for name, service in services.items():
+        command = service.get("command")
+        if not command:
+            continue
+        argv = list(command)
+        if name.startswith("worker-"):
+            argv = worker_prefix + argv
+        if argv[0] == "diffgentor":
+            parser.parse_args(argv[1:])  # SystemExit(2) on an unknown command or flag
+            checked += 1
+        elif argv[:2] == ["python", "-m"]:
+            module = __import__(argv[2], fromlist=["main"])
+            assert callable(module.main), f"{argv[2]} has no main()"
+            checked += 1
+    assert checked >= 5  # create-bucket, migrate, sweeper, two workers
