@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from worker.testing import WorkerProcess, free_port, temporary_database, wait_for, worker_environ
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("DG_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -30,22 +29,11 @@ BENCH_REDIS_DB = int(os.environ.get("DG_BENCH_REDIS_DB", "14"))
 @contextmanager
 def pg_database() -> Iterator[str]:
     """A migrated, empty PostgreSQL database, dropped afterwards."""
-    import sqlalchemy as sa
-
     from worker.db import upgrade
 
-    name = f"dg_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with temporary_database(PG_ADMIN_URL, prefix="dg_bench_") as url:
         upgrade(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager
@@ -67,7 +55,6 @@ def redis_url() -> Iterator[str]:
 def s3_bucket() -> Iterator[tuple[str, str]]:
     """(endpoint, bucket) on an in-process moto server."""
     import logging
-    import socket
 
     import boto3
     from botocore.config import Config
@@ -77,9 +64,7 @@ def s3_bucket() -> Iterator[tuple[str, str]]:
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ.setdefault(key, value)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -100,43 +85,14 @@ def tiny_model(directory: Path) -> dict[str, str]:
 
 def worker_env(database_url: str, broker_url: str, endpoint: str, bucket: str, model_env: Mapping[str, str],
                home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DG_")}
-    env.update(model_env)
-    env.update({
-        "DG_HOME": str(home), "DG_DATABASE_URL": database_url, "DG_BROKER_URL": broker_url,
-        "DG_STORAGE_URL": f"s3://{bucket}/bench", "DG_S3_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-    })
-    env.update(extra)
-    return env
+    return worker_environ(database_url=database_url, broker_url=broker_url, storage_url=f"s3://{bucket}/bench",
+                          home=home, s3_endpoint_url=endpoint, model_env=model_env, **extra)
 
 
-class Worker:
+def start_worker(env: Mapping[str, str], model: str, log_path: Path) -> WorkerProcess:
     """A production-style worker subprocess (`celery -A worker.celery_app worker --pool prefork -c 1`)."""
-
-    def __init__(self, env: Mapping[str, str], model: str, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", model, "--pool", "prefork",
-                "-c", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING", "-n", f"{uuid.uuid4().hex[:8]}@%h",
-                "--without-gossip", "--without-mingle"]
-        self.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=dict(env), stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-
-    def child_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
-        return [int(pid) for pid in out.split()]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
+    # WARNING: the log stays small over long runs; readiness is the registry plus a warm-up job (stack()).
+    return WorkerProcess.celery(env, model, log_path, loglevel="WARNING", cwd=REPO_ROOT).start()
 
 
 def rss_bytes(pid: int) -> int:
@@ -147,12 +103,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}")
+    wait_for(condition, timeout, f"timed out waiting for {what}", interval)
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -197,7 +148,7 @@ class Stack:
     store: Any
     publisher: Any
     model: str
-    workers: list[Worker]
+    workers: list[WorkerProcess]
     model_env: dict[str, str]
     database_url: str
 
@@ -232,7 +183,7 @@ def stack(workdir: Path, workers: int = 1, **worker_extra: str) -> Iterator[Stac
         engine = make_engine(db)
         store = JobStore(session_factory(engine))
         publisher = CeleryPublisher(broker)
-        started = [Worker(env, model, workdir / f"worker-{i}.log") for i in range(workers)]
+        started = [start_worker(env, model, workdir / f"worker-{i}.log") for i in range(workers)]
         try:
             result = Stack(store, publisher, model, started, model_env, db)
             # Ready = each worker has loaded its model: one warm-up job per worker, run to the end.

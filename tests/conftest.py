@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 
 import pytest
+
+from worker.testing import free_port, temporary_database
+
+__all__ = ["free_port"]  # tests import it from here
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,33 +26,43 @@ REDIS_HOST = os.environ.get("DG_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("DG_TEST_REDIS_PORT", "6379"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this session, dropped afterwards."""
-    import sqlalchemy as sa
-
-    name = f"dg_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with temporary_database(PG_ADMIN_URL, prefix="dg_test_") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_pg_url(pg_url: str) -> str:
+    """The session's PostgreSQL database with the schema at head."""
+    from worker.db import upgrade
+
+    upgrade(pg_url)
+    return pg_url
 
 
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """A migrated, empty job database on each supported dialect."""
+    import sqlalchemy as sa
+
+    from worker.db import make_engine, upgrade
+
+    if request.param == "sqlite":
+        upgrade(sqlite_url)
+        return sqlite_url
+    url = request.getfixturevalue("migrated_pg_url")  # lazily: SQLite-only runs need no server
+    engine = make_engine(url)
+    with engine.begin() as conn:  # one database for the session, emptied per test
+        conn.execute(sa.text("TRUNCATE artifacts, workers, jobs CASCADE"))
+    engine.dispose()
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -19,29 +19,22 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, err
 
 
-def test_missing_deepgen_variable_is_named(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = run_main(["t2i", "--prompt", "a cat", "--output_dir", str(clean_env / "out")], capsys)
-    assert code == ExitCode.CONFIGURATION
-    assert "DG_DEEPGEN_CONFIG: is required but not set" in err
-
-
-def test_missing_model_path_variable_is_named(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("config", "expected"), [
+    pytest.param(None, ["DG_DEEPGEN_CONFIG: is required but not set"], id="missing-config"),
+    pytest.param("deepgen_tiny", ["DG_DEEPGEN_DIFFUSION_MODEL_PATH: is required but not set"], id="missing-path"),
+    pytest.param("deepgen_huge", ["unknown DeepGen config 'deepgen_huge'",
+                                  "available configs: deepgen, deepgen_large, deepgen_tiny"], id="unknown-config"),
+])
+def test_deepgen_configuration_errors_are_named(
+    config: str | None, expected: list[str], clean_env: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("DG_DEEPGEN_CONFIG", "deepgen_tiny")
+    if config is not None:
+        monkeypatch.setenv("DG_DEEPGEN_CONFIG", config)
     code, err = run_main(["t2i", "--prompt", "a cat", "--output_dir", str(clean_env / "out")], capsys)
     assert code == ExitCode.CONFIGURATION
-    assert "DG_DEEPGEN_DIFFUSION_MODEL_PATH: is required but not set" in err
-
-
-def test_unknown_config_lists_available(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("DG_DEEPGEN_CONFIG", "deepgen_huge")
-    code, err = run_main(["t2i", "--prompt", "a cat", "--output_dir", str(clean_env / "out")], capsys)
-    assert code == ExitCode.CONFIGURATION
-    assert "unknown DeepGen config 'deepgen_huge'" in err
-    assert "available configs: deepgen, deepgen_large, deepgen_tiny" in err
+    for message in expected:
+        assert message in err
 
 
 def test_worker_refuses_to_start_without_deepgen_variables(

@@ -4,7 +4,6 @@ subprocess running the tiny DeepGen (nothing changed but the environment)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -18,6 +17,7 @@ from PIL import Image
 from api_client import DiffgentorClient
 from api_client.errors import JobStateError
 from tests.client.conftest import DIFFGENTOR, REPO_ROOT, base_env, run_cli, write_png
+from worker.testing import WorkerProcess
 
 pytestmark = pytest.mark.integration
 FAST = ["--num_inference_steps", "2", "--height", "64", "--width", "64"]
@@ -44,38 +44,6 @@ def server_env(
     return env
 
 
-class Worker:
-    """`diffgentor worker --model_name MODEL` in its own process group."""
-
-    def __init__(self, env: dict[str, str], model_name: str, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [str(DIFFGENTOR), "worker", "--model_name", model_name, "--loglevel", "INFO"],
-            env=env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while " ready." not in self.log():
-            assert self.process.poll() is None, f"worker exited:\n{self.log()[-3000:]}"
-            assert time.monotonic() < deadline, f"worker not ready:\n{self.log()[-3000:]}"
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
-
-
 @pytest.fixture
 def model_name() -> str:
     return f"deepgen-{uuid.uuid4().hex[:8]}"  # its own queue: other sessions' jobs never mix in
@@ -83,12 +51,15 @@ def model_name() -> str:
 
 @pytest.fixture
 def worker_factory(server_env: dict[str, str], model_name: str, tmp_path: Path) -> Iterator:
-    started: list[Worker] = []
+    started: list[WorkerProcess] = []
 
-    def start() -> Worker:
-        worker = Worker(server_env, model_name, tmp_path / f"worker-{len(started)}.log")
+    def start() -> WorkerProcess:
+        # The user's command, not the Celery CLI: what `diffgentor worker` adds is under test too.
+        worker = WorkerProcess([str(DIFFGENTOR), "worker", "--model_name", model_name, "--loglevel", "INFO"],
+                               server_env, tmp_path / f"worker-{len(started)}.log", cwd=REPO_ROOT,
+                               append_log=False)
         started.append(worker)
-        return worker
+        return worker.start()
 
     yield start
     for worker in started:
@@ -122,7 +93,7 @@ def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, wor
     assert again[0].job.id == first.id and not again[0].created and again[1].created
 
     worker = worker_factory()
-    worker.wait_ready()
+    worker.wait_ready(timeout=90)
     done = client.wait([retried, first, again[1].job], timeout=120)
     assert [job.status.value for job in done] == ["succeeded"] * 3, [job.error_message for job in done]
     uri = client.artifact_uris(done[0])[0]

@@ -1,4 +1,4 @@
-"""Fixtures for the job-system tests: migrated databases on SQLite and PostgreSQL."""
+"""Fixtures for the job-system tests: an engine and a store on `db_url` (tests/conftest.py: both dialects)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from worker.db import make_engine, session_factory, upgrade
+from worker.db import make_engine, session_factory
 from worker.jobstore import JobStore
-
-
-@pytest.fixture(scope="session")
-def migrated_pg_url(pg_url: str) -> str:
-    upgrade(pg_url)
-    return pg_url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """A migrated, empty job database on each supported dialect."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-        upgrade(url)
-        yield url
-        return
-    url = request.getfixturevalue("migrated_pg_url")
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("TRUNCATE artifacts, workers, jobs CASCADE"))
-    engine.dispose()
-    yield url
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from pydantic import ValidationError
 from schemas.enums import TERMINAL_STATUSES, JobStatus
 from schemas.views import JobView
 from tests.conftest import free_port
-from tests.jobs.workers import WorkerProcess, wait_for
 from worker.db import make_engine, session_factory
 from worker.deepgen.tiny import tiny_env
 from worker.jobstore import JobStore, publish_target
@@ -33,8 +32,10 @@ from worker.settings import load_settings
 from worker.storage import open_store
 from worker.submission import submit_jobs
 from worker.sweeper import sweep_once
+from worker.testing import WorkerProcess, wait_for, worker_environ
 
 pytestmark = pytest.mark.integration
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 SLOW = {"num_inference_steps": 200, "height": 512, "width": 512}  # a few seconds on the tiny model
@@ -53,26 +54,18 @@ def model_name() -> str:
 @pytest.fixture
 def worker_env(migrated_pg_url: str, redis_url: str, s3_endpoint: str, s3_bucket: str, tiny_model_paths: Any,
                tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DG_", "PYTEST"))}
     # "dynamic" keeps small edit inputs at their own size: the tiny model has a small maximum side.
-    env.update(tiny_env(tiny_model_paths, IMAGE_RESIZE_MODE="dynamic"))
-    env.update({
-        "DG_HOME": str(tmp_path / "home"),
-        "DG_DATABASE_URL": migrated_pg_url,
-        "DG_BROKER_URL": redis_url,
-        "DG_STORAGE_URL": f"s3://{s3_bucket}/e2e",
-        "DG_S3_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "HF_HUB_OFFLINE": "1",
+    return worker_environ(
+        database_url=migrated_pg_url, broker_url=redis_url, storage_url=f"s3://{s3_bucket}/e2e",
+        home=tmp_path / "home", s3_endpoint_url=s3_endpoint,
+        model_env=tiny_env(tiny_model_paths, IMAGE_RESIZE_MODE="dynamic"),
         # Short lease and a fast Redis restore sweep, so a killed worker's job comes back in seconds.
-        "DG_LEASE_SECONDS": "3", "DG_HEARTBEAT_SECONDS": "0.5", "DG_PUBLISH_GRACE_SECONDS": "1",
-        "DG_SOFT_TIME_LIMIT_SECONDS": "60", "DG_HARD_TIME_LIMIT_SECONDS": "70",
-        "DG_VISIBILITY_TIMEOUT_SECONDS": "75",
-        "DG_UNACKED_RESTORE_INTERVAL_SECONDS": "1", "DG_UNACKED_RESTORE_THROTTLE": "1",
-        "DG_PROGRESS_INTERVAL_SECONDS": "0.2",
-        "OMP_NUM_THREADS": "1",
-    })
-    return env
+        DG_LEASE_SECONDS="3", DG_HEARTBEAT_SECONDS="0.5", DG_PUBLISH_GRACE_SECONDS="1",
+        DG_SOFT_TIME_LIMIT_SECONDS="60", DG_HARD_TIME_LIMIT_SECONDS="70",
+        DG_VISIBILITY_TIMEOUT_SECONDS="75",
+        DG_UNACKED_RESTORE_INTERVAL_SECONDS="1", DG_UNACKED_RESTORE_THROTTLE="1",
+        DG_PROGRESS_INTERVAL_SECONDS="0.2",
+    )
 
 
 @pytest.fixture
@@ -94,9 +87,10 @@ def start_worker(worker_env: dict[str, str], model_name: str, tmp_path: Path) ->
     started: list[WorkerProcess] = []
 
     def start(env_overrides: dict[str, str] | None = None) -> WorkerProcess:
-        worker = WorkerProcess({**worker_env, **(env_overrides or {})}, model_name,
-                               tmp_path / f"worker-{len(started)}.log")
+        worker = WorkerProcess.celery({**worker_env, **(env_overrides or {})}, model_name,
+                                      tmp_path / f"worker-{len(started)}.log", cwd=REPO_ROOT)
         started.append(worker)
+        worker.start()
         worker.wait_ready()
         return worker
 
@@ -208,7 +202,7 @@ def test_kill_9_of_the_whole_worker_then_a_new_worker_completes_the_job_once(
          "params": {**SLOW, "num_inference_steps": 100}}])
     job_id = submitted.job.id
     wait_for(lambda: store.get(job_id).progress_step > 0, 90, "the job never started")
-    first.kill_all()
+    first.kill()
     assert store.get(job_id).status == JobStatus.RUNNING
     second = start_worker(quick)
     # Redis' unacked-restore brings the message back; the expired lease lets the new worker claim it.

@@ -4,6 +4,7 @@ relaxed (non-durable) bookkeeping commits, idle-only pings and the retried read.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -124,47 +125,44 @@ def _kill_pooled_connection(engine: sa.Engine, db_url: str) -> None:
     time.sleep(0.2)
 
 
-def test_a_terminated_pooled_connection_is_replaced_at_checkout(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    engine = make_engine(db_url)
-    if engine.dialect.name != "postgresql":
-        engine.dispose()
+@pytest.fixture
+def pg_engine(db_url: str) -> Iterator[sa.Engine]:
+    """`db_url`'s engine, PostgreSQL only: the tests below kill its server-side connection."""
+    if not db_url.startswith("postgresql"):
         pytest.skip("needs a server-side connection to kill")
-    try:
-        store = JobStore(session_factory(engine))
-        job_id = store.submit([T2I])[0].job.id
-        _kill_pooled_connection(engine, db_url)
-        with session_factory(engine).begin() as session:  # a multi-statement write path: no error
-            assert session.get(Job, job_id) is not None
-        _kill_pooled_connection(engine, db_url)
-        assert store.get(job_id).id == job_id
-        assert "retrying once" not in caplog.text  # caught by the socket check, not by the retry
-    finally:
-        engine.dispose()
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def test_a_terminated_pooled_connection_is_replaced_at_checkout(
+        pg_engine: sa.Engine, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = JobStore(session_factory(pg_engine))
+    job_id = store.submit([T2I])[0].job.id
+    _kill_pooled_connection(pg_engine, db_url)
+    with session_factory(pg_engine).begin() as session:  # a multi-statement write path: no error
+        assert session.get(Job, job_id) is not None
+    _kill_pooled_connection(pg_engine, db_url)
+    assert store.get(job_id).id == job_id
+    assert "retrying once" not in caplog.text  # caught by the socket check, not by the retry
 
 
 def test_a_dead_pooled_connection_is_retried_once_on_reads_claim_and_finish(
-        db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg_engine: sa.Engine, db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("worker.db._socket_has_data", lambda _conn: False)  # a silent drop: no ping
-    engine = make_engine(db_url)
-    if engine.dialect.name != "postgresql":
-        engine.dispose()
-        pytest.skip("needs a server-side connection to kill")
-    try:
-        store = JobStore(session_factory(engine))
-        job_id = store.submit([T2I])[0].job.id
-        steps: list[tuple[str, Any]] = [
-            ("get", lambda: store.get(job_id).id == job_id),
-            ("claim", lambda: store.claim(job_id, "w1", 30) is not None),
-            ("heartbeat", lambda: store.heartbeat(job_id, "w1", 30).owned),
-            ("finish", lambda: store.finish_succeeded(
-                job_id, "w1", artifacts=[ArtifactRecord(0, "file:///0.png", 64, 64, 1, "ab" * 32)],
-                seed=1, width=64, height=64, provenance=None)),
-        ]
-        for name, call in steps:
-            caplog.clear()
-            _kill_pooled_connection(engine, db_url)
-            assert call(), name  # the first statement fails, the pool is reset, it runs again
-            assert "retrying once" in caplog.text, name
-        assert store.get_many([job_id])[0].status == "succeeded"
-    finally:
-        engine.dispose()
+    store = JobStore(session_factory(pg_engine))
+    job_id = store.submit([T2I])[0].job.id
+    steps: list[tuple[str, Any]] = [
+        ("get", lambda: store.get(job_id).id == job_id),
+        ("claim", lambda: store.claim(job_id, "w1", 30) is not None),
+        ("heartbeat", lambda: store.heartbeat(job_id, "w1", 30).owned),
+        ("finish", lambda: store.finish_succeeded(
+            job_id, "w1", artifacts=[ArtifactRecord(0, "file:///0.png", 64, 64, 1, "ab" * 32)],
+            seed=1, width=64, height=64, provenance=None)),
+    ]
+    for name, call in steps:
+        caplog.clear()
+        _kill_pooled_connection(pg_engine, db_url)
+        assert call(), name  # the first statement fails, the pool is reset, it runs again
+        assert "retrying once" in caplog.text, name
+    assert store.get_many([job_id])[0].status == "succeeded"

@@ -51,10 +51,10 @@ def _args(**overrides: object) -> argparse.Namespace:
     return argparse.Namespace(**{**values, **overrides})
 
 
-def test_commands_exit_codes(ops_pg_url: str, monkeypatch: pytest.MonkeyPatch,
+def test_commands_exit_codes(migrated_pg_url: str, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("DG_DATABASE_URL", ops_pg_url)
-    engine = make_engine(ops_pg_url)
+    monkeypatch.setenv("DG_DATABASE_URL", migrated_pg_url)
+    engine = make_engine(migrated_pg_url)
     registry, store = WorkerRegistry(session_factory(engine)), JobStore(session_factory(engine))
     model = f"health-{uuid.uuid4().hex[:6]}"
     hw1 = f"hw1-{model}"

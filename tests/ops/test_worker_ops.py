@@ -7,7 +7,6 @@ the shared Redis.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -23,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.enums import TERMINAL_STATUSES
 from tests.conftest import free_port
-from tests.jobs.workers import WorkerProcess, wait_for
 from worker import health
 from worker.db import make_engine, session_factory
 from worker.deepgen.tiny import tiny_env, write_tiny_model
@@ -31,8 +29,10 @@ from worker.jobstore import JobStore
 from worker.publish import CeleryPublisher
 from worker.registry import WorkerRegistry
 from worker.submission import submit_jobs
+from worker.testing import WorkerProcess, wait_for, worker_environ
 
 pytestmark = pytest.mark.integration
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = {"num_inference_steps": 3, "height": 64, "width": 64}
 
 
@@ -82,19 +82,15 @@ def test_metrics_registry_and_stuck_detection(
     broker_url, redis_server = own_redis
     model = f"ops-{uuid.uuid4().hex[:8]}"
     metrics_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DG_", "PYTEST"))}
-    env.update(tiny_env(write_tiny_model(tmp_path / "tiny")))
-    env.update({
-        "DG_HOME": str(tmp_path / "home"), "DG_DATABASE_URL": pg_url, "DG_BROKER_URL": broker_url,
-        "DG_STORAGE_URL": f"s3://{s3_bucket}/ops", "DG_S3_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DG_METRICS_PORT": str(metrics_port),
-        "DG_LEASE_SECONDS": "5", "DG_HEARTBEAT_SECONDS": "0.5",
-    })
+    env = worker_environ(
+        database_url=pg_url, broker_url=broker_url, storage_url=f"s3://{s3_bucket}/ops", home=tmp_path / "home",
+        s3_endpoint_url=s3_endpoint, model_env=tiny_env(write_tiny_model(tmp_path / "tiny")),
+        DG_METRICS_PORT=str(metrics_port), DG_LEASE_SECONDS="5", DG_HEARTBEAT_SECONDS="0.5",
+    )
     monkeypatch.setenv("DG_DATABASE_URL", pg_url)
     engine = make_engine(pg_url)
     store, registry = JobStore(session_factory(engine)), WorkerRegistry(session_factory(engine))
-    worker = WorkerProcess(env, model, tmp_path / "worker.log")
+    worker = WorkerProcess.celery(env, model, tmp_path / "worker.log", cwd=REPO_ROOT).start()
     try:
         worker.wait_ready()
         wait_for(lambda: registry.list(model_name=model), 30, lambda: f"worker never registered:\n{worker.log_text()[-3000:]}")
@@ -151,7 +147,7 @@ def test_metrics_registry_and_stuck_detection(
         assert _scrape(metrics_port)[("diffgentor_broker_up", ())] == 0
 
         # The process dies: its heartbeat goes stale -> gone.
-        worker.kill_all()
+        worker.kill()
         capsys.readouterr()
         wait_for(lambda: [r.state for r in health.check(registry, worker_id=record.worker_id, stale_seconds=5,
                                                         stuck_seconds=3)] == ["gone"], 15, "dead worker not detected")
