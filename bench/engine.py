@@ -33,34 +33,17 @@ import torch
 
 from worker.deepgen import cuda_graphs
 from worker.deepgen.engine import DeepGenEngine
+from worker.deepgen.geometry import (
+    QWEN25_VL_3B_TEXT,
+    QWEN25_VL_3B_VISION,
+    SD35_MEDIUM_TRANSFORMER,
+    SD35_MEDIUM_VAE,
+)
 from worker.deepgen.types import GenerationRequest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a photograph of a red fox standing in fresh snow, morning light"
 
-# Reference numbers (reference doc §1); the checkpoint's key shapes follow from them.
-QWEN25_VL_3B_TEXT = dict(
-    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-    num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
-    rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0, mrope_section=[16, 24, 24]),
-    tie_word_embeddings=True,
-)
-QWEN25_VL_3B_VISION = dict(
-    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, temporal_patch_size=2,
-    spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=2048,
-    tokens_per_second=2,
-)
-SD35_MEDIUM_DIT = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-SD35_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-    use_quant_conv=False, use_post_quant_conv=False,
-)
 CONNECTOR = dict(hidden_size=2048, intermediate_size=11946, num_hidden_layers=6, num_attention_heads=32)
 NUM_QUERIES = 128
 
@@ -145,7 +128,7 @@ def build_full_size_loaded(device: torch.device, dtype: torch.dtype, offload: bo
 
 
 FULL_GEOMETRY = dict(name="DeepGen 1.0 (Qwen2.5-VL-3B + SD3.5-M)", text=QWEN25_VL_3B_TEXT, vision=QWEN25_VL_3B_VISION,
-                     dit=SD35_MEDIUM_DIT, vae=SD35_VAE, connector=CONNECTOR, num_queries=NUM_QUERIES)
+                     dit=SD35_MEDIUM_TRANSFORMER, vae=SD35_MEDIUM_VAE, connector=CONNECTOR, num_queries=NUM_QUERIES)
 # Same code path at toy sizes, to check the full-size mode on a CPU before spending GPU time.
 SMOKE_GEOMETRY = dict(
     name="smoke (toy sizes)",
@@ -154,10 +137,10 @@ SMOKE_GEOMETRY = dict(
           "rope_parameters": dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])},
     vision={**QWEN25_VL_3B_VISION, "depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2,
             "fullatt_block_indexes": [0], "out_hidden_size": 64},
-    dit={**SD35_MEDIUM_DIT, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
+    dit={**SD35_MEDIUM_TRANSFORMER, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
          "joint_attention_dim": 32, "caption_projection_dim": 16, "pooled_projection_dim": 32,
          "pos_embed_max_size": 64, "dual_attention_layers": (0,)},
-    vae={**SD35_VAE, "block_out_channels": (8, 8, 8, 8), "norm_num_groups": 4, "layers_per_block": 1},
+    vae={**SD35_MEDIUM_VAE, "block_out_channels": (8, 8, 8, 8), "norm_num_groups": 4, "layers_per_block": 1},
     connector=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
     num_queries=8,
 )

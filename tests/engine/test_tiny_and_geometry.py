@@ -12,62 +12,19 @@ from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 
 from worker.deepgen.checkpoint import family_of
 from worker.deepgen.configuration import load_config
+from worker.deepgen.geometry import QWEN25_VL_3B_TEXT, QWEN25_VL_3B_VISION, SD35_MEDIUM_TRANSFORMER
 from worker.deepgen.model import DeepGenModel, selected_layer_indices
 from worker.deepgen.tiny import QWEN_SPECIAL_TOKENS, TinyModelPaths, write_tiny_model
 from worker.deepgen.transformer import DeepGenSD3Transformer
-
-# Qwen/Qwen2.5-VL-3B-Instruct geometry (reference doc §1).
-QWEN25_VL_3B = dict(
-    text_config=dict(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        max_position_embeddings=128000,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0, mrope_section=[16, 24, 24]),
-    ),
-    vision_config=dict(
-        depth=32,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        patch_size=14,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
-        window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31],
-        out_hidden_size=2048,
-        tokens_per_second=2,
-    ),
-    tie_word_embeddings=True,
-)
-# stabilityai/stable-diffusion-3.5-medium transformer geometry (reference doc §1).
-SD35_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)),
-    qk_norm="rms_norm",
-)
 
 
 def build_full_size_on_meta() -> DeepGenModel:
     config = load_config("deepgen")
     with torch.device("meta"):
-        lmm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_3B))
-        transformer = DeepGenSD3Transformer(**SD35_MEDIUM)
+        lmm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=QWEN25_VL_3B_TEXT, vision_config=QWEN25_VL_3B_VISION, tie_word_embeddings=True
+        ))
+        transformer = DeepGenSD3Transformer(**SD35_MEDIUM_TRANSFORMER)
         return DeepGenModel(
             lmm=lmm, transformer=transformer, connector=config.connector, num_queries=config.num_queries
         )
