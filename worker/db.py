@@ -18,6 +18,21 @@ _CHECKIN_AT = "dg_checkin_at"
 # Execution option read by the SQLite "begin" listener: "immediate" takes the write lock at BEGIN.
 SQLITE_BEGIN_OPTION = "dg_sqlite_begin"
 
+# libpq parameters for every PostgreSQL connection, so a network partition fails a heartbeat or a
+# completion within about a minute instead of hanging it until the job's hard time limit.
+# No statement_timeout: migrations and bulk maintenance may legitimately run long.
+POSTGRES_CONNECT_ARGS: dict[str, int] = {
+    "connect_timeout": 10,  # seconds to establish a connection (libpq waits forever by default)
+    # Idle connection (a query waiting on the server, or a pooled one): probe after 15 s of silence,
+    # every 5 s, declare dead after 3 misses, i.e. about 30 s; a busy but live server still answers.
+    "keepalives": 1,
+    "keepalives_idle": 15,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    # Keepalives are not sent while written data is unacknowledged; this bounds that case (Linux, ms).
+    "tcp_user_timeout": 30_000,
+}
+
 
 def make_engine(url: str, **kwargs: Any) -> sa.Engine:
     """An engine with the per-dialect settings the job system relies on."""
@@ -35,6 +50,10 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
         # transaction (including the claim UPDATE) is a real SQLite transaction.
         sa.event.listen(engine, "begin", _sqlite_begin)
         return engine
+    if parsed.get_backend_name() == "postgresql":
+        # Ours are defaults: the URL's query (?connect_timeout=...) and explicit connect_args win.
+        defaults = {key: value for key, value in POSTGRES_CONNECT_ARGS.items() if key not in parsed.query}
+        kwargs["connect_args"] = {**defaults, **kwargs.get("connect_args", {})}
     engine = sa.create_engine(parsed, **kwargs)
     _ping_after_idle(engine, ping_after)
     return engine

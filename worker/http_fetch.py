@@ -2,15 +2,23 @@
 
 Built on ``http.client`` rather than ``urllib`` so the socket timeout can be shortened before every
 read: a server that trickles one byte at a time cannot stretch the download past the deadline.
+
+SSRF guard: unless private networks are allowed, every hop's host is resolved once, every address
+it resolves to must be public, and the socket connects to one of exactly those addresses (no
+second lookup a rebinding DNS server could answer differently). TLS still verifies, and the Host
+header still names, the host from the URL.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import socket
 import ssl
 import time
+from collections.abc import Collection, Sequence
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from worker.redact import redact_url, redact_urls_in
@@ -18,18 +26,59 @@ from worker.redact import redact_url, redact_urls_in
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Cloud instance-metadata endpoints (AWS/GCP/Azure IPv4, AWS IPv6): named in refusals for clarity.
+_METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+_ALLOW_HINT = "set DG_INPUT_ALLOW_PRIVATE_NETWORKS=true to allow private networks"
+# getaddrinfo entry: (family, type, proto, canonname, sockaddr)
+_AddrInfo = tuple[Any, ...]
+
 
 class FetchError(Exception):
     """The download failed; ``str()`` is a short reason without the URL (the caller names it)."""
 
 
-def fetch_http(url: str, *, max_bytes: int, timeout_seconds: float, max_redirects: int = 3) -> bytes:
-    """GET ``url`` and return the body; fail if it is over ``max_bytes`` or takes over ``timeout_seconds``."""
+def address_class(address: IPAddress) -> str | None:
+    """Why ``address`` is not a public internet address (e.g. "loopback"), or None if it is public."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address_class(address.ipv4_mapped)  # ::ffff:127.0.0.1 reaches 127.0.0.1
+    checks = (
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("reserved", address.is_reserved),  # before "private": Python counts 240/4 as both
+        ("private", address.is_private),
+    )
+    for name, hit in checks:
+        if hit:
+            return f"{name} (cloud metadata service)" if address in _METADATA_ADDRESSES else name
+    # Shared (100.64/10 carrier NAT) and other special-purpose ranges are neither private nor global.
+    return None if address.is_global else "non-public"
+
+
+def fetch_http(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout_seconds: float,
+    max_redirects: int = 3,
+    allow_private_networks: bool = False,
+    allowed_addresses: Collection[IPAddress] = (),
+) -> bytes:
+    """GET ``url`` and return the body; fail if it is over ``max_bytes`` or takes over ``timeout_seconds``.
+
+    Without ``allow_private_networks`` a hop whose host resolves to a non-public address is refused
+    before connecting; ``allowed_addresses`` exempts exact addresses (a test server on loopback).
+    """
     deadline = time.monotonic() + timeout_seconds
     current = url
+    allowed = frozenset(allowed_addresses)
     for _ in range(max_redirects + 1):
         try:
-            location = _fetch_once(current, max_bytes=max_bytes, deadline=deadline)
+            location = _fetch_once(
+                current, max_bytes=max_bytes, deadline=deadline, guard=not allow_private_networks, allowed=allowed
+            )
         except TimeoutError as exc:
             raise FetchError(f"timed out after {timeout_seconds:g} s") from exc
         except ConnectionRefusedError as exc:
@@ -48,14 +97,23 @@ def fetch_http(url: str, *, max_bytes: int, timeout_seconds: float, max_redirect
     raise FetchError(f"more than {max_redirects} redirects (last to {redact_url(current)})")
 
 
-def _fetch_once(url: str, *, max_bytes: int, deadline: float) -> bytes | str:
+def _fetch_once(
+    url: str, *, max_bytes: int, deadline: float, guard: bool, allowed: frozenset[IPAddress]
+) -> bytes | str:
     """Return the body, or the absolute URL a redirect points to."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in {"http", "https"} or not parts.hostname:
         raise FetchError(f"refusing {redact_url(url)!r}: only http:// and https:// URLs can be fetched")
-    connection_class = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-    connection = connection_class(parts.hostname, parts.port, timeout=_remaining(deadline))
+    port = parts.port or (443 if scheme == "https" else 80)
+    addresses = resolve(parts.hostname, port)
+    if guard:
+        _check_addresses(url, addresses, allowed)
+    connection: http.client.HTTPConnection
+    if scheme == "https":
+        connection = _PinnedHTTPSConnection(parts.hostname, port, addresses, timeout=_remaining(deadline))
+    else:
+        connection = _PinnedHTTPConnection(parts.hostname, port, addresses, timeout=_remaining(deadline))
     try:
         headers = {"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": "diffgentor-worker"}
         if parts.username is not None:
@@ -77,6 +135,71 @@ def _fetch_once(url: str, *, max_bytes: int, deadline: float) -> bytes | str:
         return _read_capped(sock, response, max_bytes=max_bytes, deadline=deadline)
     finally:
         connection.close()
+
+
+def resolve(host: str, port: int) -> list[_AddrInfo]:
+    """The one DNS lookup of a hop: the addresses checked are the addresses connected to."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+def _ip(info: _AddrInfo) -> IPAddress:
+    return ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
+
+
+def _check_addresses(url: str, addresses: Sequence[_AddrInfo], allowed: frozenset[IPAddress]) -> None:
+    # Every address must pass, not just the first: the connection may fall through to any of them.
+    for info in addresses:
+        address = _ip(info)
+        kind = None if address in allowed else address_class(address)
+        if kind is not None:
+            raise FetchError(
+                f"refusing {redact_url(url)!r}: its host resolves to {address}, a {kind} address ({_ALLOW_HINT})"
+            )
+
+
+def open_socket(addresses: Sequence[_AddrInfo], timeout: float | None) -> socket.socket:
+    """Connect to the first reachable of the already-resolved ``addresses`` (no new DNS lookup)."""
+    last_error: OSError | None = None
+    for family, kind, proto, _canonname, sockaddr in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    raise last_error or OSError("the host resolved to no address")
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to pre-resolved addresses; ``host`` still goes into the Host header."""
+
+    def __init__(self, host: str, port: int, addresses: Sequence[_AddrInfo], *, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._addresses = list(addresses)
+
+    def connect(self) -> None:
+        self.sock = open_socket(self._addresses, self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """As above, with TLS: SNI and certificate verification use the host from the URL."""
+
+    def __init__(self, host: str, port: int, addresses: Sequence[_AddrInfo], *, timeout: float,
+                 context: ssl.SSLContext | None = None) -> None:
+        self._tls = context or ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self._tls)
+        self._addresses = list(addresses)
+
+    def connect(self) -> None:
+        sock = open_socket(self._addresses, self.timeout)
+        try:
+            self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
 
 
 def _read_capped(

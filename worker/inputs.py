@@ -1,6 +1,7 @@
 """Fetch and decode edit input images, with limits on size, time and pixel count.
 
-References may be ``s3://bucket/key`` (read through the storage layer), ``http(s)://`` URLs, and
+References may be ``s3://bucket/key`` (read through the storage layer), ``http(s)://`` URLs (public
+addresses only unless private networks are allowed: see ``worker.http_fetch``), and
 local paths or ``file://`` URIs only where the caller allows them (the embedded default does; a
 shared GPU worker does not, since a job spec must not read the worker's disk).
 """
@@ -55,12 +56,19 @@ def load_input_images(
     store_factory: StoreFactory = default_store_factory,
     limits: InputLimits | None = None,
     allow_local: bool = False,
+    allow_private_networks: bool = False,
     base_dir: str | os.PathLike[str] | None = None,
 ) -> list[Image.Image]:
     """Load every reference in order; errors are numbered from 1 as users count them."""
     return [
         load_input_image(
-            ref, store_factory=store_factory, limits=limits, allow_local=allow_local, base_dir=base_dir, index=number
+            ref,
+            store_factory=store_factory,
+            limits=limits,
+            allow_local=allow_local,
+            allow_private_networks=allow_private_networks,
+            base_dir=base_dir,
+            index=number,
         )
         for number, ref in enumerate(refs, start=1)
     ]
@@ -72,13 +80,18 @@ def load_input_image(
     store_factory: StoreFactory = default_store_factory,
     limits: InputLimits | None = None,
     allow_local: bool = False,
+    allow_private_networks: bool = False,
     base_dir: str | os.PathLike[str] | None = None,
     index: int | None = None,
 ) -> Image.Image:
-    """Fetch ``ref`` and return it as an RGB image, or raise :class:`InputImageError`."""
+    """Fetch ``ref`` and return it as an RGB image, or raise :class:`InputImageError`.
+
+    ``allow_private_networks=False`` (the worker default) refuses http(s) URLs whose host resolves
+    to a loopback, private, link-local, multicast, reserved or unspecified address (SSRF guard).
+    """
     limits = limits or InputLimits()
     try:
-        data = _fetch_bytes(ref, store_factory, limits, allow_local, base_dir)
+        data = _fetch_bytes(ref, store_factory, limits, allow_local, allow_private_networks, base_dir)
         return decode_image(data, limits)
     except _Refused as exc:
         raise InputImageError(ref, str(exc), index) from exc.__cause__
@@ -89,7 +102,12 @@ class _Refused(Exception):
 
 
 def _fetch_bytes(
-    ref: str, store_factory: StoreFactory, limits: InputLimits, allow_local: bool, base_dir: str | os.PathLike[str] | None
+    ref: str,
+    store_factory: StoreFactory,
+    limits: InputLimits,
+    allow_local: bool,
+    allow_private_networks: bool,
+    base_dir: str | os.PathLike[str] | None,
 ) -> bytes:
     parts = urlsplit(ref)
     scheme = parts.scheme.lower()
@@ -98,7 +116,11 @@ def _fetch_bytes(
     if scheme in {"http", "https"}:
         try:
             return fetch_http(
-                ref, max_bytes=limits.max_bytes, timeout_seconds=limits.timeout_seconds, max_redirects=limits.max_redirects
+                ref,
+                max_bytes=limits.max_bytes,
+                timeout_seconds=limits.timeout_seconds,
+                max_redirects=limits.max_redirects,
+                allow_private_networks=allow_private_networks,
             )
         except FetchError as exc:
             raise _Refused(str(exc)) from exc

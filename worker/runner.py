@@ -168,7 +168,11 @@ class JobRunner:
             timeout_seconds=self.settings.input_timeout_seconds,
             max_pixels=self.settings.input_max_pixels,
         )
-        kwargs: dict[str, Any] = {"limits": limits, "allow_local": self.settings.allow_local_inputs}
+        kwargs: dict[str, Any] = {
+            "limits": limits,
+            "allow_local": self.settings.allow_local_inputs,
+            "allow_private_networks": self.settings.input_allow_private_networks,
+        }
         if self.input_store_factory is not None:
             kwargs["store_factory"] = self.input_store_factory
         return load_input_images(refs, **kwargs)

@@ -54,6 +54,7 @@ class Settings:
     input_timeout_seconds: float = 30.0
     input_max_pixels: int = 40_000_000
     allow_local_inputs: bool = False
+    input_allow_private_networks: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -153,4 +154,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         input_max_pixels=_read(env, "DG_INPUT_MAX_PIXELS", int, 40_000_000, pos),
         # Local paths are the producer's own files in embedded mode; a shared worker must refuse them.
         allow_local_inputs=_read(env, "DG_ALLOW_LOCAL_INPUTS", _bool, broker_url is None),
+        # SSRF guard: a shared worker must not fetch URLs that reach its own network (metadata service,
+        # databases); in embedded mode the URLs are the user's own and reach only what the user can.
+        input_allow_private_networks=_read(env, "DG_INPUT_ALLOW_PRIVATE_NETWORKS", _bool, broker_url is None),
     )

@@ -101,4 +101,11 @@ def test_settings_embedded_and_worker_defaults(tmp_path) -> None:
     assert embedded.storage_url == (tmp_path / "artifacts").as_uri()
     queued = load_settings({"DG_BROKER_URL": "redis://h:6379/2"})
     assert not queued.embedded and not queued.allow_local_inputs and queued.worker_broker_url == "redis://h:6379/2"
+    # SSRF guard: on for shared workers, off for the user's own embedded runs; either can be overridden.
+    assert embedded.input_allow_private_networks and not queued.input_allow_private_networks
+    opened = load_settings({"DG_BROKER_URL": "redis://h:6379/2", "DG_INPUT_ALLOW_PRIVATE_NETWORKS": "true"})
+    assert opened.input_allow_private_networks
+    assert not load_settings({"DG_HOME": str(tmp_path), "DG_INPUT_ALLOW_PRIVATE_NETWORKS": "0"}).input_allow_private_networks
+    with pytest.raises(SettingsError, match="DG_INPUT_ALLOW_PRIVATE_NETWORKS"):
+        load_settings({"DG_INPUT_ALLOW_PRIVATE_NETWORKS": "maybe"})
     assert load_settings({}).worker_broker_url == "redis://127.0.0.1:6379/0"

@@ -40,6 +40,9 @@ def bomb_png(width: int, height: int) -> bytes:
     )
 
 
+hosts_seen: list[str] = []  # Host headers received by /host.png
+
+
 class _Routes(BaseHTTPRequestHandler):
     good = png_bytes()
     stop = threading.Event()
@@ -121,6 +124,22 @@ class _Routes(BaseHTTPRequestHandler):
         self.send_header("Location", "ftp://127.0.0.1/x.png")
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def route_redirect_metadata(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route_redirect_private(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", "http://10.0.0.7:8080/internal.png")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route_host_png(self) -> None:
+        hosts_seen.append(self.headers.get("Host", ""))
+        self._send(self.good)
 
     def route_redirect_loop(self) -> None:
         self.send_response(302)

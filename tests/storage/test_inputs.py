@@ -26,6 +26,8 @@ def s3_factory(s3_endpoint: str):  # type: ignore[no-untyped-def]
 
 def _load(ref: str, **kwargs: object) -> Image.Image:
     kwargs.setdefault("limits", SMALL)
+    # The test server is on loopback; the SSRF guard itself is tested in test_ssrf_guard.py.
+    kwargs.setdefault("allow_private_networks", True)
     return load_input_image(ref, **kwargs)  # type: ignore[arg-type]
 
 
@@ -115,6 +117,7 @@ def test_other_schemes_are_refused() -> None:
 
 def test_load_input_images_numbers_from_one(http_images: str) -> None:
     good = f"{http_images}/good.png"
-    assert [image.size for image in load_input_images([good, good], limits=SMALL)] == [(8, 6), (8, 6)]
+    images = load_input_images([good, good], limits=SMALL, allow_private_networks=True)
+    assert [image.size for image in images] == [(8, 6), (8, 6)]
     with pytest.raises(InputImageError, match=r"^input image 2 \("):
-        load_input_images([good, f"{http_images}/corrupt.png"], limits=SMALL)
+        load_input_images([good, f"{http_images}/corrupt.png"], limits=SMALL, allow_private_networks=True)
