@@ -21,8 +21,6 @@ from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, overload
-from urllib.parse import unquote, urlsplit
-from urllib.request import url2pathname
 
 from PIL import Image
 
@@ -149,7 +147,8 @@ class DiffgentorClient:
 
             # The engine loads in this process on the first job: keep library bars off our progress bar.
             quiet_library_progress_bars()
-            return InProcessPublisher.from_settings(self.settings)
+            # Reuse this client's database and storage: no second engine, migration run or S3 client.
+            return InProcessPublisher.from_settings(self.settings, store=self.store, artifact_store=self.artifacts)
         self.check_broker()
         from worker.celery_app import make_producer_app
         from worker.publish import CeleryPublisher
@@ -305,7 +304,7 @@ class DiffgentorClient:
             self._embedded_runner.enqueue([item.job for item in submitted if not item.job.is_terminal])
         else:
             submitted = submit_jobs(self.store, self._publisher, list(specs))
-        return [SubmittedJob(job=_as_view(item.job), created=bool(item.created)) for item in submitted]
+        return [SubmittedJob(job=item.job, created=bool(item.created)) for item in submitted]
 
     def image_reference(self, image: ImageInput) -> str:
         """One edit input -> a reference the worker can read (uploading local data when needed)."""
@@ -331,14 +330,14 @@ class DiffgentorClient:
         )
 
     def _upload_input(self, data: bytes, suffix: str) -> str:
-        from worker.storage import StorageError, content_addressed_key
+        from worker.storage import StorageError, content_addressed_key, file_uri_to_path
 
         try:
             uri = self.artifacts.put_bytes(content_addressed_key(data, suffix), data, content_type=f"image/{suffix}")
         except StorageError as exc:
             raise ServiceUnreachable("S3", _storage_where(self.settings), str(exc)) from None
         if uri.startswith("file://"):
-            return _file_uri_path(uri)  # job specs take local paths, not file:// URIs
+            return file_uri_to_path(uri)  # job specs take local paths, not file:// URIs
         return uri
 
     def _check_engine_env(self) -> None:
@@ -357,11 +356,11 @@ class DiffgentorClient:
 
     def get(self, job: JobRef) -> JobView:
         job_id = _job_id(job)
-        return _as_view(self._store_call(lambda: self.store.get(job_id)))
+        return self._store_call(lambda: self.store.get(job_id))
 
     def get_many(self, jobs: Sequence[JobRef]) -> list[JobView]:
         ids = [_job_id(job) for job in jobs]
-        return [_as_view(view) for view in self._store_call(lambda: self.store.get_many(ids))]
+        return list(self._store_call(lambda: self.store.get_many(ids)))
 
     def list(
         self,
@@ -389,13 +388,13 @@ class DiffgentorClient:
             )
         except ValueError as exc:  # limit/offset out of range
             raise UsageError(str(exc)) from None
-        return [_as_view(job) for job in jobs]
+        return list(jobs)
 
     def cancel(self, job: JobRef) -> JobView:
         """Cancel: a queued job never starts; a running one stops at its next step."""
         job_id = _job_id(job)
         self.get(job_id)
-        return _as_view(self._store_call(lambda: self.store.cancel(job_id)))
+        return self._store_call(lambda: self.store.cancel(job_id))
 
     def retry(self, job: JobRef) -> JobView:
         """A failed or cancelled job -> a new queued job linked to it (``retry_of``), published now.
@@ -408,13 +407,13 @@ class DiffgentorClient:
         self.check_services()
         if self.embedded:
             self._check_engine_env()
-            new_job = _as_view(self._store_call(lambda: self.store.retry(job_id)))
+            new_job = self._store_call(lambda: self.store.retry(job_id))
             if not new_job.is_terminal:  # a live retry from an earlier run may have succeeded already
                 self._embedded_runner.enqueue([new_job])
             return new_job
         from worker.submission import retry_job
 
-        return _as_view(self._store_call(lambda: retry_job(self.store, self._publisher, job_id)))
+        return self._store_call(lambda: retry_job(self.store, self._publisher, job_id))
 
     def _store_call(self, call: Callable[[], Any]) -> Any:
         try:
@@ -567,10 +566,6 @@ def _job_id(job: Any) -> str:
     return job.id if isinstance(job, JobView) else str(job)
 
 
-def _as_view(job: Any) -> JobView:
-    return job if isinstance(job, JobView) else JobView.model_validate(job)
-
-
 def _statuses(status: Any) -> list[JobStatus] | None:
     if status is None:
         return None
@@ -612,10 +607,6 @@ def _first_line(exc: Any) -> str:
     original = getattr(exc, "orig", None) or exc
     lines = str(original).strip().splitlines()
     return redact_urls_in(lines[0] if lines else type(original).__name__)
-
-
-def _file_uri_path(uri: str) -> str:
-    return url2pathname(unquote(urlsplit(uri).path))
 
 
 def _storage_where(settings: Settings) -> str:

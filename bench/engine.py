@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from worker.deepgen import cuda_graphs
+from worker.deepgen.configuration import DEFAULT_CONNECTOR, DEFAULT_NUM_QUERIES
 from worker.deepgen.engine import DeepGenEngine
 from worker.deepgen.geometry import (
     QWEN25_VL_3B_TEXT,
@@ -44,8 +45,9 @@ from worker.deepgen.types import GenerationRequest
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a photograph of a red fox standing in fresh snow, morning light"
 
-CONNECTOR = dict(hidden_size=2048, intermediate_size=11946, num_hidden_layers=6, num_attention_heads=32)
-NUM_QUERIES = 128
+# The released config's defaults; sdpa is the same function as FA2 here (the connector has no mask).
+CONNECTOR = {**DEFAULT_CONNECTOR, "attn_implementation": "sdpa"}
+NUM_QUERIES = DEFAULT_NUM_QUERIES
 
 
 def machine_description(device: torch.device) -> str:

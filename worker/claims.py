@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from schemas.enums import JobStatus
 from schemas.tables import Artifact, Job, utcnow
+from schemas.views import ArtifactView
 
 POISON_ERROR_TYPE = "AttemptsExhausted"
 
@@ -49,16 +50,6 @@ class ClaimRefusal:
 class LeaseState:
     owned: bool  # False: the lease was lost (another worker took over, or the job ended)
     cancel_requested: bool
-
-
-@dataclass(frozen=True)
-class ArtifactRecord:
-    index: int
-    uri: str
-    width: int
-    height: int
-    bytes: int
-    sha256: str
 
 
 Executor = Session | sa.Connection
@@ -220,7 +211,7 @@ def fail_killed_process_job(session: Session, job_id: str, worker_id_prefix: str
     return session.execute(statement).rowcount == 1
 
 
-def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactRecord]) -> None:
+def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactView]) -> None:
     """Insert or overwrite artifact rows on (job, index): a re-run never adds a second set."""
     if not artifacts:
         return

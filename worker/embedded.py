@@ -10,16 +10,11 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
-from worker.jobstore import PublishTarget
-from worker.runner import EngineProvider, JobRunner, ResidentEngine, RunOutcome
+from worker.jobstore import JobStore, PublishTarget
+from worker.runner import EngineProvider, JobRunner, ResidentEngine, load_deepgen_engine
 from worker.settings import Settings
-
-
-def _load_deepgen():  # -> DeepGenEngine
-    from worker.deepgen.engine import DeepGenEngine
-
-    return DeepGenEngine.from_env()
 
 
 class InProcessPublisher:
@@ -28,14 +23,14 @@ class InProcessPublisher:
     def __init__(self, runner: JobRunner, worker_id: str | None = None) -> None:
         self.runner = runner
         self.worker_id = worker_id or f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.outcomes: dict[str, RunOutcome] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings, engine_provider: EngineProvider | None = None) -> InProcessPublisher:
-        provider = engine_provider or ResidentEngine(_load_deepgen)
-        return cls(JobRunner.from_settings(settings, provider))
+    def from_settings(cls, settings: Settings, engine_provider: EngineProvider | None = None, *,
+                      store: JobStore | None = None, artifact_store: Any = None) -> InProcessPublisher:
+        provider = engine_provider or ResidentEngine(load_deepgen_engine)
+        return cls(JobRunner.from_settings(settings, provider, store=store, artifact_store=artifact_store))
 
     def publish(self, targets: Sequence[PublishTarget]) -> None:
         # Most urgent first, then submission order, as the queue would.
         for target in sorted(targets, key=lambda t: -t.priority):
-            self.outcomes[target.job_id] = self.runner.run(target.job_id, self.worker_id)
+            self.runner.run(target.job_id, self.worker_id)

@@ -24,7 +24,7 @@ from schemas.specs import EditSpec, T2ISpec, parse_job_spec
 from schemas.tables import Artifact, Job, utcnow
 from schemas.views import ArtifactView, JobView
 from worker import claims
-from worker.claims import ArtifactRecord, ClaimedJob, ClaimRefusal, LeaseState
+from worker.claims import ClaimedJob, ClaimRefusal, LeaseState
 from worker.db import for_writes
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ class JobStore:
     def record_progress(self, job_id: str, worker_id: str, step: int, total: int) -> LeaseState:
         return self._single(lambda conn: claims.record_progress(conn, job_id, worker_id, step, total))
 
-    def record_artifacts(self, job_id: str, artifacts: Sequence[ArtifactRecord]) -> None:
+    def record_artifacts(self, job_id: str, artifacts: Sequence[ArtifactView]) -> None:
         with self._write_sessions.begin() as session:
             claims.upsert_artifacts(session, job_id, list(artifacts))
 
@@ -388,7 +388,7 @@ class JobStore:
         job_id: str,
         worker_id: str,
         *,
-        artifacts: Sequence[ArtifactRecord],
+        artifacts: Sequence[ArtifactView],
         seed: int,
         width: int,
         height: int,

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.enums import JobStatus
 from schemas.tables import Job, WorkerRecord, utcnow
+from worker.claims import relaxed
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,6 @@ def expire_seconds() -> float:
     return float(raw) if raw else DEFAULT_EXPIRE_SECONDS
 
 
-def _relaxed_commit(session: Session) -> None:
-    """A lost heartbeat is rewritten a beat later, so it need not wait for the WAL fsync.
-
-    On PostgreSQL this keeps the presence thread's writes (two per job) from queueing behind
-    or in front of the job's own durable commits on the same disk.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
-
-
 class WorkerRegistry:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
@@ -89,14 +80,16 @@ class WorkerRegistry:
         # A delivery may carry an id with no row (malformed, deleted job): the sub-select turns
         # it into NULL instead of breaking the foreign key.
         job = sa.select(Job.id).where(Job.id == current_job_id).scalar_subquery()
+        # A lost heartbeat is rewritten a beat later, so it need not wait for the WAL flush
+        # (and does not queue behind the job's own durable commits on the same disk).
         with self._sessions.begin() as session:
-            _relaxed_commit(session)
-            result = session.execute(
+            result = session.execute(relaxed(
                 sa.update(WorkerRecord).where(WorkerRecord.worker_id == worker_id)
                 .values(heartbeat_at=utcnow(), current_job_id=job if current_job_id else None,
                         jobs_done=jobs_done, last_job_at=last_job_at)
-                .execution_options(synchronize_session=False)
-            )
+                .execution_options(synchronize_session=False),
+                session,
+            ))
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def unregister(self, worker_id: str) -> None:

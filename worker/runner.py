@@ -9,6 +9,7 @@ readable reason; the worker process itself keeps serving.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -16,7 +17,8 @@ from enum import Enum
 from typing import Any, Protocol
 
 from schemas.specs import parse_job_spec
-from worker.claims import ArtifactRecord, ClaimedJob, ClaimRefusal
+from schemas.views import ArtifactView
+from worker.claims import ClaimedJob, ClaimRefusal
 from worker.deepgen.types import GenerationRequest, GenerationResult, GenerationStopped, StepCallback
 from worker.errors import describe_error, free_accelerator_memory, is_soft_time_limit
 from worker.jobstore import JobStore
@@ -62,6 +64,13 @@ class RunOutcome(str, Enum):
     LOST = "lost"  # another worker took the job over; nothing was written
 
 
+def load_deepgen_engine() -> Engine:
+    """The real engine from the DG_DEEPGEN_* variables; torch is imported here, in the process that runs jobs."""
+    from worker.deepgen.engine import DeepGenEngine
+
+    return DeepGenEngine.from_env()
+
+
 class JobRunner:
     def __init__(self, settings: Settings, engine_provider: EngineProvider, *, store: JobStore,
                  artifact_store: Any, input_store_factory: Callable[[str], Any] | None = None) -> None:
@@ -72,21 +81,27 @@ class JobRunner:
         self.input_store_factory = input_store_factory
 
     @classmethod
-    def from_settings(cls, settings: Settings, engine_provider: EngineProvider) -> JobRunner:
+    def from_settings(cls, settings: Settings, engine_provider: EngineProvider, *,
+                      store: JobStore | None = None, artifact_store: Any = None) -> JobRunner:
+        """A runner on the configured database and storage (or on ones the caller already opened)."""
         from worker.jobstore import open_job_store
         from worker.storage import open_store
 
-        store = open_job_store(settings)
-        artifacts = open_store(
-            settings.storage_url,
-            endpoint_url=settings.s3_endpoint_url,
-            public_endpoint_url=settings.s3_public_endpoint_url,
-        )
+        if store is None:
+            store = open_job_store(settings)
+        if artifact_store is None:
+            artifact_store = open_store(
+                settings.storage_url,
+                endpoint_url=settings.s3_endpoint_url,
+                public_endpoint_url=settings.s3_public_endpoint_url,
+            )
 
+        @functools.lru_cache(maxsize=16)  # one S3 client per input bucket, not one per input image
         def input_store(storage_url: str) -> Any:
             return open_store(storage_url, endpoint_url=settings.s3_endpoint_url)
 
-        return cls(settings, engine_provider, store=store, artifact_store=artifacts, input_store_factory=input_store)
+        return cls(settings, engine_provider, store=store, artifact_store=artifact_store,
+                   input_store_factory=input_store)
 
     def run(self, job_id: str, worker_id: str) -> RunOutcome:
         outcome = self.store.claim_or_refusal(job_id, worker_id, self.settings.lease_seconds)
@@ -178,7 +193,7 @@ class JobRunner:
         return load_input_images(refs, **kwargs)
 
     def _upload(self, claimed: ClaimedJob, prompt: str, params: dict[str, Any],
-                result: GenerationResult) -> ArtifactRecord:
+                result: GenerationResult) -> ArtifactView:
         from worker.png import encode_png, generation_metadata, png_info
         from worker.storage import artifact_key
 
@@ -189,7 +204,7 @@ class JobRunner:
         summary = png_info(data)
         # Deterministic key: a re-run after a crash overwrites the same object.
         uri = self.artifact_store.put_bytes(artifact_key(claimed.id, 0), data, "image/png")
-        return ArtifactRecord(index=0, uri=uri, width=summary.width, height=summary.height,
+        return ArtifactView(index=0, uri=uri, width=summary.width, height=summary.height,
                               bytes=summary.size, sha256=summary.sha256)
 
     def _stopped(self, claimed: ClaimedJob, lease: LeaseKeeper) -> RunOutcome:

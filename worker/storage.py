@@ -150,7 +150,7 @@ class FileArtifactStore:
 
     def __init__(self, storage_url: str) -> None:
         self._url = storage_url
-        self.root = Path(_file_uri_to_path(storage_url)).resolve()
+        self.root = Path(file_uri_to_path(storage_url)).resolve()
 
     @property
     def url(self) -> str:
@@ -202,13 +202,13 @@ class FileArtifactStore:
             raise StorageError(f"storage directory {self.root} is not writable; fix DG_STORAGE_URL or permissions")
 
     def _path_of(self, uri: str) -> Path:
-        path = Path(_file_uri_to_path(uri)).resolve()
+        path = Path(file_uri_to_path(uri)).resolve()
         if not path.is_relative_to(self.root):
             raise StorageError(f"{uri} is outside this store's directory {self.root}")
         return path
 
 
-def _file_uri_to_path(uri: str) -> str:
+def file_uri_to_path(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.scheme.lower() != "file" or parts.netloc not in {"", "localhost"} or not parts.path:
         raise StorageError(f"expected a file:///absolute/path URI, got {redact_url(uri)!r}")

@@ -20,7 +20,7 @@ from celery.worker.request import Request
 from worker import metrics, registry
 from worker.celery_app import SWEEP_TASK_NAME, app
 from worker.publish import RUN_JOB_TASK_NAME
-from worker.runner import JobRunner, ResidentEngine, RunOutcome
+from worker.runner import JobRunner, ResidentEngine, RunOutcome, load_deepgen_engine
 from worker.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -57,12 +57,6 @@ def settings() -> Settings:
     return _settings or load_settings()
 
 
-def _load_deepgen():  # -> DeepGenEngine; torch is imported here, in the process that runs jobs
-    from worker.deepgen.engine import DeepGenEngine
-
-    return DeepGenEngine.from_env()
-
-
 def worker_id() -> str:
     """Unique per process (a prefork child replaced after a crash gets a new identity)."""
     global _worker_id
@@ -74,7 +68,7 @@ def worker_id() -> str:
 def runner() -> JobRunner:
     global _runner
     if _runner is None:
-        _runner = JobRunner.from_settings(settings(), ResidentEngine(metrics.instrument_engine(_load_deepgen)))
+        _runner = JobRunner.from_settings(settings(), ResidentEngine(metrics.instrument_engine(load_deepgen_engine)))
     return _runner
 
 

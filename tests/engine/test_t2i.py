@@ -55,7 +55,6 @@ def test_result_reports_stage_timings_and_peak_memory(engine: DeepGenEngine) -> 
     result = engine.generate(t2i())
     for stage in ("encode", "denoise", "denoise_per_step", "decode", "total"):
         assert result.timings[stage] > 0
-    assert result.timings["denoise_per_step"] == pytest.approx(result.timings["denoise"] / STEPS)
     # On the CPU it is RSS growth, which may be 0 once the allocator's pages are warm.
     assert isinstance(result.peak_memory_bytes, int) and result.peak_memory_bytes >= 0
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 from worker.deepgen.checkpoint import family_of
 from worker.deepgen.configuration import load_config
 from worker.deepgen.geometry import QWEN25_VL_3B_TEXT, QWEN25_VL_3B_VISION, SD35_MEDIUM_TRANSFORMER
-from worker.deepgen.model import DeepGenModel, selected_layer_indices
+from worker.deepgen.model import DeepGenModel
 from worker.deepgen.tiny import QWEN_SPECIAL_TOKENS, TinyModelPaths, write_tiny_model
 from worker.deepgen.transformer import DeepGenSD3Transformer
 
@@ -99,10 +99,6 @@ def test_full_size_meta_build_matches_the_released_checkpoint_keys() -> None:
     assert "lmm.model.language_model.layers.36.mlp.up_proj.weight" not in lmm_shapes
     assert lmm_shapes["lmm.model.visual.merger.mlp.2.weight"] == [2048, 5120]
     assert model.layer_indices == [35, 29, 23, 17, 11, 5]
-
-
-def test_layer_pick_for_the_tiny_depth() -> None:
-    assert selected_layer_indices(32) == [31, 25, 19, 13, 7, 1]
 
 
 def test_tiny_model_has_the_real_layouts(tiny_model: TinyModelPaths) -> None:

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from schemas.enums import JobStatus
 from schemas.tables import Job, utcnow
-from worker.claims import POISON_ERROR_TYPE, ArtifactRecord, ClaimRefusal
+from schemas.views import ArtifactView
+from worker.claims import POISON_ERROR_TYPE, ClaimRefusal
 from worker.db import make_engine, session_factory
 from worker.jobstore import InvalidTransition, JobNotFound, JobStore
 
@@ -23,8 +24,8 @@ def _expire_lease(engine: sa.Engine, job_id: str) -> None:
         conn.execute(sa.update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
 
 
-def _artifact(index: int, uri: str = "file:///x.png") -> ArtifactRecord:
-    return ArtifactRecord(index=index, uri=uri, width=64, height=512, bytes=10, sha256="ab" * 32)
+def _artifact(index: int, uri: str = "file:///x.png") -> ArtifactView:
+    return ArtifactView(index=index, uri=uri, width=64, height=512, bytes=10, sha256="ab" * 32)
 
 
 def test_submit_records_rounded_size_and_a_seed(store: JobStore) -> None:

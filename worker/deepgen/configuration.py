@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from worker.deepgen.connector import ConnectorConfig
+from worker.deepgen.devices import DTYPES
 from worker.deepgen.prompts import DEFAULT_PROMPT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -83,11 +84,6 @@ CONNECTOR_KEYS = frozenset(
         "_attn_implementation",
     }
 )
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 # Source files whose training-only fields were already logged (report once per file).
 _reported_sources: set[Path] = set()
@@ -322,11 +318,11 @@ def _connector(given: Any, path: Path) -> ConnectorConfig:
 
 
 def _dtype(value: Any, field_name: str, path: Path) -> torch.dtype:
-    if isinstance(value, torch.dtype) and value in DTYPE_NAMES.values():
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
         return value
-    if isinstance(value, str) and value.removeprefix("torch.") in DTYPE_NAMES:
-        return DTYPE_NAMES[value.removeprefix("torch.")]
-    raise ConfigError(f"{path}: `{field_name}` must be one of {', '.join(DTYPE_NAMES)}, got {value!r}")
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return DTYPES[value.removeprefix("torch.")]
+    raise ConfigError(f"{path}: `{field_name}` must be one of {', '.join(DTYPES)}, got {value!r}")
 
 
 def _positive_int(value: Any, field_name: str, path: Path) -> int:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from worker.deepgen.configuration import ConfigError, DeepGenConfig, load_config
 from worker.deepgen.devices import ATTENTION_KERNELS, DTYPES, parse_device
+from worker.deepgen.vision import RESIZE_MODES
 
 PREFIX = "DG_DEEPGEN_"
-RESIZE_MODES = ("fix_pixels", "dynamic", "direct")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt")
 DEFAULT_MAX_LENGTH = 1024
 _TRUE = frozenset({"1", "true", "yes", "on"})

@@ -36,7 +36,6 @@ class LoraResult:
     applied: list[str] = field(default_factory=list)  # checkpoint keys merged into the LLM
     unexpected: list[str] = field(default_factory=list)  # keys naming no Linear/Embedding of the LLM
     no_effect: list[str] = field(default_factory=list)  # keys for modules not computed at inference
-    merged_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,7 +85,6 @@ def apply_lora(lmm: nn.Module, state: Mapping[str, torch.Tensor], *, rank: int, 
         merged = tuned.merge_and_unload()
     if merged is not lmm:  # peft returns the same model with its modules swapped back
         raise RuntimeError("peft returned a different model object after merging LoRA")
-    result.merged_modules = sorted(pairs)
     result.applied = sorted(key for pair in pairs.values() for key in pair.keys)
     logger.info(
         "LoRA: merged %d module(s) from %d key(s) (rank %d, alpha %g, scale %g)",

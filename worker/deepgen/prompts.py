@@ -19,13 +19,6 @@ DEFAULT_PROMPT_TEMPLATE: dict[str, str] = {
     "IMG_CONTEXT_TOKEN": "<|image_pad|>",
 }
 
-# Descriptive negative of the reference's edit backend (§10.6); the reference CLI sends " " instead.
-DEFAULT_EDIT_NEGATIVE_PROMPT = (
-    "blurry, low quality, low resolution, distorted, deformed, broken content, missing parts, "
-    "damaged details, artifacts, glitch, noise, pixelated, grainy, compression artifacts, bad "
-    "composition, wrong proportion, incomplete editing, unfinished, unedited areas."
-)
-
 
 @dataclass(frozen=True)
 class PromptTemplate:

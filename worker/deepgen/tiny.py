@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from worker.deepgen.geometry import SD35_MEDIUM_TRANSFORMER, SD35_MEDIUM_VAE
+from worker.deepgen.model import selected_layer_indices
+from worker.deepgen.vision import CLIP_MEAN, CLIP_STD
 
 TINY_CONFIG_NAME = "deepgen_tiny"
 SEED = 20260101
@@ -88,7 +90,7 @@ def write_tiny_model(directory: Path) -> TinyModelPaths:
     state = tiny_checkpoint_state(
         num_queries=config.num_queries,
         text_hidden=TEXT_HIDDEN,
-        num_selected_layers=6,
+        num_selected_layers=len(selected_layer_indices(TEXT_LAYERS)),
         connector_hidden=config.connector.hidden_size,
         connector_intermediate=config.connector.intermediate_size,
         connector_layers=config.connector.num_hidden_layers,
@@ -225,8 +227,8 @@ def _write_ar_folder(folder: Path) -> dict[str, int]:
         "do_normalize": True,
         "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
         "min_pixels": 3136,
         "max_pixels": 12845056,
         "patch_size": 14,

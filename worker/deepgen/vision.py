@@ -10,14 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ResizeMode = Literal["fix_pixels", "dynamic", "direct"]
 RESIZE_MODES: tuple[str, ...] = ("fix_pixels", "dynamic", "direct")
 SIDE_MULTIPLE = 32  # VAE /8 x DiT patch 2 x ViT patch 14*2/28 all divide it
 TARGET_SIDE = 512
