@@ -22,3 +22,10 @@ class JobStatus(str, Enum):
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
 )
+
+
+class ErrorClass(str, Enum):
+    """Why a job failed: the user's input or configuration, or the infrastructure."""
+
+    PERMANENT = "permanent"  # bad input, prompt too long, config that does not fit: retrying cannot help
+    TRANSIENT = "transient"  # object store, database or broker down for longer than every retry and requeue

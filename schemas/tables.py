@@ -52,6 +52,10 @@ class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UtcDateTime(), dict[str, Any]: sa.JSON()}
 
 
+_UNPUBLISHED = sa.text("status = 'queued' AND published_at IS NULL")
+_QUEUED = sa.text("status = 'queued'")
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -72,6 +76,13 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     error_type: Mapped[str | None] = mapped_column(sa.String(255))
     error_message: Mapped[str | None] = mapped_column(sa.Text)
+    # On failed rows: "permanent" (the user's input or config) or "transient" (an infrastructure
+    # fault that outlasted every retry and requeue); see schemas.enums.ErrorClass.
+    error_class: Mapped[str | None] = mapped_column(sa.String(16))
+    # Times the job was handed back to the queue after an infrastructure fault (not counted as
+    # attempts), and the earliest time the sweeper publishes it again.
+    requeues: Mapped[int] = mapped_column(default=0, server_default="0")
+    available_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     published_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -93,6 +104,11 @@ class Job(Base):
         sa.Index("ix_jobs_created_at", "created_at"),
         sa.Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         sa.Index("ix_jobs_retry_of", "retry_of"),
+        # The sweeper's scans, each on a small partial index so a sweep is flat with table size.
+        sa.Index("ix_jobs_unpublished_created_at", "created_at",
+                 postgresql_where=_UNPUBLISHED, sqlite_where=_UNPUBLISHED),
+        sa.Index("ix_jobs_queued_published_at", "published_at",
+                 postgresql_where=_QUEUED, sqlite_where=_QUEUED),
     )
 
 
@@ -121,6 +137,11 @@ class WorkerRecord(Base):
     __tablename__ = "workers"
 
     worker_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    # The Celery node (`name@host`) the process serves: a prefork child replaced by Celery is a
+    # new row of the same node, so health judges nodes, not child pids.
+    node: Mapped[str | None] = mapped_column(sa.String(255))
+    role: Mapped[str] = mapped_column(sa.String(16), default="worker", server_default="worker")  # or "sweeper"
+    sweep_interval_seconds: Mapped[float | None] = mapped_column(sa.Float())  # sweepers: health expects a sweep within a few of these
     hostname: Mapped[str] = mapped_column(sa.String(255))
     pid: Mapped[int]
     model_name: Mapped[str] = mapped_column(sa.String(64))
@@ -131,4 +152,7 @@ class WorkerRecord(Base):
     jobs_done: Mapped[int] = mapped_column(default=0)
     last_job_at: Mapped[datetime | None]
 
-    __table_args__ = (sa.Index("ix_workers_model_name_heartbeat_at", "model_name", "heartbeat_at"),)
+    __table_args__ = (
+        sa.Index("ix_workers_model_name_heartbeat_at", "model_name", "heartbeat_at"),
+        sa.Index("ix_workers_node", "node"),
+    )

@@ -40,6 +40,9 @@ class JobView(BaseModel):
     cancel_requested: bool
     error_type: str | None
     error_message: str | None
+    error_class: str | None = None
+    requeues: int = 0
+    available_at: datetime | None = None
     created_at: datetime
     published_at: datetime | None
     started_at: datetime | None

@@ -21,4 +21,4 @@ def test_migrations_match_models(db_url: str) -> None:
         engine.dispose()
     assert diff == []
     assert {"jobs", "artifacts", "workers", "alembic_version"} <= tables
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == "0002"
