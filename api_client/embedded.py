@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from schemas.enums import JobStatus
+from schemas.tables import utcnow
 from schemas.views import JobView
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,12 @@ class EmbeddedRunner:
         while True:
             self._publisher.publish([target])
             job = self._store.get(target.job_id)
-            if job.is_terminal or time.monotonic() >= deadline:
+            if job.is_terminal:
+                return
+            if job.status == JobStatus.QUEUED and job.available_at is not None:
+                # Handed back after an infrastructure fault: run it again when it is due.
+                time.sleep(max(0.0, (job.available_at - utcnow()).total_seconds()))
+                continue
+            if time.monotonic() >= deadline:
                 return
             time.sleep(1.0)

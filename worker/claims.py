@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from schemas.enums import JobStatus
+from schemas.enums import ErrorClass, JobStatus
 from schemas.tables import Artifact, Job, utcnow
 from schemas.views import ArtifactView
 
@@ -33,6 +33,7 @@ class ClaimedJob:
     seed: int
     attempts: int
     max_attempts: int
+    requeues: int  # hand-backs after infrastructure faults so far (not counted against max_attempts)
     worker_id: str
     lease_expires_at: datetime
 
@@ -83,6 +84,10 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
     cancel was requested before the lease expired, `failed` (poison) when the attempts cap
     is reached; the caller drops the delivery in both cases.
 
+    Attempts count claims; hand-backs after an infrastructure fault (`requeue`) are subtracted,
+    so only runs that ended without a word (a killed worker) count towards the cap. The claim
+    number itself keeps growing, which keeps each run's artifact key unique.
+
     A job already running under this same worker id is granted again, without counting an
     attempt or hitting the cap: the claim of the same delivery retried after its commit reply
     was lost, or the delivery requeued after a database error. A worker id is unique per
@@ -90,7 +95,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
     """
     now = utcnow()
     mine = sa.and_(Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
-    exhausted = sa.and_(Job.attempts >= Job.max_attempts, sa.not_(mine))
+    exhausted = sa.and_(Job.attempts - Job.requeues >= Job.max_attempts, sa.not_(mine))
     stop = sa.or_(Job.cancel_requested.is_(True), exhausted)
     new_status = sa.case(
         (Job.cancel_requested.is_(True), JobStatus.CANCELLED.value),
@@ -112,6 +117,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
             attempts=sa.case((stop, Job.attempts), (mine, Job.attempts), else_=Job.attempts + 1),
             worker_id=sa.case((stop, Job.worker_id), else_=worker_id),
             lease_expires_at=sa.case((stop, None), else_=now + timedelta(seconds=lease_seconds)),
+            available_at=None,
             started_at=sa.case((stop, Job.started_at), else_=now),
             finished_at=sa.case((stop, now), else_=None),
             progress_step=sa.case((stop, Job.progress_step), else_=0),
@@ -123,14 +129,15 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
                 (
                     exhausted,
                     sa.literal("gave up after ")
-                    + sa.cast(Job.attempts, sa.String)
+                    + sa.cast(Job.attempts - Job.requeues, sa.String)
                     + sa.literal(" attempts: each run ended without completing (worker killed or lease lost)"),
                 ),
                 else_=None,
             ),
+            error_class=sa.case((exhausted, ErrorClass.PERMANENT.value), else_=None),
         )
         .returning(Job.id, Job.status, Job.kind, Job.model_name, Job.spec, Job.seed, Job.attempts,
-                   Job.max_attempts, Job.worker_id, Job.lease_expires_at)
+                   Job.max_attempts, Job.requeues, Job.worker_id, Job.lease_expires_at)
         .execution_options(synchronize_session=False)
     )
     row = session.execute(statement).one_or_none()
@@ -148,6 +155,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
         seed=row.seed if row.seed is not None else secrets.randbelow(2**32),
         attempts=row.attempts,
         max_attempts=row.max_attempts,
+        requeues=row.requeues,
         worker_id=row.worker_id,
         lease_expires_at=row.lease_expires_at,
     )
@@ -191,6 +199,47 @@ def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, **v
         .execution_options(synchronize_session=False)
     )
     return session.execute(statement).rowcount == 1
+
+
+def requeue(session: Executor, job_id: str, worker_id: str, *, available_at: datetime, error_type: str,
+            error_message: str) -> bool:
+    """Hand an owned running job back to the queue after an infrastructure fault.
+
+    Fenced like a finish. The job becomes `queued` and unpublished with `available_at` set,
+    so the sweeper publishes it again once that time has passed; `requeues` goes up (the claim
+    does not count it as an attempt). The fault is kept in the error columns meanwhile, so a
+    user sees why the job waits; the next claim clears them.
+    """
+    statement = (
+        sa.update(Job)
+        .where(_owned_by(job_id, worker_id))
+        .values(status=JobStatus.QUEUED.value, worker_id=None, lease_expires_at=None, published_at=None,
+                available_at=available_at, requeues=Job.requeues + 1, progress_step=0,
+                error_type=error_type, error_message=error_message)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount == 1
+
+
+def release_expired(session: Executor, job_ids: list[str], now: datetime) -> list[str]:
+    """Turn running jobs whose lease expired back into `queued`, once per expiry.
+
+    Their worker is gone or cut off: every later write of it is fenced out (status is no
+    longer `running`). The caller publishes the returned jobs once; the job then waits as a
+    published queued job, instead of being re-published every grace period while it still
+    shows `running`.
+    """
+    if not job_ids:
+        return []
+    statement = (
+        sa.update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+        .values(status=JobStatus.QUEUED.value, worker_id=None, lease_expires_at=None, published_at=None,
+                available_at=now, progress_step=0)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(session.execute(statement).scalars())
 
 
 def fail_killed_process_job(session: Session, job_id: str, worker_id_prefix: str, *, error_type: str,

@@ -2,7 +2,7 @@
 
 Producer side: submit (idempotent), publish bookkeeping, get/list, cancel, retry.
 Worker side: claim/lease/progress/fenced finish, delegated to `worker.claims`.
-Sweeper side: `unpublished_or_expired`.
+Sweeper side: `sweep_candidates`, `release_expired`, `requeue_published_queued`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from schemas.enums import JobStatus
-from schemas.specs import EditSpec, T2ISpec, parse_job_spec
+from schemas.enums import ErrorClass, JobStatus
+from schemas.specs import MAX_PRIORITY, EditSpec, T2ISpec, parse_job_spec
 from schemas.tables import Artifact, Job, utcnow
 from schemas.views import ArtifactView, JobView
 from worker import claims
@@ -175,6 +175,11 @@ class JobStore:
         self._write_sessions: sessionmaker[Session] = sessionmaker(**{**sessions.kw, "bind": for_writes(engine)})
 
     # ---- producer side -------------------------------------------------------------------
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """Read sessions on this store's engine (for the registry beside it)."""
+        return self._sessions
 
     def submit(self, specs: Iterable[T2ISpec | EditSpec | dict[str, Any]]) -> list[Submitted]:
         """Insert jobs in one transaction, in input order; known idempotency keys return the old job."""
@@ -416,9 +421,20 @@ class JobStore:
 
         return self._retrying(self._write_sessions.begin, work)
 
-    def finish_failed(self, job_id: str, worker_id: str, *, error_type: str, error_message: str) -> bool:
+    def finish_failed(self, job_id: str, worker_id: str, *, error_type: str, error_message: str,
+                      error_class: ErrorClass = ErrorClass.PERMANENT) -> bool:
         return self._retrying(self._write_sessions.begin, lambda session: claims.finish(
             session, job_id, worker_id, JobStatus.FAILED, error_type=error_type[:255], error_message=error_message,
+            error_class=error_class.value,
+        ))
+
+    def requeue(self, job_id: str, worker_id: str, *, delay_seconds: float, error_type: str,
+                error_message: str) -> bool:
+        """Hand an owned job back to the queue after an infrastructure fault (`claims.requeue`)."""
+        available_at = utcnow() + timedelta(seconds=delay_seconds)
+        return self._retrying(self._write_sessions.begin, lambda session: claims.requeue(
+            session, job_id, worker_id, available_at=available_at, error_type=error_type[:255],
+            error_message=error_message,
         ))
 
     def fail_killed_process_job(self, job_id: str, worker_id_prefix: str, *, error_type: str,
@@ -433,37 +449,73 @@ class JobStore:
 
     # ---- sweeper side --------------------------------------------------------------------
 
-    def unpublished_or_expired(self, *, publish_grace_seconds: float, republish_stale_seconds: float | None = None,
-                               limit: int = 500) -> list[PublishTarget]:
-        """Queued jobs never published (past a grace), queued jobs published longer ago than
-        `republish_stale_seconds` (their message may be gone: acked after an error, or Redis lost
-        its data), and running jobs whose lease expired.
+    def sweep_candidates(self, *, publish_grace_seconds: float, republish_stale_seconds: float | None = None,
+                         limit: int = 500) -> SweepCandidates:
+        """What the sweeper must publish, oldest first, at most `limit` of each kind:
 
-        An expired job is only returned again once its last re-publish is older than the grace,
-        so each sweep does not pile up duplicate messages.
+        - unpublished: queued jobs never published past the grace (the producer died or its
+          publish failed), or handed back after a fault and now due (`available_at` passed);
+        - stale: queued jobs published longer ago than `republish_stale_seconds` (their message
+          may be gone: acked after an error);
+        - expired: running jobs whose lease expired (the worker died or was cut off).
+
+        Three statements, each on its own small index (a partial index for the two queued
+        kinds, `(status, lease_expires_at)` for the expired): the cost follows the number of
+        jobs found, not the size of the table or of the queued backlog (bench/scale.py).
         """
         now = utcnow()
         horizon = now - timedelta(seconds=publish_grace_seconds)
         unpublished = sa.and_(
-            Job.status == JobStatus.QUEUED.value, Job.published_at.is_(None), Job.created_at < horizon
+            Job.status == JobStatus.QUEUED.value, Job.published_at.is_(None),
+            sa.or_(sa.and_(Job.available_at.is_(None), Job.created_at < horizon), Job.available_at <= now),
         )
-        if republish_stale_seconds is not None:
-            stale = sa.and_(Job.status == JobStatus.QUEUED.value,
-                            Job.published_at < now - timedelta(seconds=republish_stale_seconds))
-            unpublished = sa.or_(unpublished, stale)
-        expired = sa.and_(
-            Job.status == JobStatus.RUNNING.value,
-            Job.lease_expires_at < now,
-            sa.or_(Job.published_at.is_(None), Job.published_at < horizon),
-        )
-        query = (
-            sa.select(Job.id, Job.model_name, Job.priority)
-            .where(sa.or_(unpublished, expired))
-            .order_by(Job.created_at)
-            .limit(limit)
-        )
+        expired = sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+        stale: list[PublishTarget] = []
         with self._sessions() as session:
-            return [PublishTarget(row.id, row.model_name, row.priority) for row in session.execute(query)]
+            if republish_stale_seconds is not None:
+                stale_at = now - timedelta(seconds=republish_stale_seconds)
+                stale = self._targets(session, sa.and_(Job.status == JobStatus.QUEUED.value,
+                                                       Job.published_at < stale_at), Job.published_at, limit)
+            return SweepCandidates(
+                unpublished=self._targets(session, unpublished, Job.created_at, limit),
+                stale=stale,
+                expired=self._targets(session, expired, Job.lease_expires_at, limit),
+            )
+
+    @staticmethod
+    def _targets(session: Session, where: sa.ColumnElement[bool], order: Any, limit: int) -> list[PublishTarget]:
+        # A job that already ran once (a crash, a fault hand-back) goes ahead of new work.
+        urgent = sa.case((Job.attempts > 0, MAX_PRIORITY), else_=Job.priority)
+        query = sa.select(Job.id, Job.model_name, urgent).where(where).order_by(order).limit(limit)
+        return [PublishTarget(job_id, model, priority) for job_id, model, priority in session.execute(query)]
+
+    def release_expired(self, job_ids: Sequence[str]) -> list[str]:
+        """Expired running jobs back to queued (unpublished, due now); the ids actually released."""
+        with self._write_sessions.begin() as session:
+            return claims.release_expired(session, list(job_ids), utcnow())
+
+    def requeue_published_queued(self) -> int:
+        """After the broker lost its data: every queued job published before now is due again.
+
+        Their messages are gone. They become unpublished and due, so the sweep publishes them
+        (in pages); a message that did survive only makes a duplicate, which the claim drops.
+        """
+        now = utcnow()
+        with self._write_sessions.begin() as session:
+            result = session.execute(
+                sa.update(Job)
+                .where(Job.status == JobStatus.QUEUED.value, Job.published_at.is_not(None), Job.published_at <= now)
+                .values(published_at=None, available_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)
+
+
+@dataclass(frozen=True)
+class SweepCandidates:
+    unpublished: list[PublishTarget]
+    stale: list[PublishTarget]
+    expired: list[PublishTarget]
 
 
 def _sqlite_locked(exc: sa.exc.OperationalError) -> bool:

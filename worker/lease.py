@@ -15,6 +15,7 @@ from types import TracebackType
 from worker.claims import LeaseState
 from worker.errors import is_soft_time_limit
 from worker.jobstore import JobStore
+from worker.transient import one_line
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class LeaseKeeper:
         while not self._stopped.wait(self._heartbeat_seconds):
             try:
                 self.observe(self._store.heartbeat(self._job_id, self._worker_id, self._lease_seconds))
-            except Exception:  # a database blip must not kill the job; the next beat retries
-                log.warning("lease renewal for job %s failed", self._job_id, exc_info=True)
+            except Exception as exc:  # a database blip must not kill the job; the next beat retries
+                log.warning("lease renewal for job %s failed: %s", self._job_id, one_line(exc))
             if self.lost.is_set():
                 return
 
@@ -90,5 +91,5 @@ class ProgressReporter:
             except Exception as exc:
                 if is_soft_time_limit(exc):
                     raise  # the job must end now as TimeLimitExceeded, not run on to the hard kill
-                log.warning("progress write for job %s failed", self._job_id, exc_info=True)
+                log.warning("progress write for job %s failed: %s", self._job_id, one_line(exc))
         return self._lease.should_stop  # True asks the engine to stop at this step

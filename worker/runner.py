@@ -1,9 +1,14 @@
 """The body of one job, shared by the Celery task and the embedded in-process mode.
 
 claim -> (lease kept alive by a thread) -> engine (resident) -> inputs -> generate with a
-throttled progress/cancel callback -> PNG with metadata -> upload to a deterministic key ->
-fenced completion with the artifact rows. Every exception ends the job `failed` with a
-readable reason; the worker process itself keeps serving.
+throttled progress/cancel callback -> PNG with metadata -> upload to an attempt-scoped key ->
+fenced completion with the artifact rows.
+
+Infrastructure faults (object store, database; `worker.transient`) are retried in place
+within DG_TRANSIENT_RETRY_SECONDS; past that the job is handed back to the queue with a
+growing delay, at most DG_MAX_REQUEUES times, and only then ends `failed` with error class
+`transient`. Any other exception ends the job `failed` (class `permanent`) with a readable
+reason. The worker process itself keeps serving (docs/jobs.md, "Transient faults").
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from schemas.enums import ErrorClass
 from schemas.specs import parse_job_spec
 from schemas.views import ArtifactView
 from worker.claims import ClaimedJob, ClaimRefusal
@@ -24,8 +30,12 @@ from worker.errors import describe_error, free_accelerator_memory, is_soft_time_
 from worker.jobstore import JobStore
 from worker.lease import LeaseKeeper, ProgressReporter
 from worker.settings import Settings
+from worker.transient import is_transient, one_line, retry_transient
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+MAX_REQUEUE_DELAY_SECONDS = 600.0  # the longest wait between two hand-backs of one job
 
 
 class Engine(Protocol):
@@ -61,6 +71,7 @@ class RunOutcome(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    REQUEUED = "requeued"  # an infrastructure fault outlasted the retries: back to the queue, delayed
     LOST = "lost"  # another worker took the job over; nothing was written
 
 
@@ -120,7 +131,14 @@ class JobRunner:
             except Exception as exc:
                 # BaseException (KeyboardInterrupt, SystemExit, hard kills) is left to the worker:
                 # the lease then expires and the job is retried up to the attempts cap.
+                if is_transient(exc) and not is_soft_time_limit(exc):
+                    return self._requeue(claimed, exc)
                 return self._failed(claimed, exc)
+
+    def _retrying(self, operation: Callable[[], _T], what: str, lease: LeaseKeeper | None = None) -> _T:
+        """`operation` retried in place over transient faults, while this worker still owns the job."""
+        return retry_transient(operation, what=what, budget_seconds=self.settings.transient_retry_seconds,
+                               should_stop=(lambda: lease.should_stop) if lease is not None else (lambda: False))
 
     def _execute(self, claimed: ClaimedJob, lease: LeaseKeeper) -> RunOutcome:
         spec = parse_job_spec(claimed.spec)
@@ -130,7 +148,8 @@ class JobRunner:
         images: tuple[Any, ...] = ()
         prompt = spec.prompt if spec.kind == "t2i" else spec.instruction
         if spec.kind == "edit":
-            images = tuple(self._load_inputs(spec.images))
+            images = tuple(self._retrying(lambda: self._load_inputs(spec.images),
+                                          f"reading the input images of job {claimed.id}", lease))
         params = spec.params
         request = GenerationRequest(
             kind=spec.kind,
@@ -148,15 +167,17 @@ class JobRunner:
         result = engine.generate(request, progress)
         self._check_lease(claimed, lease, params.num_inference_steps)
         provenance = _plain(engine.provenance)
-        artifact = self._upload(claimed, prompt, spec.model_dump(mode="json")["params"], result)
-        done = self.store.finish_succeeded(
+        artifact = self._upload(claimed, prompt, spec.model_dump(mode="json")["params"], result, lease)
+        done = self._retrying(lambda: self.store.finish_succeeded(
             claimed.id, claimed.worker_id, artifacts=[artifact], seed=result.seed,
             width=result.width, height=result.height, provenance=provenance,
-        )
+        ), f"completing job {claimed.id}")
         if not done:
             log.warning("job %s finished here but was taken over meanwhile; result left to the owner", claimed.id)
+            self._remove_unless_recorded(claimed.id, [artifact.uri])
             return RunOutcome.LOST
         log.info("job %s succeeded -> %s", claimed.id, artifact.uri)
+        self._remove_earlier_attempts(claimed)
         return RunOutcome.SUCCEEDED
 
     def _check_lease(self, claimed: ClaimedJob, lease: LeaseKeeper, total: int) -> None:
@@ -193,7 +214,7 @@ class JobRunner:
         return load_input_images(refs, **kwargs)
 
     def _upload(self, claimed: ClaimedJob, prompt: str, params: dict[str, Any],
-                result: GenerationResult) -> ArtifactView:
+                result: GenerationResult, lease: LeaseKeeper) -> ArtifactView:
         from worker.png import encode_png, generation_metadata, png_info
         from worker.storage import artifact_key
 
@@ -202,10 +223,37 @@ class JobRunner:
                                        model=claimed.model_name, job_id=claimed.id)
         data = encode_png(result.image, metadata)
         summary = png_info(data)
-        # Deterministic key: a re-run after a crash overwrites the same object.
-        uri = self.artifact_store.put_bytes(artifact_key(claimed.id, 0), data, "image/png")
+        # Attempt-scoped key: a worker that lost the job meanwhile cannot touch the owner's object.
+        key = artifact_key(claimed.id, 0, attempt=claimed.attempts)
+        uri = self._retrying(lambda: self.artifact_store.put_bytes(key, data, "image/png"),
+                             f"uploading the image of job {claimed.id}", lease)
         return ArtifactView(index=0, uri=uri, width=summary.width, height=summary.height,
                               bytes=summary.size, sha256=summary.sha256)
+
+    def _remove_earlier_attempts(self, claimed: ClaimedJob) -> None:
+        """After a win: objects that earlier runs of this job may have left (they lost the job)."""
+        from worker.storage import artifact_key
+
+        for attempt in range(1, claimed.attempts):
+            self._remove(self.artifact_store.uri_for(artifact_key(claimed.id, 0, attempt=attempt)))
+
+    def _remove_unless_recorded(self, job_id: str, uris: list[str]) -> None:
+        """After a lost completion: remove this run's objects, unless the row names them after all
+        (the completion did commit and only its reply was lost)."""
+        try:
+            recorded = {artifact.uri for artifact in self.store.get(job_id).artifacts}
+        except Exception as exc:
+            log.warning("could not read job %s to clean up its objects: %s", job_id, one_line(exc))
+            return
+        for uri in uris:
+            if uri not in recorded:
+                self._remove(uri)
+
+    def _remove(self, uri: str) -> None:
+        try:
+            self.artifact_store.delete(uri)
+        except Exception as exc:  # an orphan costs storage only; retention deletes the job's prefix
+            log.warning("could not delete %s: %s", uri, one_line(exc))
 
     def _stopped(self, claimed: ClaimedJob, lease: LeaseKeeper) -> RunOutcome:
         if lease.cancel_requested.is_set() and self.store.finish_cancelled(claimed.id, claimed.worker_id):
@@ -214,15 +262,42 @@ class JobRunner:
         log.warning("job %s stopped: this worker lost its lease", claimed.id)
         return RunOutcome.LOST
 
-    def _failed(self, claimed: ClaimedJob, exc: Exception) -> RunOutcome:
-        free_accelerator_memory()
-        error_type, message = describe_error(exc, soft_time_limit_seconds=self.settings.soft_time_limit_seconds)
-        log.warning("job %s failed: %s: %s", claimed.id, error_type, message, exc_info=_unexpected(exc))
+    def _requeue(self, claimed: ClaimedJob, exc: Exception) -> RunOutcome:
+        """An infrastructure fault outlasted the in-place retries: back to the queue with a delay,
+        or, once DG_MAX_REQUEUES hand-backs are spent, `failed` with error class `transient`."""
+        error_type, message = describe_error(exc)
+        if claimed.requeues >= self.settings.max_requeues:
+            note = (f"gave up after {claimed.requeues} requeue(s): an infrastructure fault outlasted every retry "
+                    f"(DG_MAX_REQUEUES); last error: {message}")
+            return self._failed(claimed, exc, error_class=ErrorClass.TRANSIENT, message=note)
+        delay = min(MAX_REQUEUE_DELAY_SECONDS, self.settings.requeue_delay_seconds * 2 ** claimed.requeues)
+        note = (f"requeued after an infrastructure fault (hand-back {claimed.requeues + 1} of at most "
+                f"{self.settings.max_requeues}; runs again in {delay:.0f} s): {message}")
         try:
-            recorded = self.store.finish_failed(claimed.id, claimed.worker_id, error_type=error_type,
-                                                error_message=message)
-        except Exception:
-            log.exception("could not record the failure of job %s; its lease will expire", claimed.id)
+            handed_back = self._retrying(lambda: self.store.requeue(
+                claimed.id, claimed.worker_id, delay_seconds=delay, error_type=error_type, error_message=note,
+            ), f"requeueing job {claimed.id}")
+        except Exception as write_error:
+            log.warning("could not requeue job %s (%s); its lease will expire and the sweeper re-runs it",
+                        claimed.id, one_line(write_error))
+            return RunOutcome.LOST
+        log.warning("job %s: %s", claimed.id, note)
+        return RunOutcome.REQUEUED if handed_back else RunOutcome.LOST
+
+    def _failed(self, claimed: ClaimedJob, exc: Exception, *, error_class: ErrorClass = ErrorClass.PERMANENT,
+                message: str | None = None) -> RunOutcome:
+        free_accelerator_memory()
+        error_type, described = describe_error(exc, soft_time_limit_seconds=self.settings.soft_time_limit_seconds)
+        message = message or described
+        log.warning("job %s failed: %s: %s", claimed.id, error_type, message,
+                    exc_info=error_class is ErrorClass.PERMANENT and _unexpected(exc))
+        try:
+            recorded = self._retrying(lambda: self.store.finish_failed(
+                claimed.id, claimed.worker_id, error_type=error_type, error_message=message, error_class=error_class,
+            ), f"recording the failure of job {claimed.id}")
+        except Exception as write_error:
+            log.warning("could not record the failure of job %s (%s); its lease will expire",
+                        claimed.id, one_line(write_error))
             return RunOutcome.FAILED
         return RunOutcome.FAILED if recorded else RunOutcome.LOST
 

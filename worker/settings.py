@@ -48,6 +48,12 @@ class Settings:
     unacked_restore_interval_seconds: float = 10.0
     unacked_restore_throttle: int = 10
     max_attempts: int = 3
+    # Infrastructure faults (docs/jobs.md, "Transient faults"): retried in place this long, then the
+    # job is handed back to the queue after requeue_delay x 2^n seconds (at most 600), at most
+    # max_requeues times, before it fails with error class "transient".
+    transient_retry_seconds: float = 30.0
+    max_requeues: int = 10
+    requeue_delay_seconds: float = 15.0
     soft_shutdown_timeout_seconds: float = 30.0
     progress_interval_seconds: float = 0.5
     input_max_bytes: int = 32 * 1024 * 1024
@@ -147,6 +153,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         unacked_restore_interval_seconds=_read(env, "DG_UNACKED_RESTORE_INTERVAL_SECONDS", float, 10.0, pos),
         unacked_restore_throttle=_read(env, "DG_UNACKED_RESTORE_THROTTLE", int, 10, pos),
         max_attempts=_read(env, "DG_MAX_ATTEMPTS", int, 3, pos),
+        transient_retry_seconds=_read(env, "DG_TRANSIENT_RETRY_SECONDS", float, 30.0, nonneg),
+        max_requeues=_read(env, "DG_MAX_REQUEUES", int, 10, nonneg),
+        requeue_delay_seconds=_read(env, "DG_REQUEUE_DELAY_SECONDS", float, 15.0, nonneg),
         soft_shutdown_timeout_seconds=_read(env, "DG_SOFT_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0, nonneg),
         progress_interval_seconds=_read(env, "DG_PROGRESS_INTERVAL_SECONDS", float, 0.5, nonneg),
         input_max_bytes=_read(env, "DG_INPUT_MAX_BYTES", int, 32 * 1024 * 1024, pos),

@@ -32,12 +32,37 @@ class ObjectNotFoundError(StorageError):
     """The URI names an object (or file) that does not exist."""
 
 
-def artifact_key(job_id: str, index: int) -> str:
-    """Key of a job's ``index``-th output image, relative to the store's prefix."""
+class StorageUnavailable(StorageError):
+    """The store could not be reached or answered with a transient error (connection refused,
+    timeout, throttling, HTTP 5xx): an infrastructure fault, worth retrying; never the user's fault."""
+
+
+# S3 error codes that mean "try again later", besides any HTTP 5xx answer.
+TRANSIENT_S3_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "ServiceUnavailable", "InternalError", "OperationAborted", "RequestLimitExceeded",
+})
+
+
+def artifact_key(job_id: str, index: int, *, attempt: int) -> str:
+    """Key of a job's ``index``-th output image from claim number ``attempt``, relative to the prefix.
+
+    Attempt-scoped, so a worker that lost the job (its lease expired while it stalled) writes
+    beside the new owner's object, never over it: the artifact row names the winner's key
+    (docs/jobs.md, "Artifacts are fenced").
+    """
     if index < 0:
         raise ValueError(f"artifact index must be >= 0, got {index}")
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
     _check_key_part(str(job_id), "job id")
-    return f"jobs/{job_id}/{index}.png"
+    return f"{job_prefix(job_id)}{attempt}/{index}.png"
+
+
+def job_prefix(job_id: str) -> str:
+    """The key prefix under which every object of a job lives (all attempts)."""
+    _check_key_part(str(job_id), "job id")
+    return f"jobs/{job_id}/"
 
 
 def content_addressed_key(data: bytes, suffix: str) -> str:
@@ -57,6 +82,10 @@ class ArtifactStore(Protocol):
         """The storage URL this store was opened with (e.g. ``s3://bucket/prefix``)."""
         ...
 
+    def uri_for(self, key: str) -> str:
+        """The URI an object under ``<prefix>/<key>`` has (whether or not it exists)."""
+        ...
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "image/png") -> str:
         """Write ``data`` under ``<prefix>/<key>``, replacing any previous object; return its URI."""
         ...
@@ -70,6 +99,10 @@ class ArtifactStore(Protocol):
         ...
 
     def exists(self, uri: str) -> bool: ...
+
+    def delete(self, uri: str) -> None:
+        """Remove an object; removing one that does not exist is not an error."""
+        ...
 
     def download(self, uri: str, path: str | os.PathLike[str]) -> None:
         """Copy an object to a local file (written atomically)."""
@@ -156,6 +189,9 @@ class FileArtifactStore:
     def url(self) -> str:
         return self._url
 
+    def uri_for(self, key: str) -> str:
+        return (self.root / _check_key(key)).as_uri()
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "image/png") -> str:
         path = self.root / _check_key(key)
         try:
@@ -184,6 +220,13 @@ class FileArtifactStore:
 
     def exists(self, uri: str) -> bool:
         return self._path_of(uri).is_file()
+
+    def delete(self, uri: str) -> None:
+        path = self._path_of(uri)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {path}: {exc.strerror or exc}") from exc
 
     def download(self, uri: str, path: str | os.PathLike[str]) -> None:
         data = self.get_bytes(uri)
@@ -342,6 +385,11 @@ class S3ArtifactStore:
             return False
         return True
 
+    def delete(self, uri: str) -> None:
+        bucket, key = _split_s3_uri(uri)
+        with self._errors(uri):
+            self._client.delete_object(Bucket=bucket, Key=key)
+
     def download(self, uri: str, path: str | os.PathLike[str]) -> None:
         bucket, key = _split_s3_uri(uri)
         with self._errors(uri):
@@ -381,7 +429,8 @@ class S3ArtifactStore:
     @contextmanager
     def _errors(self, uri: str) -> Iterator[None]:
         """Turn botocore's exceptions into :class:`StorageError` messages that say what to fix."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         where = redact_url(self.endpoint_url) if self.endpoint_url else "AWS S3"
         bucket = urlsplit(uri).netloc
@@ -399,6 +448,10 @@ class S3ArtifactStore:
                 ) from exc
             if code in {"NoSuchKey", "404", "NotFound"}:
                 raise ObjectNotFoundError(f"object not found: {uri}") from exc
+            if code in TRANSIENT_S3_CODES or (isinstance(status, int) and status >= 500):
+                raise StorageUnavailable(
+                    f"S3 endpoint {where} answered HTTP {status} {code} for {uri} (a transient store error)"
+                ) from exc
             if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
                 raise StorageError(
                     f"access denied to {uri} at {where} ({code}); check the AWS credentials and bucket policy"
@@ -410,10 +463,12 @@ class S3ArtifactStore:
                 "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(or an AWS profile / instance role)"
             ) from exc
-        except BotoCoreError as exc:
-            # Connection refused, DNS failure, timeouts: the endpoint itself is the problem.
+        except (BotoConnectionError, HTTPClientError) as exc:
+            # Connection refused or reset, DNS failure, timeouts: the endpoint itself is the problem.
             detail = redact_urls_in(str(exc))
-            raise StorageError(
+            raise StorageUnavailable(
                 f"S3 endpoint {where} is unreachable ({type(exc).__name__}: {detail}); "
                 "check DG_S3_ENDPOINT_URL and that the object store is running"
             ) from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 request for {uri} at {where} failed: {redact_urls_in(str(exc))}") from exc

@@ -148,6 +148,13 @@ def sweeper() -> Sweeper:
 
 
 @app.task(name=SWEEP_TASK_NAME, ignore_result=True)
-def sweep() -> dict[str, int]:
-    report = sweeper().sweep()
+def sweep() -> dict[str, int | str]:
+    """One beat sweep; a fault is one log line and the next beat tries again (the task never raises)."""
+    from worker.transient import one_line
+
+    try:
+        report = sweeper().sweep()
+    except Exception as exc:
+        log.warning("sweep failed (%s); the next beat tries again", one_line(exc))
+        return {"error": one_line(exc)}
     return {"unpublished": len(report.unpublished), "expired": len(report.expired), "stale": len(report.stale)}

@@ -138,12 +138,13 @@ def test_jobs_run_on_one_resident_model_and_bad_inputs_fail_cleanly(
     assert bad_unreachable.status == JobStatus.FAILED and bad_unreachable.error_type == "InputImageError"
     assert "gone.png" in (bad_unreachable.error_message or "")
     assert bad_corrupt.status == JobStatus.FAILED and "corrupt.png" in (bad_corrupt.error_message or "")
+    assert bad_unreachable.error_class == bad_corrupt.error_class == "permanent"  # the user's input
     assert jobs[-1].status == JobStatus.SUCCEEDED  # the worker kept serving after the failures
 
     artifacts = open_store(f"s3://{s3_bucket}/e2e", endpoint_url=s3_endpoint)
     for job in good:
         [artifact] = job.artifacts
-        assert artifact.uri == f"s3://{s3_bucket}/e2e/jobs/{job.id}/0.png"
+        assert artifact.uri == f"s3://{s3_bucket}/e2e/jobs/{job.id}/1/0.png"
         data = artifacts.get_bytes(artifact.uri)
         assert len(data) == artifact.bytes and Image.open(io.BytesIO(data)).size == (artifact.width, artifact.height)
         assert job.attempts == 1 and job.provenance and job.seed is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -151,16 +152,75 @@ def test_artifacts_upsert_on_job_and_index(store: JobStore) -> None:
     assert [(a.index, a.uri) for a in store.get(job_id).artifacts] == [(0, "file:///second.png"), (1, "file:///x.png")]
 
 
-def test_unpublished_or_expired(store: JobStore, db_engine: sa.Engine) -> None:
+def _ids(targets: list[Any]) -> set[str]:
+    return {t.job_id for t in targets}
+
+
+def test_sweep_candidates(store: JobStore, db_engine: sa.Engine) -> None:
     unpublished, published, running = (s.job.id for s in store.submit([T2I, T2I, T2I]))
     store.mark_published([published, running])
     store.claim(running, "worker-a", 60)
-    assert store.unpublished_or_expired(publish_grace_seconds=60) == []  # all within the grace
-    found = {t.job_id for t in store.unpublished_or_expired(publish_grace_seconds=0)}
-    assert found == {unpublished}
+    found = store.sweep_candidates(publish_grace_seconds=60)  # all within the grace
+    assert found.unpublished == found.stale == found.expired == []
+    found = store.sweep_candidates(publish_grace_seconds=0, republish_stale_seconds=3600)
+    assert (_ids(found.unpublished), found.stale, found.expired) == ({unpublished}, [], [])
+    assert found.unpublished[0].priority == 0  # never ran: its own priority
     _expire_lease(db_engine, running)
-    found = {t.job_id for t in store.unpublished_or_expired(publish_grace_seconds=0)}
-    assert found == {unpublished, running}
+    found = store.sweep_candidates(publish_grace_seconds=0, republish_stale_seconds=0)
+    assert (_ids(found.unpublished), _ids(found.stale), _ids(found.expired)) == ({unpublished}, {published}, {running})
+    assert found.expired[0].priority == 9  # ran once already: ahead of new work
+
+
+def test_expired_job_is_released_once_and_the_old_owner_is_fenced_out(store: JobStore, db_engine: sa.Engine) -> None:
+    job_id = store.submit([T2I])[0].job.id
+    store.mark_published([job_id])
+    claimed = store.claim(job_id, "worker-a", 60)
+    assert claimed is not None
+    _expire_lease(db_engine, job_id)
+    assert store.release_expired([job_id]) == [job_id]
+    assert store.release_expired([job_id]) == []  # once per expiry
+    view = store.get(job_id)
+    assert (view.status, view.worker_id, view.published_at, view.attempts) == ("queued", None, None, 1)
+    assert not store.heartbeat(job_id, "worker-a", 60).owned
+    assert not store.finish_failed(job_id, "worker-a", error_type="X", error_message="late")
+    again = store.claim(job_id, "worker-b", 60)
+    assert again is not None and again.attempts == 2
+
+
+def test_requeue_does_not_count_as_an_attempt(store: JobStore) -> None:
+    job_id = store.submit([T2I])[0].job.id
+    for round_number in range(1, 6):  # more hand-backs than max_attempts (3)
+        claimed = store.claim(job_id, f"worker-{round_number}", 60)
+        assert claimed is not None and claimed.attempts == round_number and claimed.requeues == round_number - 1
+        assert store.requeue(job_id, claimed.worker_id, delay_seconds=0, error_type="StorageUnavailable",
+                             error_message="store down")
+        assert not store.requeue(job_id, claimed.worker_id, delay_seconds=0, error_type="X", error_message="fenced")
+        view = store.get(job_id)
+        assert (view.status, view.requeues, view.error_type, view.published_at) == (
+            "queued", round_number, "StorageUnavailable", None)
+        assert view.available_at is not None
+    found = store.sweep_candidates(publish_grace_seconds=3600)
+    assert _ids(found.unpublished) == {job_id}  # due now, though younger than the grace
+    claimed = store.claim(job_id, "worker-last", 60)
+    assert claimed is not None and store.get(job_id).error_type is None
+
+
+def test_requeued_job_waits_until_it_is_due(store: JobStore) -> None:
+    job_id = store.submit([T2I])[0].job.id
+    claimed = store.claim(job_id, "worker-a", 60)
+    assert claimed is not None
+    store.requeue(job_id, "worker-a", delay_seconds=600, error_type="X", error_message="down")
+    assert store.sweep_candidates(publish_grace_seconds=0).unpublished == []
+
+
+def test_broker_loss_makes_published_queued_jobs_due(store: JobStore) -> None:
+    queued, running, fresh = (s.job.id for s in store.submit([T2I, T2I, T2I]))
+    store.mark_published([queued, running])
+    store.claim(running, "worker-a", 60)
+    assert store.requeue_published_queued() == 1
+    found = store.sweep_candidates(publish_grace_seconds=3600)
+    assert _ids(found.unpublished) == {queued}  # due now; `fresh` (never published) waits for its grace
+    assert store.get(running).status == "running" and store.get(fresh).published_at is None
 
 
 def test_two_concurrent_claimers_never_both_win(db_url: str) -> None:

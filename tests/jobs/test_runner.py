@@ -70,7 +70,7 @@ def test_t2i_job_succeeds_with_artifact_and_metadata(store: JobStore, runner: Jo
     assert job.provenance == {"config": "fake", "device": "cpu"}
     [artifact] = job.artifacts
     data = runner.artifact_store.get_bytes(artifact.uri)
-    assert artifact.uri.endswith(f"jobs/{job_id}/0.png") and artifact.bytes == len(data)
+    assert artifact.uri.endswith(f"jobs/{job_id}/1/0.png") and artifact.bytes == len(data)
     meta = read_png_metadata(data)
     assert meta["prompt"] == "a red fox" and meta["seed"] == "7" and meta["job_id"] == job_id
     # The same message delivered again: dropped, the engine is not called a second time.

@@ -22,12 +22,14 @@ def store(tmp_path: Path) -> ArtifactStore:
 
 
 def test_keys_are_deterministic() -> None:
-    assert artifact_key("0b5e", 3) == "jobs/0b5e/3.png"
+    assert artifact_key("0b5e", 3, attempt=2) == "jobs/0b5e/2/3.png"
     digest = hashlib.sha256(b"pixels").hexdigest()
     assert content_addressed_key(b"pixels", ".PNG") == f"inputs/{digest}.png"
     assert content_addressed_key(b"pixels", "png") == content_addressed_key(b"pixels", "png")
     with pytest.raises(ValueError, match="job id"):
-        artifact_key("../etc", 0)
+        artifact_key("../etc", 0, attempt=1)
+    with pytest.raises(ValueError, match="attempt"):
+        artifact_key("j", 0, attempt=0)
     with pytest.raises(ValueError, match="suffix"):
         content_addressed_key(b"x", "png/../x")
 
@@ -35,18 +37,21 @@ def test_keys_are_deterministic() -> None:
 def test_round_trip_overwrite_and_download(store: ArtifactStore, tmp_path: Path) -> None:
     assert isinstance(store, FileArtifactStore) and isinstance(store, ArtifactStore)
     store.check_reachable()
-    uri = store.put_bytes(artifact_key("job 1", 0), b"one")
-    assert uri == (tmp_path / "artifacts" / "jobs" / "job 1" / "0.png").as_uri()
+    uri = store.put_bytes(artifact_key("job 1", 0, attempt=1), b"one")
+    assert uri == (tmp_path / "artifacts" / "jobs" / "job 1" / "1" / "0.png").as_uri() == store.uri_for("jobs/job 1/1/0.png")
     assert "job%201" in uri  # spaces are percent-encoded and decoded back
     assert store.exists(uri) and store.get_bytes(uri) == b"one"
 
-    assert store.put_bytes(artifact_key("job 1", 0), b"two") == uri
+    assert store.put_bytes(artifact_key("job 1", 0, attempt=1), b"two") == uri
     assert store.get_bytes(uri) == b"two"
-    assert sorted(p.name for p in (tmp_path / "artifacts" / "jobs" / "job 1").iterdir()) == ["0.png"]
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "jobs" / "job 1" / "1").iterdir()) == ["0.png"]
 
     store.download(uri, tmp_path / "copy.png")
     assert (tmp_path / "copy.png").read_bytes() == b"two"
     assert store.presigned_url(uri) == uri
+    store.delete(uri)
+    assert not store.exists(uri)
+    store.delete(uri)  # deleting a missing object is not an error
 
 
 def test_missing_and_outside_paths(store: ArtifactStore, tmp_path: Path) -> None:
@@ -71,7 +76,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
     store = open_store(tmp_path.as_uri())
     (tmp_path / "jobs").write_text("a file where a directory is needed")
     with pytest.raises(StorageError, match="cannot write"):
-        store.put_bytes(artifact_key("j", 0), b"data")
+        store.put_bytes(artifact_key("j", 0, attempt=1), b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs"]
 
 

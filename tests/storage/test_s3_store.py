@@ -41,14 +41,14 @@ def test_store_satisfies_the_protocol(store: S3ArtifactStore) -> None:
 
 
 def test_put_get_exists_download_round_trip(store: S3ArtifactStore, s3_bucket: str, tmp_path: Path) -> None:
-    key = artifact_key("job-1", 0)
+    key = artifact_key("job-1", 0, attempt=1)
     uri = store.put_bytes(key, b"\x89PNG fake bytes", "image/png")
 
-    assert uri == f"s3://{s3_bucket}/runs/v1/jobs/job-1/0.png"
+    assert uri == f"s3://{s3_bucket}/runs/v1/jobs/job-1/1/0.png" == store.uri_for(key)
     assert store.exists(uri)
-    assert not store.exists(f"s3://{s3_bucket}/runs/v1/jobs/job-1/1.png")
+    assert not store.exists(f"s3://{s3_bucket}/runs/v1/jobs/job-1/1/1.png")
     assert store.get_bytes(uri) == b"\x89PNG fake bytes"
-    head = store.client.head_object(Bucket=s3_bucket, Key="runs/v1/jobs/job-1/0.png")
+    head = store.client.head_object(Bucket=s3_bucket, Key="runs/v1/jobs/job-1/1/0.png")
     assert head["ContentType"] == "image/png"
 
     target = tmp_path / "out" / "0.png"
@@ -58,13 +58,16 @@ def test_put_get_exists_download_round_trip(store: S3ArtifactStore, s3_bucket: s
 
 
 def test_same_key_is_overwritten_not_duplicated(store: S3ArtifactStore, s3_bucket: str) -> None:
-    first = store.put_bytes(artifact_key("job-2", 0), b"first attempt")
-    second = store.put_bytes(artifact_key("job-2", 0), b"second attempt")
+    first = store.put_bytes(artifact_key("job-2", 0, attempt=1), b"first try")
+    second = store.put_bytes(artifact_key("job-2", 0, attempt=1), b"second try")
 
     assert first == second
-    assert store.get_bytes(second) == b"second attempt"
+    assert store.get_bytes(second) == b"second try"
     listing = store.client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/v1/jobs/job-2/")
-    assert [item["Key"] for item in listing["Contents"]] == ["runs/v1/jobs/job-2/0.png"]
+    assert [item["Key"] for item in listing["Contents"]] == ["runs/v1/jobs/job-2/1/0.png"]
+    store.delete(second)
+    assert not store.exists(second)
+    store.delete(second)  # deleting a missing object is not an error
 
 
 def test_missing_object_and_size_cap(store: S3ArtifactStore, s3_bucket: str) -> None:
@@ -78,13 +81,13 @@ def test_missing_object_and_size_cap(store: S3ArtifactStore, s3_bucket: str) -> 
 
 def test_presigned_url_uses_public_endpoint_and_is_signed(s3_endpoint: str, s3_bucket: str) -> None:
     public_store = open_store(f"s3://{s3_bucket}/p", endpoint_url=s3_endpoint, public_endpoint_url=PUBLIC_ENDPOINT)
-    uri = public_store.put_bytes(artifact_key("job-3", 0), b"presigned body")
+    uri = public_store.put_bytes(artifact_key("job-3", 0, attempt=1), b"presigned body")
 
     public_url = public_store.presigned_url(uri, expires_seconds=600)
     parts = urlsplit(public_url)
     query = parse_qs(parts.query)
     assert (parts.scheme, parts.netloc) == ("https", "files.example.test")
-    assert parts.path == f"/{s3_bucket}/p/jobs/job-3/0.png"  # path-style addressing
+    assert parts.path == f"/{s3_bucket}/p/jobs/job-3/1/0.png"  # path-style addressing
     assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
     assert query["X-Amz-Expires"] == ["600"]
     assert len(query["X-Amz-Signature"][0]) == 64
