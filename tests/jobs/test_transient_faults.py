@@ -162,3 +162,35 @@ def test_stalled_uploader_cannot_change_the_winners_object(store: JobStore, db_e
     assert live == [f"late/jobs/{job_id}/2/0.png"]
     puts = sorted(v["Key"] for v in versions.get("Versions", []))
     assert puts == [f"late/jobs/{job_id}/1/0.png", f"late/jobs/{job_id}/2/0.png"]  # one PUT each, none over the other
+
+
+def test_database_outage_at_progress_and_finish_does_not_fail_the_job(migrated_pg_url: str, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy.engine import make_url
+
+    from worker.db import make_engine, session_factory
+
+    url = make_url(migrated_pg_url)
+    with FaultProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        engine = make_engine(url.set(port=proxy.port).render_as_string(hide_password=False))
+        store = JobStore(session_factory(engine))
+        fake = FakeEngine()
+        outage = threading.Event()
+
+        def cut_on_first_step(step: int) -> None:
+            if not outage.is_set():
+                outage.set()
+                proxy.refuse()  # in the middle of generation: progress writes and the finish meet it
+                threading.Timer(3.0, proxy.restore).start()
+
+        fake.on_step = cut_on_first_step
+        runner = JobRunner(_settings(tmp_path, transient_retry_seconds=30), lambda: fake, store=store,
+                           artifact_store=open_store((tmp_path / "a").as_uri()))
+        job_id = store.submit([T2I])[0].job.id
+        try:
+            assert runner.run(job_id, "worker-a") == RunOutcome.SUCCEEDED
+            job = store.get(job_id)
+            assert (job.status, job.attempts, job.error_class) == (JobStatus.SUCCEEDED, 1, None)
+            assert f"completing job {job_id} failed" in caplog.text  # the finish met the outage and was retried
+        finally:
+            engine.dispose()
