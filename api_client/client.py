@@ -126,7 +126,7 @@ class DiffgentorClient:
     @cached_property
     def artifacts(self) -> ArtifactStore:
         """The artifact storage (S3 or a local folder), checked once on first use."""
-        from worker.storage import StorageError, open_store
+        from worker.storage import StorageError, StorageUnavailable, open_store
 
         settings = self.settings
         try:
@@ -137,7 +137,8 @@ class DiffgentorClient:
             )
             store.check_reachable()
         except StorageError as exc:
-            raise ServiceUnreachable("S3", _storage_where(settings), str(exc)) from None
+            raise ServiceUnreachable("S3", _storage_where(settings), str(exc),
+                                     transient=isinstance(exc, StorageUnavailable)) from None
         return store
 
     @cached_property

@@ -53,7 +53,7 @@ class ServiceUnreachable(DiffgentorError):
 
     exit_code = ExitCode.UNREACHABLE
 
-    def __init__(self, service: str, url: str, reason: str) -> None:
+    def __init__(self, service: str, url: str, reason: str, *, transient: bool = True) -> None:
         reason = reason.strip().rstrip(".")
         if "DG_" in reason:  # the reason already says which setting to fix
             message = f"{service} at {url} is not usable: {reason}"
@@ -63,6 +63,7 @@ class ServiceUnreachable(DiffgentorError):
         super().__init__(message)
         self.service = service
         self.url = url
+        self.transient = transient  # False: it answered, but is misconfigured (e.g. no such bucket)
 
 
 _SETTING_FOR_SERVICE = {
