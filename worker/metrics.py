@@ -8,6 +8,12 @@ starts its counters from zero; `rate()`/`increase()` treat that as a counter res
 
 Queue depth is read from Redis at scrape time (LLEN of the queue and of kombu's priority
 sub-lists), so it is correct even while the worker is busy or not consuming.
+
+A scrape never fails because a dependency does: with Redis down the collector exports
+`diffgentor_broker_up 0` without depths, logs one line (first failure and each back-off
+step, `worker.registry.Backoff`) and does not try Redis again for 5, 10, then 20 s, so a hung
+broker does not cost every scrape its timeout; a collector error of any other kind is
+handled the same way instead of raising into prometheus-client on every scrape.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from worker.registry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +70,28 @@ LAST_JOB_FINISHED = Gauge(
 
 
 class QueueDepthCollector(Collector):
-    """`diffgentor_queue_depth{queue}`: messages waiting in Redis for each model queue."""
+    """`diffgentor_queue_depth{queue}`: messages waiting in Redis for each model queue.
+
+    `collect()` never raises: a failed read exports `diffgentor_broker_up 0` (and no depth),
+    and Redis is not asked again before `retry_seconds` x 1, 2, 4 (consecutive failures).
+    """
 
     def __init__(self, broker_url: str, queues: Sequence[str], priority_steps: Iterable[int] = (0, 3, 6, 9),
-                 timeout_seconds: float = 1.0) -> None:
+                 timeout_seconds: float = 1.0, retry_seconds: float = 5.0) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self.queues = list(queues)
+        self.retry_seconds = retry_seconds
         self._priorities = [p for p in priority_steps if p]
-        # A short timeout: a scrape must answer even while Redis is unreachable.
+        # A short timeout and no client-side retries: a scrape must answer even while Redis is
+        # unreachable (the back-off below decides when to try again).
         self._redis = redis.Redis.from_url(broker_url, socket_timeout=timeout_seconds,
-                                           socket_connect_timeout=timeout_seconds)
+                                           socket_connect_timeout=timeout_seconds,
+                                           retry=Retry(NoBackoff(), 0))
+        self._backoff = Backoff(f"queue depth read from the broker for {', '.join(self.queues) or '-'}", log)
+        self._next_read = 0.0  # time.monotonic() before which Redis is not asked (back-off)
 
     def lists(self, queue: str) -> list[str]:
         return [queue, *(f"{queue}{KOMBU_PRIORITY_SEPARATOR}{p}" for p in self._priorities)]
@@ -85,17 +104,32 @@ class QueueDepthCollector(Collector):
         sizes = iter(pipe.execute())
         return {queue: sum(int(next(sizes)) for _ in self.lists(queue)) for queue in self.queues}
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         depth = GaugeMetricFamily("diffgentor_queue_depth", "Messages waiting in Redis per model queue "
                                   "(all priority sub-lists)", labels=["queue"])
         up = GaugeMetricFamily("diffgentor_broker_up", "1 if the broker answered the queue-depth read")
-        try:
-            for queue, size in self.depths().items():
-                depth.add_metric([queue], size)
-            up.add_metric([], 1)
-        except Exception as exc:  # the scrape still succeeds; broker_up tells the broker is down
-            log.debug("queue depth read failed: %s", exc)
-            up.add_metric([], 0)
+        return depth, up
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        """Without samples: registering the collector must not read Redis."""
+        return list(self._families())
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        depth, up = self._families()
+        now = time.monotonic()
+        sizes: dict[str, int] | None = None
+        if now >= self._next_read:
+            try:
+                sizes = self.depths()
+            except Exception as exc:  # the scrape still succeeds; broker_up tells the broker is down
+                self._next_read = now + self._backoff.failed(exc, self.retry_seconds)
+            else:
+                self._backoff.succeeded()
+                self._next_read = 0.0
+        for queue, size in (sizes or {}).items():
+            depth.add_metric([queue], size)
+        up.add_metric([], 0 if sizes is None else 1)
         yield depth
         yield up
 
@@ -107,19 +141,32 @@ class AcceleratorMemoryCollector(Collector):
     """CUDA peak allocated/reserved bytes per device; nothing on CPU or before CUDA is in use.
 
     It never imports torch or initialises CUDA itself: a scrape must not change the process.
+    A CUDA error (a device fault) exports nothing and logs one line per back-off step instead
+    of failing every scrape with a traceback.
     """
+
+    def __init__(self) -> None:
+        self._backoff = Backoff("accelerator memory read", log)
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        try:
+            if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+                return
+            allocated = GaugeMetricFamily("diffgentor_accelerator_max_allocated_bytes",
+                                          "torch.cuda.max_memory_allocated per device", labels=["device"])
+            reserved = GaugeMetricFamily("diffgentor_accelerator_max_reserved_bytes",
+                                         "torch.cuda.max_memory_reserved per device", labels=["device"])
+            for index in range(torch.cuda.device_count()):
+                allocated.add_metric([f"cuda:{index}"], torch.cuda.max_memory_allocated(index))
+                reserved.add_metric([f"cuda:{index}"], torch.cuda.max_memory_reserved(index))
+        except Exception as exc:
+            self._backoff.failed(exc, 0)
             return
-        allocated = GaugeMetricFamily("diffgentor_accelerator_max_allocated_bytes",
-                                      "torch.cuda.max_memory_allocated per device", labels=["device"])
-        reserved = GaugeMetricFamily("diffgentor_accelerator_max_reserved_bytes",
-                                     "torch.cuda.max_memory_reserved per device", labels=["device"])
-        for index in range(torch.cuda.device_count()):
-            allocated.add_metric([f"cuda:{index}"], torch.cuda.max_memory_allocated(index))
-            reserved.add_metric([f"cuda:{index}"], torch.cuda.max_memory_reserved(index))
+        self._backoff.succeeded()
         yield allocated
         yield reserved
 

@@ -1,27 +1,24 @@
 """A real worker subprocess: scrape its /metrics after real jobs, list it, and catch it stuck.
 
-The worker uses its own `redis-server` on a free port, so the test can take the broker away
-(the stuck-after-reconnect symptom: a live process that consumes nothing) without touching
-the shared Redis.
+The worker uses its own `redis-server` on a free port (`redis_server`, tests/ops/conftest.py),
+so the test can take the broker away (the stuck-after-reconnect symptom: a live process that
+consumes nothing) without touching the shared Redis.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.enums import TERMINAL_STATUSES
 from tests.conftest import free_port
+from tests.ops.conftest import RedisServer
 from worker import health
 from worker.db import make_engine, session_factory
 from worker.deepgen.tiny import tiny_env, write_tiny_model
@@ -34,28 +31,6 @@ from worker.testing import WorkerProcess, wait_for, worker_environ
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = {"num_inference_steps": 3, "height": 64, "width": 64}
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server binary not installed")
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    wait_for(lambda: _pings(client), 10, "redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0", server
-    if server.poll() is None:
-        server.terminate()
-        server.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -73,13 +48,13 @@ def _args(**overrides: Any) -> Any:
 
 
 def test_metrics_registry_and_stuck_detection(
-    own_redis: tuple[str, subprocess.Popen[bytes]], pg_url: str, s3_endpoint: str, s3_bucket: str,
+    redis_server: RedisServer, pg_url: str, s3_endpoint: str, s3_bucket: str,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     from worker.db import upgrade
 
     upgrade(pg_url)
-    broker_url, redis_server = own_redis
+    broker_url = redis_server.url
     model = f"ops-{uuid.uuid4().hex[:8]}"
     metrics_port = free_port()
     env = worker_environ(
@@ -135,8 +110,7 @@ def test_metrics_registry_and_stuck_detection(
         assert f'"worker_id": "{record.worker_id}"' in capsys.readouterr().out
 
         # The broker goes away: the process lives on (heartbeat fresh) but consumes nothing.
-        redis_server.terminate()
-        redis_server.wait(10)
+        redis_server.stop()
         [waiting] = store.submit([{**good, "prompt": "never taken"}])
         store.mark_published([waiting.job.id])  # as if the publish reached a broker it cannot read
         assert health.cmd_health(_args(model_name=model)) == 0  # within the limit
