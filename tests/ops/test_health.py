@@ -51,8 +51,9 @@ def _args(**overrides: object) -> argparse.Namespace:
     return argparse.Namespace(**{**values, **overrides})
 
 
-def test_commands_exit_codes(migrated_pg_url: str, monkeypatch: pytest.MonkeyPatch,
+def test_commands_exit_codes(shared_pg_without_sweepers: str, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
+    migrated_pg_url = shared_pg_without_sweepers  # a sweeper row left stalled by another test would fail `health`
     monkeypatch.setenv("DG_DATABASE_URL", migrated_pg_url)
     engine = make_engine(migrated_pg_url)
     registry, store = WorkerRegistry(session_factory(engine)), JobStore(session_factory(engine))

@@ -48,12 +48,10 @@ def _args(**overrides: Any) -> Any:
 
 
 def test_metrics_registry_and_stuck_detection(
-    redis_server: RedisServer, pg_url: str, s3_endpoint: str, s3_bucket: str,
+    redis_server: RedisServer, shared_pg_without_sweepers: str, s3_endpoint: str, s3_bucket: str,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from worker.db import upgrade
-
-    upgrade(pg_url)
+    pg_url = shared_pg_without_sweepers  # migrated; a stalled sweeper row of another test would fail `health`
     broker_url = redis_server.url
     model = f"ops-{uuid.uuid4().hex[:8]}"
     metrics_port = free_port()
