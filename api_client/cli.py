@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     wait = commands.add_parser("wait", help="wait until jobs finish (reattach after Ctrl-C)")
     wait.add_argument("job_ids", nargs="+", metavar="JOB")
-    wait.add_argument("--timeout", type=float, help="give up after this many seconds (exit 7)")
+    wait.add_argument("--timeout", type=_seconds, help="give up after this many seconds (exit 7)")
     wait.add_argument("--no-progress", action="store_true", help="no progress bar")
     wait.add_argument("-o", "--output_dir", type=Path, help="also download the PNGs here")
     wait.set_defaults(handler=_cmd_wait)
@@ -244,7 +245,7 @@ def _add_generation_options(parser: argparse.ArgumentParser, *, edit: bool) -> N
     parser.add_argument("--seed", type=int, help="seed for every job (default: a random seed per job)")
     parser.add_argument("--priority", type=int, default=0, help="0 (normal) to 9 (most urgent)")
     parser.add_argument("--no-wait", dest="no_wait", action="store_true", help="submit, print job ids, exit")
-    parser.add_argument("--timeout", type=float, help="stop waiting after this many seconds (exit 7)")
+    parser.add_argument("--timeout", type=_seconds, help="stop waiting after this many seconds (exit 7)")
     parser.add_argument("--no_resume", action="store_true", help="regenerate indices whose PNG exists")
     parser.add_argument("--num_images_per_prompt", type=int, default=1, help="only 1 (one image per job)")
     ignored = [flag for flag in IGNORED_FLAGS if edit or flag not in _EDIT_ONLY_IGNORED]
@@ -328,6 +329,16 @@ _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _time_arg(text: str) -> datetime:
     match = _AGE.match(text.strip())
     if match:
@@ -350,7 +361,7 @@ def _client() -> Any:
     return DiffgentorClient.from_env()
 
 
-def _generation_options(args: argparse.Namespace) -> GenerationOptions:
+def _generation_options(args: argparse.Namespace, kind: str) -> GenerationOptions:
     if args.backend not in SUPPORTED_BACKENDS:
         raise UsageError(f"unsupported backend {args.backend!r}; supported backends: {', '.join(SUPPORTED_BACKENDS)}")
     if (args.height is None) != (args.width is None):
@@ -365,7 +376,7 @@ def _generation_options(args: argparse.Namespace) -> GenerationOptions:
             "queue (default deepgen) and the checkpoint is DG_DEEPGEN_CHECKPOINT where the model runs"
         )
     _note_ignored_flags(args)
-    return GenerationOptions(
+    options = GenerationOptions(
         model_name=args.model_name,
         output_dir=args.output_dir,
         guidance_scale=args.guidance_scale,
@@ -379,6 +390,8 @@ def _generation_options(args: argparse.Namespace) -> GenerationOptions:
         timeout=args.timeout,
         resume=not args.no_resume,
     )
+    options.check(kind)  # NaN guidance, priority 10, ...: exit 4 before any file is read or written
+    return options
 
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -394,7 +407,7 @@ def _cmd_t2i(args: argparse.Namespace) -> int:
     _quiet_job_logs()
     from api_client.inputs import PromptRow, load_prompts
 
-    options = _generation_options(args)
+    options = _generation_options(args, "t2i")
     rows = load_prompts(args.prompts_file) if args.prompts_file else [PromptRow(0, args.prompt)]
     with _client() as client:
         return run_t2i(client, rows, options)
@@ -404,10 +417,12 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     _quiet_job_logs()
     from api_client.inputs import load_edit_rows
 
-    options = _generation_options(args)
-    rows = load_edit_rows(args.input, instruction_key=args.instruction_key)
+    options = _generation_options(args, "edit")
     results_csv = args.output_csv or args.output_dir / "results.csv"
-    with _client() as client:
+    with _client() as client:  # its settings give DG_INPUT_MAX_PIXELS for the local images
+        rows = load_edit_rows(
+            args.input, instruction_key=args.instruction_key, max_pixels=client.settings.input_max_pixels
+        )
         return run_edit(client, rows, options, results_csv)
 
 

@@ -51,6 +51,17 @@ class GenerationOptions:
             "seed": self.seed,
         }
 
+    def check(self, kind: str) -> None:
+        """Validate the job parameters as every spec will (ConfigurationError naming the field), so a
+        bad value (NaN guidance, priority 10) is reported before any file is read, uploaded or written."""
+        from api_client.client import _validated  # the client's own message format
+        from schemas.specs import EditParams, GenerationParams, T2ISpec
+
+        params_type = EditParams if kind == "edit" else GenerationParams
+        params = {key: value for key, value in self.params().items() if value is not None}
+        _validated(lambda: params_type(**params))
+        _validated(lambda: T2ISpec(prompt="check", model_name=self.model_name, priority=self.priority))
+
 
 def run_t2i(client: Any, rows: Sequence[PromptRow], options: GenerationOptions) -> int:
     return _run(client, "t2i", rows, options, results_csv=None)

@@ -10,7 +10,8 @@ import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 SIZE_MULTIPLE = 32
 MIN_SIDE = 32
@@ -37,6 +38,41 @@ def round_up_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stored as job text, or None. The spec is a PostgreSQL JSON document and
+    some columns are text: neither holds NUL (a stored \\u0000 breaks ``spec->>'prompt'``), and a lone
+    surrogate cannot be encoded as UTF-8 (pydantic refuses those in str fields itself; the CLI's file
+    readers use this to name the line)."""
+    if "\x00" in value:
+        return "must not contain NUL characters (\\x00)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode text (a lone surrogate {value[exc.start]!r} at character {exc.start})"
+    return None
+
+
+def _storable_text(name: str, value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("storable_text", "{field} {problem}", {"field": name, "problem": problem})
+    return value
+
+
+def _finite_number(name: str, value: Any) -> Any:
+    """Before float parsing: NaN/inf would otherwise be reported as out of range ("less than ...")."""
+    if isinstance(value, int | float | str):  # what the float parser accepts; the rest gets its own error
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            return value
+        if not math.isfinite(number):
+            raise PydanticCustomError(
+                "finite_number", "{field} must be a finite number, got {value}", {"field": name, "value": str(value)}
+            )
+    return value
+
+
 def _check_side(name: str, value: int | None) -> int | None:
     if value is None:
         return None
@@ -46,7 +82,8 @@ def _check_side(name: str, value: int | None) -> int | None:
 
 
 class _StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: no float field takes NaN or infinity (guidance_scale also says so by name).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GenerationParams(_StrictModel):
@@ -57,6 +94,16 @@ class GenerationParams(_StrictModel):
     width: int | None = 512
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _finite(cls, value: Any, info: ValidationInfo) -> Any:
+        return _finite_number(info.field_name or "value", value)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_text(cls, value: str) -> str:
+        return _storable_text("negative_prompt", value)
 
     @field_validator("height", "width")
     @classmethod
@@ -87,6 +134,11 @@ class _SpecBase(_StrictModel):
             raise ValueError("model_name may contain only letters, digits, '_', '.' and '-'")
         return value
 
+    @field_validator("idempotency_key")
+    @classmethod
+    def _idempotency_key_text(cls, value: str | None) -> str | None:
+        return None if value is None else _storable_text("idempotency_key", value)
+
 
 def _non_blank(name: str, value: str) -> str:
     if not value.strip():
@@ -102,7 +154,7 @@ class T2ISpec(_SpecBase):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
-        return _non_blank("prompt", value)
+        return _non_blank("prompt", _storable_text("prompt", value))
 
 
 class EditSpec(_SpecBase):
@@ -114,13 +166,14 @@ class EditSpec(_SpecBase):
     @field_validator("instruction")
     @classmethod
     def _instruction_not_blank(cls, value: str) -> str:
-        return _non_blank("instruction", value)
+        return _non_blank("instruction", _storable_text("instruction", value))
 
     @field_validator("images")
     @classmethod
     def _image_refs(cls, refs: list[str]) -> list[str]:
         for position, ref in enumerate(refs):
-            if not ref or len(ref) > MAX_IMAGE_REF_CHARS or any(c.isspace() for c in ref.strip()):
+            bad_text = text_problem(ref) is not None
+            if not ref or len(ref) > MAX_IMAGE_REF_CHARS or bad_text or any(c.isspace() for c in ref.strip()):
                 raise ValueError(f"images[{position}] is not a valid image reference: {ref[:80]!r}")
             if "://" in ref:
                 if not ref.startswith(REMOTE_IMAGE_SCHEMES):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,17 +180,51 @@ def decode_image(data: bytes, limits: InputLimits) -> Image.Image:
             # PIL only warns between its own limit and twice that; make it an error we can report.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > limits.max_pixels:
-                    raise _Refused(
-                        f"{width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
-                        "pixels (decompression-bomb guard)"
-                    )
+                reason = _pixel_limit_reason(image.size, limits.max_pixels)
+                if reason:
+                    raise _Refused(reason)
                 image.load()
                 return image.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _Refused(f"refused as a possible decompression bomb: {exc}") from exc
+        raise _Refused(_bomb_reason(exc, limits.max_pixels)) from exc
     except UnidentifiedImageError as exc:
         raise _Refused(f"not a readable image: unknown or unsupported format (starts with {data[:8]!r})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _Refused(f"not a readable image: {exc}") from exc
+
+
+def pixel_limit_problem(source: bytes | str | os.PathLike[str], max_pixels: int) -> str | None:
+    """The decompression-bomb guard of :func:`decode_image` on its own, for checks before submitting:
+    why ``source`` (image bytes or a file) is over ``max_pixels`` (DG_INPUT_MAX_PIXELS), read from its
+    header only, or None. An unreadable image is None here: decoding it reports that."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                return _pixel_limit_reason(image.size, max_pixels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return _bomb_reason(exc, max_pixels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return None
+
+
+def _pixel_limit_reason(size: tuple[int, int], max_pixels: int) -> str | None:
+    width, height = size
+    if width * height <= max_pixels:
+        return None
+    return (
+        f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels} pixels "
+        "(DG_INPUT_MAX_PIXELS, a decompression-bomb guard)"
+    )
+
+
+def _bomb_reason(exc: Exception, max_pixels: int) -> str:
+    """PIL refused the header itself (over its own MAX_IMAGE_PIXELS): name the limit that applies."""
+    pil_limit = Image.MAX_IMAGE_PIXELS or max_pixels
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"Image size ({found[1]} pixels)" if found else "Image size"
+    if max_pixels <= pil_limit:
+        limit = f"the limit of {max_pixels} pixels (DG_INPUT_MAX_PIXELS)"
+    else:
+        limit = f"PIL's limit of {pil_limit} pixels (DG_INPUT_MAX_PIXELS cannot raise it)"
+    return f"refused as a possible decompression bomb: {size} is over {limit}"
