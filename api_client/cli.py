@@ -12,8 +12,10 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import textwrap
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -494,6 +496,27 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
+def _wait_for_services(client: Any) -> None:
+    """Check the database, Redis and S3 (bucket present) before the model loads. A service that is
+    down (not misconfigured) is waited for, one line per try, so a worker started during an outage
+    or before its services heals by itself instead of exiting."""
+    from api_client.errors import ServiceUnreachable
+
+    pause = 1.0
+    while True:
+        try:
+            client.check_database()
+            client.check_broker()
+            _ = client.artifacts
+            return
+        except ServiceUnreachable as exc:
+            if not exc.transient:
+                raise
+            print(f"waiting for a service: {exc} (next try in {pause:.0f} s)", file=sys.stderr, flush=True)
+            time.sleep(pause)
+            pause = min(30.0, pause * 2)
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from api_client.client import DiffgentorClient
     from worker.deepgen.env import read_deepgen_env
@@ -501,10 +524,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     client = DiffgentorClient.from_env()
     read_deepgen_env(os.environ)  # a missing DG_DEEPGEN_* variable or unknown config fails here, naming it
-    client.check_database()
     client.settings = replace(client.settings, broker_url=client.settings.worker_broker_url)
-    client.check_broker()
-    _ = client.artifacts  # S3 reachable and bucket present, before the model loads
+    _wait_for_services(client)
     extra = [arg for arg in args.celery_args if arg != "--"]
     start_worker(args.model_name, client.settings, pool=args.pool, loglevel=args.loglevel,
                  sweeper=args.sweeper, beat=args.beat, node_name=args.hostname, extra_args=extra)
@@ -526,26 +547,33 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from api_client.client import DiffgentorClient
-    from worker.sweeper import Sweeper
+    from worker.sweeper import Sweeper, SweepReport, run_loop
 
     client = DiffgentorClient.from_env()
-    client.check_services()
-    interval = args.interval or client.settings.sweep_interval_seconds
-    sweeper = Sweeper(client.settings)  # one engine and publisher for the whole --loop
+    if not args.loop:  # one sweep: fail fast on a service that is down
+        client.check_services()
+    sweeper = Sweeper(client.settings, interval_seconds=args.interval)  # one engine and publisher for --loop
+
+    def show(report: SweepReport) -> None:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        lost = " (the broker had lost its data: queued jobs published again)" if report.broker_lost else ""
+        print(f"{stamp} re-published {report.republished} job(s): {len(report.unpublished)} unpublished, "
+              f"{len(report.stale)} stale, {len(report.expired)} lease-expired{lost}", flush=True)
+        if report.error:
+            print(f"warning: publishing failed, the jobs stay for the next sweep: {report.error}", file=sys.stderr)
+
     try:
-        while True:
-            report = sweeper.sweep()
-            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            print(f"{stamp} re-published {report.republished} job(s): {len(report.unpublished)} unpublished, "
-                  f"{len(report.stale)} stale, {len(report.expired)} lease-expired", flush=True)
-            if report.error:
-                print(f"warning: publishing failed, the jobs stay for the next sweep: {report.error}",
-                      file=sys.stderr)
-            if not args.loop:
-                return int(ExitCode.OK)
-            time.sleep(interval)
+        if args.loop:
+            # Survives every fault: one log line per failed sweep, a growing pause, then on again.
+            # SIGTERM (docker stop) ends it cleanly: the sweeper's health row is removed.
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            run_loop(sweeper, stop=stop, on_report=show)
+        else:
+            show(sweeper.sweep())
     finally:
         sweeper.close()
+    return int(ExitCode.OK)
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from worker.http_fetch import FetchError, fetch_http
 from worker.redact import redact_url
-from worker.storage import ArtifactStore, ObjectNotFoundError, StorageError, open_store
+from worker.storage import ArtifactStore, ObjectNotFoundError, StorageError, StorageUnavailable, open_store
 
 StoreFactory = Callable[[str], ArtifactStore]
 """Given ``s3://bucket``, return a store that can read objects of that bucket."""
@@ -143,6 +143,8 @@ def _read_s3(ref: str, bucket: str, store_factory: StoreFactory, limits: InputLi
         return store_factory(f"s3://{bucket}").get_bytes(ref, max_bytes=limits.max_bytes)
     except ObjectNotFoundError as exc:
         raise _Refused("not found in object storage") from exc
+    except StorageUnavailable:
+        raise  # the store is down, not the input bad: the runner retries and requeues (docs/jobs.md)
     except StorageError as exc:
         raise _Refused(str(exc)) from exc
 
