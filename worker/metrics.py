@@ -11,7 +11,7 @@ sub-lists), so it is correct even while the worker is busy or not consuming.
 
 A scrape never fails because a dependency does: with Redis down the collector exports
 `diffgentor_broker_up 0` without depths, logs one line (first failure and each back-off
-step, `worker.registry.Backoff`) and does not try Redis again for 5, 10, then 20 s, so a hung
+step, `worker.backoff.Backoff`) and does not try Redis again for 5, 10, then 20 s, so a hung
 broker does not cost every scrape its timeout; a collector error of any other kind is
 handled the same way instead of raising into prometheus-client on every scrape.
 """
@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.registry import Backoff
+from worker.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,6 @@ def instrument_engine(factory: Callable[[], Any], model: str | None = None) -> C
 
 _model: str = "unknown"
 _exporter: Any = None
-_installed = False
 
 
 def current_model() -> str:
@@ -267,50 +266,3 @@ def start_exporter(model: str, queues: Sequence[str], broker_url: str | None, po
 def set_model(model: str) -> None:
     global _model
     _model = model
-
-
-# ---- Celery wiring (connected by worker.tasks; runs in the process that executes jobs) -------
-
-def model_queues(app: Any) -> list[str]:
-    """The model queues this worker consumes (`-Q`), without the sweeper's queue."""
-    from worker.celery_app import SWEEP_QUEUE
-
-    return [name for name in app.amqp.queues.consume_from or {} if name != SWEEP_QUEUE]
-
-
-def install(app: Any) -> None:
-    """Start the exporter in each job-running process and time every `run_job` delivery."""
-    from celery import signals
-
-    from worker.publish import RUN_JOB_TASK_NAME
-
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    started: dict[str, float] = {}
-
-    def on_process_init(**_: Any) -> None:
-        queues = model_queues(app)
-        set_model(queues[0] if queues else "unknown")
-        port = metrics_port()
-        if port:
-            try:
-                start_exporter(current_model(), queues, app.conf.broker_url, port)
-            except OSError:  # the worker still serves jobs; the scrape target shows it down
-                log.exception("could not serve metrics on port %d", port)
-
-    def on_prerun(task_id: str, task: Any, **_: Any) -> None:
-        if task.name == RUN_JOB_TASK_NAME:
-            started[task_id] = time.perf_counter()
-            job_started(current_model())
-
-    def on_postrun(task_id: str, task: Any, retval: Any = None, **_: Any) -> None:
-        began = started.pop(task_id, None)
-        if task.name == RUN_JOB_TASK_NAME and began is not None:
-            status = retval if isinstance(retval, str) else "error"
-            job_finished(current_model(), status, time.perf_counter() - began)
-
-    signals.worker_process_init.connect(on_process_init, weak=False)
-    signals.task_prerun.connect(on_prerun, weak=False)
-    signals.task_postrun.connect(on_postrun, weak=False)

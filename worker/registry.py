@@ -29,7 +29,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -39,7 +38,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.enums import JobStatus
 from schemas.tables import Job, WorkerRecord, utcnow
+from worker.backoff import Backoff
 from worker.claims import relaxed
+from worker.transient import one_line
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ SWEEPER_MODEL = "*"
 SWEEPER_QUEUE = "diffgentor.sweep"  # worker.celery_app.SWEEP_QUEUE (not imported: health runs without Celery)
 MIN_STALE_SECONDS = 15.0
 PRUNE_EVERY_BEATS = 60  # the heartbeat thread expires stale rows about every 60 beats
-MAX_BACKOFF_FACTOR = 4  # a failing loop waits up to 4 x its interval
 
 
 @dataclass(frozen=True)
@@ -103,64 +103,6 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # cannot tell: keep the row
     return True
-
-
-def describe_error(exc: BaseException) -> str:
-    """`ErrorClass: first line of the message` (a DBAPI error reports the driver's error)."""
-    inner = getattr(exc, "orig", None)
-    error = inner if isinstance(inner, BaseException) else exc
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    message = lines[0] if lines else ""
-    if len(message) > 300:
-        message = message[:297] + "..."
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
-
-class Backoff:
-    """Consecutive failures of one background loop: how long to wait next, and what to log.
-
-    After n consecutive failures the loop waits `interval x min(2**(n-1), max_factor)` (1x,
-    2x, 4x, 4x ...); a success resets it. The first failure and each new back-off step log
-    one WARNING line with the error class and message (so at most three lines per outage with
-    the default cap), the recovery one INFO line; the traceback only at DEBUG level.
-    """
-
-    def __init__(self, what: str, logger: logging.Logger | None = None, *,
-                 max_factor: int = MAX_BACKOFF_FACTOR) -> None:
-        self.what = what
-        self.log = logger or log
-        self.max_factor = max_factor
-        self.failures = 0
-        self._failing_since: float | None = None
-
-    @property
-    def factor(self) -> int:
-        return min(2 ** max(self.failures - 1, 0), self.max_factor)
-
-    def delay(self, interval_seconds: float) -> float:
-        return interval_seconds * self.factor
-
-    def failed(self, exc: BaseException, interval_seconds: float) -> float:
-        """Record a failure; returns the wait before the next try."""
-        previous = self.factor if self.failures else 0
-        self.failures += 1
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-        wait = self.delay(interval_seconds)
-        if self.factor != previous:
-            self.log.warning("%s failed (%s)%s%s", self.what, describe_error(exc),
-                             f"; retrying in {wait:.3g}s" if wait > 0 else "",
-                             "" if self.failures == 1 else f" ({self.failures} failures in a row)")
-        if self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("%s failure %d", self.what, self.failures, exc_info=exc)
-        return wait
-
-    def succeeded(self) -> None:
-        if self.failures:
-            down = time.monotonic() - (self._failing_since or time.monotonic())
-            self.log.info("%s works again after %d failure(s) over %.0fs", self.what, self.failures, down)
-        self.failures = 0
-        self._failing_since = None
 
 
 class WorkerRegistry:
@@ -354,8 +296,8 @@ class Presence:
         self._registered = False
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._beat_backoff = Backoff(f"heartbeat of worker {worker_id}")
-        self._prune_backoff = Backoff("expiry of stale worker entries")
+        self._beat_backoff = Backoff(f"heartbeat of worker {worker_id}", log)
+        self._prune_backoff = Backoff("expiry of stale worker entries", log)
         self._thread = threading.Thread(target=self._loop, name="worker-presence", daemon=True)
 
     @property
@@ -375,7 +317,7 @@ class Presence:
             self.registry.unregister(self.worker_id)
         except Exception as exc:  # the row goes stale and expires
             log.warning("could not remove worker %s from the registry (%s)", self.worker_id,
-                        describe_error(exc))
+                        one_line(exc))
 
     def job_started(self, job_id: str) -> None:
         with self._lock:
@@ -443,79 +385,6 @@ class Presence:
             self._wake.clear()
 
 
-# ---- Celery wiring (connected by worker.tasks) ------------------------------------------------
-
-_presence: Presence | None = None
-_installed = False
-_node: str | None = None  # this worker's Celery node name, set in the main process by `worker_init`
-
-
-def current_presence() -> Presence | None:
-    return _presence
-
-
 def node_name(value: object) -> str | None:
     """A Celery node name (`name@host`) or None."""
     return value if isinstance(value, str) and "@" in value else None
-
-
-def remember_node(sender: object = None, **_: object) -> None:
-    """`worker_init` handler: the WorkController, in the main process before the pool starts.
-
-    Prefork children inherit the name, so it is there even where `worker_process_init`
-    carries no sender (Celery < 5.6 sends None; 5.6+ sends the node name, which wins).
-    """
-    global _node
-    _node = node_name(getattr(sender, "hostname", None)) or _node
-
-
-def install(app: object) -> None:
-    """Register the job-running process at start, track its deliveries, unregister on shutdown."""
-    from celery import signals
-
-    from worker.publish import RUN_JOB_TASK_NAME
-
-    global _installed
-    if _installed:
-        return
-    _installed = True
-
-    def on_process_init(sender: object = None, **_: object) -> None:
-        global _presence
-        from worker import metrics, tasks
-        from worker.db import make_engine, session_factory
-
-        try:
-            settings = tasks.settings()
-            queues = metrics.model_queues(app)
-            registry = WorkerRegistry(session_factory(make_engine(settings.database_url)))
-            presence = Presence(registry, tasks.worker_id(), model_name=queues[0] if queues else "unknown",
-                                queue=",".join(queues), interval_seconds=settings.heartbeat_seconds,
-                                node=node_name(sender) or _node)
-            presence.start()
-        except Exception:  # jobs still run; `diffgentor health` shows no worker for this model
-            log.exception("could not register this worker in the workers table")
-            return
-        _presence = presence
-
-    def on_prerun(task: object, args: tuple[object, ...] = (), **_: object) -> None:
-        if _presence is not None and getattr(task, "name", None) == RUN_JOB_TASK_NAME and args:
-            _presence.job_started(str(args[0]))
-
-    def on_postrun(task: object, args: tuple[object, ...] = (), retval: object = None, **_: object) -> None:
-        if _presence is not None and getattr(task, "name", None) == RUN_JOB_TASK_NAME and args:
-            _presence.job_finished(str(args[0]), retval if isinstance(retval, str) else "error")
-
-    def on_shutdown(**_: object) -> None:
-        global _presence
-        presence, _presence = _presence, None
-        if presence is not None:
-            presence.stop()
-
-    signals.worker_init.connect(remember_node, weak=False)
-    signals.worker_process_init.connect(on_process_init, weak=False)
-    signals.task_prerun.connect(on_prerun, weak=False)
-    signals.task_postrun.connect(on_postrun, weak=False)
-    # prefork child: worker_process_shutdown; solo pool (no child): worker_shutdown.
-    signals.worker_process_shutdown.connect(on_shutdown, weak=False)
-    signals.worker_shutdown.connect(on_shutdown, weak=False)

@@ -12,8 +12,6 @@ twice is harmless: the claim lets exactly one delivery run the job (docs/jobs.md
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +21,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import broker_epoch
+from worker.backoff import Backoff
 from worker.broker_epoch import BrokerEpoch
 from worker.jobstore import JobStore
 from worker.publish import Publisher
+from worker.registry import WorkerRegistry, default_sweeper_id
 from worker.settings import Settings
 from worker.transient import one_line
 
@@ -61,7 +61,7 @@ class Sweeper:
                  publisher: Publisher | None = None, interval_seconds: float | None = None) -> None:
         self.settings = settings
         self.interval_seconds = interval_seconds or settings.sweep_interval_seconds
-        self.sweeper_id = f"sweeper:{socket.gethostname()}:{os.getpid()}"
+        self.sweeper_id = default_sweeper_id()
         self._store = store
         self._publisher = publisher
         self._engine: sa.Engine | None = None  # only the engine this object created (disposed on close)
@@ -106,8 +106,6 @@ class Sweeper:
 
     def _record_sweep(self) -> None:
         """Refresh this sweeper's row (health: "sweeper stalled"); a failure here is only logged."""
-        from worker.registry import WorkerRegistry
-
         try:
             WorkerRegistry(self.store.sessions).record_sweep(self.sweeper_id, interval_seconds=self.interval_seconds)
             self._registered = True
@@ -117,8 +115,6 @@ class Sweeper:
     def close(self) -> None:
         """Release connections; a sweeper that recorded itself removes its row (a clean stop)."""
         if self._registered:
-            from worker.registry import WorkerRegistry
-
             try:
                 WorkerRegistry(self.store.sessions).unregister(self.sweeper_id)
             except Exception as exc:
@@ -148,25 +144,26 @@ def run_loop(sweeper: Sweeper, *, stop: threading.Event | None = None,
              on_report: Callable[[SweepReport], None] | None = None) -> None:
     """Sweep every `sweeper.interval_seconds` until `stop` is set; never ends on a fault.
 
-    A failed sweep (database, broker or store unreachable) logs one line and the next try
-    comes after a growing pause (interval x 1, 2, 4 ... at most max(interval, 30 s)); the
-    first good sweep resets it.
+    A failed sweep (database, broker or store unreachable, or a publish that failed) logs one
+    line per back-off step and the next try comes after interval x 1, 2, 4 ... up to about
+    max(interval, 30 s); the first good sweep resets it.
     """
     stop = stop or threading.Event()
     interval = sweeper.interval_seconds
-    failures = 0
+    backoff = Backoff("sweep", log, max_factor=max(1, int(MAX_BACKOFF_SECONDS // interval)))
     while not stop.is_set():
         try:
             report = sweeper.sweep()
         except Exception as exc:
-            failures += 1
-            pause = min(interval * 2 ** (failures - 1), max(interval, MAX_BACKOFF_SECONDS))
-            log.warning("sweep failed (%s); next try in %.0f s", one_line(exc), pause)
+            pause = backoff.failed(exc, interval)
         else:
-            failures = failures + 1 if report.error else 0
-            pause = interval
             if on_report is not None:
                 on_report(report)
+            if report.error:
+                pause = backoff.failed(RuntimeError(report.error), interval)
+            else:
+                backoff.succeeded()
+                pause = interval
         stop.wait(pause)
 
 

@@ -7,21 +7,19 @@ task, i.e. inside the prefork child: nothing CUDA-related exists in the parent t
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from worker import metrics, registry
+from worker import hooks, metrics, process
 from worker.celery_app import SWEEP_TASK_NAME, app
 from worker.publish import RUN_JOB_TASK_NAME
 from worker.runner import JobRunner, ResidentEngine, RunOutcome, load_deepgen_engine
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 if TYPE_CHECKING:
     from worker.sweeper import Sweeper
@@ -30,12 +28,9 @@ log = logging.getLogger(__name__)
 
 # Operations hooks (docs/operations.md): /metrics and the workers-table heartbeat, both in
 # the process that runs jobs (the prefork child, or the main process with --pool solo).
-metrics.install(app)
-registry.install(app)
+hooks.install(app)
 
 _runner: JobRunner | None = None
-_worker_id: str | None = None
-_settings: Settings | None = None
 _sweeper: Sweeper | None = None
 # Back-off before a delivery whose claim met a database error goes back to the queue.
 DB_RETRY_MIN_SECONDS = 1.0
@@ -45,24 +40,16 @@ _db_failures = 0  # consecutive, in this process
 
 def configure(settings: Settings) -> None:
     """Settings for the jobs of this worker (set in the parent, inherited by prefork children)."""
-    global _settings, _runner, _sweeper
-    _settings = settings
+    global _runner, _sweeper
+    process.configure(settings)
     _runner = None
     if _sweeper is not None:
         _sweeper.close()
     _sweeper = None
 
 
-def settings() -> Settings:
-    return _settings or load_settings()
-
-
-def worker_id() -> str:
-    """Unique per process (a prefork child replaced after a crash gets a new identity)."""
-    global _worker_id
-    if _worker_id is None or not _worker_id.startswith(f"{socket.gethostname()}:{os.getpid()}:"):
-        _worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    return _worker_id
+settings = process.settings
+worker_id = process.worker_id
 
 
 def runner() -> JobRunner:

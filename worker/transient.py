@@ -89,6 +89,12 @@ def retry_transient(operation: Callable[[], _T], *, what: str, budget_seconds: f
 
 
 def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line, cut to 300 characters: how loops log a failure."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
+    """`ErrorClass: first line of the message`, at most 300 characters: how loops log a failure
+    (a DBAPI error reports the driver's error, not SQLAlchemy's wrapper with the statement)."""
+    inner = getattr(exc, "orig", None)
+    error = inner if isinstance(inner, BaseException) else exc
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    if len(message) > 300:
+        message = message[:297] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

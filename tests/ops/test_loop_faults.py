@@ -22,8 +22,9 @@ from sqlalchemy.engine import make_url
 
 from tests.ops.conftest import RedisServer, TcpForwarder
 from worker import metrics
+from worker.backoff import Backoff
 from worker.db import make_engine, session_factory
-from worker.registry import Backoff, Presence, WorkerRegistry
+from worker.registry import Presence, WorkerRegistry
 from worker.testing import wait_for
 
 

@@ -133,7 +133,7 @@ def test_killed_prefork_child_is_replaced_and_a_killed_worker_is_gone(
 def test_node_name_reaches_prefork_children_without_a_signal_sender(monkeypatch: pytest.MonkeyPatch) -> None:
     """Celery < 5.6 sends `worker_process_init` without a sender: the name the `worker_init`
     handler saw in the main process (inherited by the forked child) is used."""
-    from worker import registry as registry_module
+    from worker import hooks as registry_module
 
     class _WorkController:  # what Celery sends with `worker_init`: the worker, its node name expanded
         hostname = "deepgen-x1@gpu7"
