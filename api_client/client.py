@@ -312,16 +312,21 @@ class DiffgentorClient:
         if isinstance(image, str) and image.lower().startswith(_REMOTE_SCHEMES):
             return image
         if isinstance(image, Image.Image):
+            if image.width * image.height > self.settings.input_max_pixels:
+                raise InputFileError(f"the PIL image given to submit_edit has {image.width}x{image.height} pixels, "
+                                     f"over DG_INPUT_MAX_PIXELS={self.settings.input_max_pixels}")
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             return self._upload_input(buffer.getvalue(), "png")
         if isinstance(image, bytes | bytearray):
             data = bytes(image)
+            self._check_pixels(data, "bytes given to submit_edit")
             return self._upload_input(data, _image_suffix(data, "bytes given to submit_edit"))
         if isinstance(image, str | os.PathLike):
             path = Path(image).expanduser()
             if not path.is_file():
                 raise InputFileError(f"input image {path} does not exist")
+            self._check_pixels(path, str(path))
             if self.embedded and self.settings.allow_local_inputs:
                 return str(path.resolve())  # the in-process worker reads the producer's own files
             data = path.read_bytes()
@@ -329,6 +334,14 @@ class DiffgentorClient:
         raise InputFileError(
             f"unsupported input image type {type(image).__name__}: give a path, PIL image, bytes or URL"
         )
+
+    def _check_pixels(self, source: bytes | Path, name: str) -> None:
+        """A decompression bomb is refused here, at submit, naming the image and the limit."""
+        from api_client.inputs import local_image_problem
+
+        problem = local_image_problem(source, self.settings.input_max_pixels)
+        if problem is not None:
+            raise InputFileError(f"input image {name}: {problem}")
 
     def _upload_input(self, data: bytes, suffix: str) -> str:
         from worker.storage import StorageError, content_addressed_key, file_uri_to_path

@@ -69,7 +69,7 @@ def worker_factory(server_env: dict[str, str], model_name: str, tmp_path: Path) 
 def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, worker_factory, tmp_path: Path) -> None:
     upgraded = run_cli(["db", "upgrade"], server_env)
     assert upgraded.code == 0, upgraded.stderr
-    assert "is at revision 0001" in upgraded.stdout
+    assert "is at revision 0002" in upgraded.stdout
 
     client = DiffgentorClient.from_env(server_env)
     params = {"num_inference_steps": 2, "height": 64, "width": 64}
@@ -97,7 +97,7 @@ def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, wor
     done = client.wait([retried, first, again[1].job], timeout=120)
     assert [job.status.value for job in done] == ["succeeded"] * 3, [job.error_message for job in done]
     uri = client.artifact_uris(done[0])[0]
-    assert uri == f"{server_env['DG_STORAGE_URL']}/jobs/{retried.id}/0.png"
+    assert uri == f"{server_env['DG_STORAGE_URL']}/jobs/{retried.id}/1/0.png"
     assert client.presigned_urls(done[0])[0].startswith(server_env["DG_S3_ENDPOINT_URL"])
     assert [image.size for image in client.open_images(done[0])] == [(64, 64)]
     assert client.download(done[0], tmp_path / "dl")[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -60,7 +60,7 @@ def test_submit_many_keeps_order_and_idempotency(client: DiffgentorClient, tmp_p
     done = client.wait([item.job for item in submitted[:2]], timeout=60, progress=True)
     assert [job.status.value for job in done] == ["succeeded", "succeeded"]
     uris = client.artifact_uris(done[0])
-    assert len(uris) == 1 and uris[0].startswith("file://") and uris[0].endswith(f"/jobs/{done[0].id}/0.png")
+    assert len(uris) == 1 and uris[0].startswith("file://") and uris[0].endswith(f"/jobs/{done[0].id}/1/0.png")
     assert client.presigned_urls(done[0]) == uris
     assert [image.size for image in client.open_images(done[0])] == [(64, 64)]
     paths = client.download(done[0], tmp_path / "dl")

@@ -331,8 +331,6 @@ def test_python_client_refuses_before_submitting(call: Callable[[object], object
     assert fragment in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="api_client/client.py (_image_suffix) does not yet call "
-                                       "api_client.inputs.local_image_problem for bytes / PIL / path inputs")
 def test_python_client_refuses_a_bomb_given_as_bytes(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from api_client.client import DiffgentorClient
 
