@@ -20,10 +20,26 @@ __all__ = ["free_port"]  # tests import it from here
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# moto's credentials for every test (S3 clients need some even to fail on a dead endpoint).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 PG_ADMIN_URL = os.environ.get("DG_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_HOST = os.environ.get("DG_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("DG_TEST_REDIS_PORT", "6379"))
+
+
+# Fixtures that reach a service (directly or through another fixture): a test that uses one is
+# marked `integration`, so `pytest -m "not integration"` is the services-free tier (README).
+SERVICE_FIXTURES = frozenset({"pg_url", "migrated_pg_url", "db_url", "redis_db", "redis_url", "s3_endpoint",
+                              "s3_bucket", "redis_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +113,6 @@ def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -268,8 +268,8 @@ def test_cancel_of_a_running_job_with_an_expired_lease_ends_it_at_once(store: Jo
 
 
 def test_beat_sweep_reuses_its_engine_and_publisher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import process, tasks
     from worker import sweeper as sweeper_module
-    from worker import tasks
 
     settings = load_settings({"DG_HOME": str(tmp_path), "DG_BROKER_URL": "memory://",
                               "DG_PUBLISH_GRACE_SECONDS": "0"})
@@ -288,7 +288,7 @@ def test_beat_sweep_reuses_its_engine_and_publisher(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr("worker.db.make_engine", counting_engine)
     monkeypatch.setattr(sweeper_module, "default_publisher", counting_publisher)
-    monkeypatch.setattr(tasks, "_settings", settings)
+    monkeypatch.setattr(process, "_settings", settings)
     monkeypatch.setattr(tasks, "_sweeper", None)
     created_by_first_sweep = 0
     for _ in range(3):
