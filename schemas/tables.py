@@ -99,9 +99,11 @@ class Job(Base):
 
     __table_args__ = (
         # Polling/listing by status and time, per model, and the sweeper's scans.
-        sa.Index("ix_jobs_status_created_at", "status", "created_at"),
-        sa.Index("ix_jobs_model_name_status_created_at", "model_name", "status", "created_at"),
-        sa.Index("ix_jobs_created_at", "created_at"),
+        # `id` completes list()'s sort key (created_at DESC, id DESC), so a page is an index scan
+        # with no filter even when the newest rows are of another status (bench/scale.py).
+        sa.Index("ix_jobs_status_created_at", "status", "created_at", "id"),
+        sa.Index("ix_jobs_model_name_status_created_at", "model_name", "status", "created_at", "id"),
+        sa.Index("ix_jobs_created_at", "created_at", "id"),
         sa.Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         sa.Index("ix_jobs_retry_of", "retry_of"),
         # The sweeper's scans, each on a small partial index so a sweep is flat with table size.

@@ -470,24 +470,26 @@ class JobStore:
             sa.or_(sa.and_(Job.available_at.is_(None), Job.created_at < horizon), Job.available_at <= now),
         )
         expired = sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
-        stale: list[PublishTarget] = []
-        with self._sessions() as session:
-            if republish_stale_seconds is not None:
-                stale_at = now - timedelta(seconds=republish_stale_seconds)
-                stale = self._targets(session, sa.and_(Job.status == JobStatus.QUEUED.value,
-                                                       Job.published_at < stale_at), Job.published_at, limit)
+        stale_at = None if republish_stale_seconds is None else now - timedelta(seconds=republish_stale_seconds)
+
+        def scan(conn: sa.Connection) -> SweepCandidates:
+            # Autocommit on PostgreSQL: three statements, no BEGIN/ROLLBACK round trips.
             return SweepCandidates(
-                unpublished=self._targets(session, unpublished, Job.created_at, limit),
-                stale=stale,
-                expired=self._targets(session, expired, Job.lease_expires_at, limit),
+                unpublished=self._targets(conn, unpublished, Job.created_at, limit),
+                stale=[] if stale_at is None else self._targets(
+                    conn, sa.and_(Job.status == JobStatus.QUEUED.value, Job.published_at < stale_at),
+                    Job.published_at, limit),
+                expired=self._targets(conn, expired, Job.lease_expires_at, limit),
             )
 
+        return self._read_retrying(scan)
+
     @staticmethod
-    def _targets(session: Session, where: sa.ColumnElement[bool], order: Any, limit: int) -> list[PublishTarget]:
+    def _targets(conn: sa.Connection, where: sa.ColumnElement[bool], order: Any, limit: int) -> list[PublishTarget]:
         # A job that already ran once (a crash, a fault hand-back) goes ahead of new work.
         urgent = sa.case((Job.attempts > 0, MAX_PRIORITY), else_=Job.priority)
         query = sa.select(Job.id, Job.model_name, urgent).where(where).order_by(order).limit(limit)
-        return [PublishTarget(job_id, model, priority) for job_id, model, priority in session.execute(query)]
+        return [PublishTarget(job_id, model, priority) for job_id, model, priority in conn.execute(query)]
 
     def release_expired(self, job_ids: Sequence[str]) -> list[str]:
         """Expired running jobs back to queued (unpublished, due now); the ids actually released."""

@@ -9,6 +9,8 @@ Create Date: 2026-11-30 10:00:00
 - jobs.requeues / jobs.available_at: a job handed back to the queue after an infrastructure
   fault, and the earliest time the sweeper publishes it again.
 - Partial indexes for the sweeper's three scans, so one sweep is flat with table size.
+- The listing indexes end with `id`, list()'s full sort key (created_at DESC, id DESC), so a
+  page by status is an index scan even when the newest rows are of another status.
 - workers.node / role / sweep_interval_seconds: the Celery node a process belongs to (health
   judges nodes, not child pids), and sweeper rows with their interval.
 """
@@ -29,7 +31,18 @@ UNPUBLISHED = sa.text("status = 'queued' AND published_at IS NULL")
 QUEUED = sa.text("status = 'queued'")
 
 
+LIST_INDEXES = {
+    "ix_jobs_status_created_at": (["status", "created_at"], ["status", "created_at", "id"]),
+    "ix_jobs_model_name_status_created_at": (["model_name", "status", "created_at"],
+                                             ["model_name", "status", "created_at", "id"]),
+    "ix_jobs_created_at": (["created_at"], ["created_at", "id"]),
+}
+
+
 def upgrade() -> None:
+    for name, (_before, after) in LIST_INDEXES.items():
+        op.drop_index(name, table_name="jobs")
+        op.create_index(name, "jobs", after, unique=False)
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("error_class", sa.String(length=16), nullable=True))
         batch.add_column(sa.Column("requeues", sa.Integer(), nullable=False, server_default="0"))
@@ -53,6 +66,9 @@ def downgrade() -> None:
         batch.drop_column("node")
     op.drop_index("ix_jobs_queued_published_at", table_name="jobs")
     op.drop_index("ix_jobs_unpublished_created_at", table_name="jobs")
+    for name, (before, _after) in LIST_INDEXES.items():
+        op.drop_index(name, table_name="jobs")
+        op.create_index(name, "jobs", before, unique=False)
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("available_at")
         batch.drop_column("requeues")
