@@ -1,7 +1,8 @@
 """Fetch and decode edit input images, with limits on size, time and pixel count.
 
-References may be ``s3://bucket/key`` (read through the storage layer), ``http(s)://`` URLs (public
-addresses only unless private networks are allowed: see ``worker.http_fetch``), and
+References may be ``s3://bucket/key`` (read through the storage layer, from the allowed buckets only:
+DG_INPUT_S3_BUCKETS, by default the artifact bucket), ``http(s)://`` URLs (public addresses only
+unless private networks are allowed: see ``worker.http_fetch``), and
 local paths or ``file://`` URIs only where the caller allows them (the embedded default does; a
 shared GPU worker does not, since a job spec must not read the worker's disk).
 """
@@ -12,7 +13,7 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -22,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from worker.http_fetch import FetchError, fetch_http
 from worker.redact import redact_url
+from worker.settings import ANY_BUCKET, load_settings
 from worker.storage import ArtifactStore, ObjectNotFoundError, StorageError, StorageUnavailable, open_store
 
 StoreFactory = Callable[[str], ArtifactStore]
@@ -59,8 +61,11 @@ def load_input_images(
     allow_local: bool = False,
     allow_private_networks: bool = False,
     base_dir: str | os.PathLike[str] | None = None,
+    s3_buckets: Collection[str] | None = None,
 ) -> list[Image.Image]:
     """Load every reference in order; errors are numbered from 1 as users count them."""
+    if s3_buckets is None and any(urlsplit(ref).scheme.lower() == "s3" for ref in refs):
+        s3_buckets = configured_s3_buckets()  # read the environment once for the whole list
     return [
         load_input_image(
             ref,
@@ -70,6 +75,7 @@ def load_input_images(
             allow_private_networks=allow_private_networks,
             base_dir=base_dir,
             index=number,
+            s3_buckets=s3_buckets,
         )
         for number, ref in enumerate(refs, start=1)
     ]
@@ -84,15 +90,20 @@ def load_input_image(
     allow_private_networks: bool = False,
     base_dir: str | os.PathLike[str] | None = None,
     index: int | None = None,
+    s3_buckets: Collection[str] | None = None,
 ) -> Image.Image:
     """Fetch ``ref`` and return it as an RGB image, or raise :class:`InputImageError`.
 
     ``allow_private_networks=False`` (the worker default) refuses http(s) URLs whose host resolves
     to a loopback, private, link-local, multicast, reserved or unspecified address (SSRF guard).
+
+    ``s3_buckets``: the buckets an ``s3://`` reference may name (``"*"`` among them: any bucket);
+    None reads them from this process's environment (:func:`configured_s3_buckets`). A caller
+    holding a ``Settings`` passes ``settings.allowed_input_s3_buckets``.
     """
     limits = limits or InputLimits()
     try:
-        data = _fetch_bytes(ref, store_factory, limits, allow_local, allow_private_networks, base_dir)
+        data = _fetch_bytes(ref, store_factory, limits, allow_local, allow_private_networks, base_dir, s3_buckets)
         return decode_image(data, limits)
     except _Refused as exc:
         raise InputImageError(ref, str(exc), index) from exc.__cause__
@@ -102,6 +113,12 @@ class _Refused(Exception):
     """Internal: a reason without the reference, wrapped into InputImageError at the top."""
 
 
+def configured_s3_buckets() -> frozenset[str]:
+    """The buckets DG_INPUT_S3_BUCKETS allows in this process's environment (by default the
+    artifact bucket of DG_STORAGE_URL when it is s3://, else none)."""
+    return load_settings().allowed_input_s3_buckets
+
+
 def _fetch_bytes(
     ref: str,
     store_factory: StoreFactory,
@@ -109,11 +126,12 @@ def _fetch_bytes(
     allow_local: bool,
     allow_private_networks: bool,
     base_dir: str | os.PathLike[str] | None,
+    s3_buckets: Collection[str] | None,
 ) -> bytes:
     parts = urlsplit(ref)
     scheme = parts.scheme.lower()
     if scheme == "s3":
-        return _read_s3(ref, parts.netloc, store_factory, limits)
+        return _read_s3(ref, parts.netloc, store_factory, limits, s3_buckets)
     if scheme in {"http", "https"}:
         try:
             return fetch_http(
@@ -136,9 +154,18 @@ def _fetch_bytes(
     raise _Refused(f"unsupported scheme '{scheme}://'; use s3://, http:// or https://")
 
 
-def _read_s3(ref: str, bucket: str, store_factory: StoreFactory, limits: InputLimits) -> bytes:
+def _read_s3(ref: str, bucket: str, store_factory: StoreFactory, limits: InputLimits,
+             s3_buckets: Collection[str] | None) -> bytes:
     if not bucket:
         raise _Refused("expected s3://bucket/key")
+    allowed = configured_s3_buckets() if s3_buckets is None else s3_buckets
+    # Exact match on the whole authority: "s3://user@bucket" or "s3://bucket:1" is not "bucket".
+    if ANY_BUCKET not in allowed and bucket not in allowed:
+        raise _Refused(
+            f"bucket {bucket!r} is not allowed for input images on this worker "
+            "(DG_INPUT_S3_BUCKETS; by default only the artifact bucket of DG_STORAGE_URL): "
+            "use an allowed bucket or an http(s):// URL, or ask the operator to add the bucket"
+        )
     try:
         return store_factory(f"s3://{bucket}").get_bytes(ref, max_bytes=limits.max_bytes)
     except ObjectNotFoundError as exc:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from worker.redact import redact_url
 
@@ -19,6 +20,7 @@ DEFAULT_WORKER_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_HOME = "~/.diffgentor"
 SQLITE_FILE_NAME = "jobs.sqlite3"
 ARTIFACTS_DIR_NAME = "artifacts"
+ANY_BUCKET = "*"
 
 T = TypeVar("T")
 
@@ -61,10 +63,21 @@ class Settings:
     input_max_pixels: int = 40_000_000
     allow_local_inputs: bool = False
     input_allow_private_networks: bool = False
+    # Buckets s3:// edit inputs may name (DG_INPUT_S3_BUCKETS); None: the artifact bucket of
+    # storage_url when it is s3://, else none. ("*",): any bucket the credentials reach.
+    input_s3_buckets: tuple[str, ...] | None = None
 
     @property
     def embedded(self) -> bool:
         return self.broker_url is None
+
+    @property
+    def allowed_input_s3_buckets(self) -> frozenset[str]:
+        """The buckets an s3:// edit input may name; contains ``"*"`` when any bucket is allowed."""
+        if self.input_s3_buckets is not None:
+            return frozenset(self.input_s3_buckets)
+        parts = urlsplit(self.storage_url)
+        return frozenset({parts.netloc}) if parts.scheme.lower() == "s3" and parts.netloc else frozenset()
 
     @property
     def worker_broker_url(self) -> str:
@@ -125,6 +138,18 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
+def _bucket_list(raw: str) -> tuple[str, ...]:
+    """Comma-separated bucket names, or ``*``; a name with a slash, colon or @ is a URL, not a bucket."""
+    names = tuple(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
+    for name in names:
+        if name != ANY_BUCKET and not all(c.isalnum() or c in "._-" for c in name):
+            raise ValueError(name)
+    return names
+
+
+_bucket_list.__name__ = "comma-separated bucket name list"
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     home = Path(env.get("DG_HOME", "").strip() or DEFAULT_HOME).expanduser()
@@ -166,4 +191,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         # SSRF guard: a shared worker must not fetch URLs that reach its own network (metadata service,
         # databases); in embedded mode the URLs are the user's own and reach only what the user can.
         input_allow_private_networks=_read(env, "DG_INPUT_ALLOW_PRIVATE_NETWORKS", _bool, broker_url is None),
+        # A job spec must not make a worker read every bucket its credentials reach.
+        input_s3_buckets=_read(env, "DG_INPUT_S3_BUCKETS", _bucket_list, None),
     )

@@ -34,14 +34,14 @@ def _load(ref: str, **kwargs: object) -> Image.Image:
 def test_s3_input_is_read_through_the_store(s3_factory, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
     data = png_bytes(10, 7, (1, 2, 3))
     uri = s3_factory(f"s3://{s3_bucket}").put_bytes(content_addressed_key(data, "png"), data)
-    image = _load(uri, store_factory=s3_factory)
+    image = _load(uri, store_factory=s3_factory, s3_buckets={s3_bucket})
     assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (10, 7), (1, 2, 3))
 
     with pytest.raises(InputImageError, match=rf"input image \(s3://{s3_bucket}/missing.png\): not found"):
-        _load(f"s3://{s3_bucket}/missing.png", store_factory=s3_factory)
+        _load(f"s3://{s3_bucket}/missing.png", store_factory=s3_factory, s3_buckets={s3_bucket})
     cap = len(data) - 1
     with pytest.raises(InputImageError, match=f"{len(data)} bytes, over the limit of {cap} bytes"):
-        _load(uri, store_factory=s3_factory, limits=InputLimits(max_bytes=cap))
+        _load(uri, store_factory=s3_factory, limits=InputLimits(max_bytes=cap), s3_buckets={s3_bucket})
 
 
 def test_http_input_and_redirect(http_images: str) -> None:
