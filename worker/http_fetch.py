@@ -6,7 +6,8 @@ read: a server that trickles one byte at a time cannot stretch the download past
 SSRF guard: unless private networks are allowed, every hop's host is resolved once, every address
 it resolves to must be public, and the socket connects to one of exactly those addresses (no
 second lookup a rebinding DNS server could answer differently). TLS still verifies, and the Host
-header still names, the host from the URL.
+header still names, the host from the URL. IPv6 addresses that carry an IPv4 address (IPv4-mapped,
+NAT64, 6to4, Teredo) are judged by that IPv4 address too.
 """
 
 from __future__ import annotations
@@ -38,10 +39,51 @@ class FetchError(Exception):
     """The download failed; ``str()`` is a short reason without the URL (the caller names it)."""
 
 
+# IPv6 prefixes whose addresses carry an IPv4 address that the packets end up at (or come from).
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: IPv4 in the last 32 bits
+_NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a site's own NAT64, never public
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # RFC 3056: 2002:AABB:CCDD::/48 relays to A.B.C.D
+_TEREDO = ipaddress.ip_network("2001::/32")  # RFC 4380: server IPv4, and the client IPv4 (obfuscated)
+
+
+def embedded_ipv4(address: IPAddress) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address carries, with how ("NAT64", "6to4", "Teredo client" ...).
+
+    A NAT64 address reaches its embedded IPv4 address through the site's translator, a 6to4 one
+    through a relay: ``64:ff9b::a9fe:a9fe`` is 169.254.169.254 and must be judged as that. The
+    local-use NAT64 prefix allows several layouts (RFC 6052); the /96 one is read here.
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    if address.ipv4_mapped is not None:
+        return [("IPv4-mapped", address.ipv4_mapped)]
+    if address in _NAT64_WELL_KNOWN or address in _NAT64_LOCAL_USE:
+        return [("NAT64", ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))]
+    if address.sixtofour is not None:
+        return [("6to4", address.sixtofour)]
+    if address.teredo is not None:
+        server, client = address.teredo
+        return [("Teredo server", server), ("Teredo client", client)]
+    return []
+
+
 def address_class(address: IPAddress) -> str | None:
-    """Why ``address`` is not a public internet address (e.g. "loopback"), or None if it is public."""
+    """Why ``address`` is not a public internet address (e.g. "loopback"), or None if it is public.
+
+    An IPv6 address that carries an IPv4 address (IPv4-mapped, NAT64, 6to4, Teredo) is judged by
+    that IPv4 address too: ``2002:7f00:1::`` is "loopback (6to4 of 127.0.0.1)".
+    """
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address_class(address.ipv4_mapped)  # ::ffff:127.0.0.1 reaches 127.0.0.1
+    for how, inner in embedded_ipv4(address):
+        kind = address_class(inner)
+        if kind is not None:
+            note = f"{how} of {inner}"
+            return f"{kind[:-1]}; {note})" if kind.endswith(")") else f"{kind} ({note})"
+    if address in _NAT64_WELL_KNOWN:
+        return None  # its IPv4 address is public (Python counts all of ::/8 as reserved)
+    if address in _NAT64_LOCAL_USE:
+        return "non-public (local-use NAT64 prefix)"
     checks = (
         ("unspecified", address.is_unspecified),
         ("loopback", address.is_loopback),

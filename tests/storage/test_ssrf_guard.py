@@ -58,6 +58,12 @@ def connections(monkeypatch: pytest.MonkeyPatch) -> list[IPAddress]:
         ("http://0.0.0.0:8080/x.png", "0.0.0.0, a unspecified address"),
         ("http://240.0.0.1/x.png", "240.0.0.1, a reserved address"),
         ("http://100.64.0.1/x.png", "100.64.0.1, a non-public address"),
+        # IPv6 addresses that carry a non-public IPv4 address (NAT64, 6to4, Teredo)
+        ("http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+         "a link-local (cloud metadata service; NAT64 of 169.254.169.254) address"),
+        ("http://[64:ff9b:1::a00:1]/x.png", "64:ff9b:1::a00:1, a private (NAT64 of 10.0.0.1) address"),
+        ("http://[2002:7f00:1::]:8080/x.png", "2002:7f00:1::, a loopback (6to4 of 127.0.0.1) address"),
+        ("http://[2001:0:808:808:0:0:80ff:fffe]/x.png", "a loopback (Teredo client of 127.0.0.1) address"),
     ],
 )
 def test_non_public_addresses_are_refused_before_connecting(
@@ -158,3 +164,41 @@ def test_address_classes() -> None:
     assert address_class(ipaddress.ip_address("ff02::1")) == "multicast"
     assert address_class(ipaddress.ip_address("fd00:ec2::254")) == "private (cloud metadata service)"
     assert address_class(ipaddress.ip_address("::ffff:10.0.0.1")) == "private"
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        # NAT64, well-known prefix 64:ff9b::/96: judged by the IPv4 address in the last 32 bits
+        ("64:ff9b::7f00:1", "loopback (NAT64 of 127.0.0.1)"),
+        ("64:ff9b::a00:1", "private (NAT64 of 10.0.0.1)"),
+        ("64:ff9b::c0a8:101", "private (NAT64 of 192.168.1.1)"),
+        ("64:ff9b::a9fe:a9fe", "link-local (cloud metadata service; NAT64 of 169.254.169.254)"),
+        ("64:ff9b::e000:1", "multicast (NAT64 of 224.0.0.1)"),
+        ("64:ff9b::f000:1", "reserved (NAT64 of 240.0.0.1)"),
+        ("64:ff9b::6440:1", "non-public (NAT64 of 100.64.0.1)"),
+        ("64:ff9b::", "unspecified (NAT64 of 0.0.0.0)"),
+        ("64:ff9b::808:808", None),  # 8.8.8.8 through the translator: public
+        ("64:ff9b::1:0:0:1", "reserved"),  # outside the /96: not NAT64, ::/8 is reserved
+        # NAT64, local-use prefix 64:ff9b:1::/48: never public, named by its IPv4 when that is not
+        ("64:ff9b:1::7f00:1", "loopback (NAT64 of 127.0.0.1)"),
+        ("64:ff9b:1:abcd::ac10:1", "private (NAT64 of 172.16.0.1)"),
+        ("64:ff9b:1::808:808", "non-public (local-use NAT64 prefix)"),
+        # 6to4 2002::/16: the IPv4 address in bits 16-47
+        ("2002:7f00:1::", "loopback (6to4 of 127.0.0.1)"),
+        ("2002:a00:1:1::5", "private (6to4 of 10.0.0.1)"),
+        ("2002:a9fe:a9fe::1", "link-local (cloud metadata service; 6to4 of 169.254.169.254)"),
+        ("2002::1", "unspecified (6to4 of 0.0.0.0)"),
+        ("2002:808:808::1", None),  # relays to 8.8.8.8: public
+        # Teredo 2001::/32: the server address, and the client address (inverted) in the last 32 bits
+        ("2001:0:7f00:1::", "loopback (Teredo server of 127.0.0.1)"),
+        ("2001:0:808:808:0:0:80ff:fffe", "loopback (Teredo client of 127.0.0.1)"),
+        ("2001:0:808:808:0:0:f5ff:fffe", "private (Teredo client of 10.0.0.1)"),
+        ("2001:0:808:808::f7f7:f7f7", "private"),  # both public: still not globally reachable (2001::/23)
+        # unchanged neighbours
+        ("::ffff:7f00:1", "loopback"),
+        ("2606:4700:4700::1111", None),
+    ],
+)
+def test_ipv6_addresses_that_carry_an_ipv4_address_are_judged_by_it(address: str, expected: str | None) -> None:
+    assert address_class(ipaddress.ip_address(address)) == expected
