@@ -39,7 +39,7 @@ class SweepReport:
     unpublished: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)  # lease expired: released to `queued` and published once
     stale: list[str] = field(default_factory=list)  # queued, published long ago: the message may be gone
-    broker_lost: bool = False  # the broker's data was found gone (worker.broker_epoch)
+    broker_lost: bool = False  # the broker lost its data and queued jobs were published again (worker.broker_epoch)
     error: str | None = None  # set when publishing failed; the rows stay for the next sweep
 
     @property
@@ -169,14 +169,19 @@ def run_loop(sweeper: Sweeper, *, stop: threading.Event | None = None,
 
 def _sweep(settings: Settings, store: JobStore, publisher_of: Callable[[], Publisher], epoch: BrokerEpoch | None,
            limit: int, max_pages: int) -> SweepReport:
-    broker_lost = epoch is not None and epoch.lost()
-    if epoch is not None and broker_lost:
+    broker_lost = False
+    if epoch is not None and epoch.lost():
         try:
             count = store.requeue_published_queued()
         except Exception:
             epoch.forget()  # the next sweep must see the loss again
             raise
-        log.warning("the broker lost its data (sentinel key gone): %d queued job(s) will be published again", count)
+        broker_lost = count > 0
+        if broker_lost:
+            log.warning("the broker lost its data (sentinel key gone): %d queued job(s) will be published again",
+                        count)
+        else:  # a new broker, or one that lost nothing still needed
+            log.info("broker sentinel key set (a new or emptied broker; no queued job needed publishing again)")
     unpublished: list[str] = []
     stale: list[str] = []
     expired: list[str] = []

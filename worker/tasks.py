@@ -20,6 +20,7 @@ from worker.celery_app import SWEEP_TASK_NAME, app
 from worker.publish import RUN_JOB_TASK_NAME
 from worker.runner import JobRunner, ResidentEngine, RunOutcome, load_deepgen_engine
 from worker.settings import Settings
+from worker.transient import one_line
 
 if TYPE_CHECKING:
     from worker.sweeper import Sweeper
@@ -119,7 +120,8 @@ def run_job(job_id: str) -> str:
         log.warning("database error while claiming job %s (%s); requeueing it in %.0f s",
                     job_id, type(exc).__name__, pause)
         time.sleep(pause)
-        raise Reject(f"database error: {type(exc).__name__}", requeue=True) from exc
+        # `from None`: Celery logs the reject; the chain would add a full traceback per try.
+        raise Reject(f"database error: {one_line(exc)}", requeue=True) from None
     _db_failures = 0
     return outcome.value
 
@@ -137,8 +139,6 @@ def sweeper() -> Sweeper:
 @app.task(name=SWEEP_TASK_NAME, ignore_result=True)
 def sweep() -> dict[str, int | str]:
     """One beat sweep; a fault is one log line and the next beat tries again (the task never raises)."""
-    from worker.transient import one_line
-
     try:
         report = sweeper().sweep()
     except Exception as exc:
