@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2VLImageProcessorPil
+import transformers
 
 from tests.engine._engine_support import load_tiny_engine
 from worker.deepgen import tiny
@@ -171,7 +171,12 @@ def test_plain_eager_padding_would_differ(engine: DeepGenEngine) -> None:
 
 def test_vit_patch_order_matches_qwen_processor() -> None:
     frame = torch.randn(3, 56, 84)
-    processor = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False)
+    # The NumPy/PIL processor: `Qwen2VLImageProcessorPil` in later transformers 5.x, where the plain name
+    # needs torchvision; `Qwen2VLImageProcessor` itself in 5.0 (docs/engine.md, 'Library versions').
+    processor_class = (
+        getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    )
+    processor = processor_class(do_resize=False, do_rescale=False, do_normalize=False)
     expected = processor(images=[frame.numpy()], return_tensors="pt", input_data_format="channels_first")
     patches, grid = qwen_patches(frame)
     assert list(grid) == expected["image_grid_thw"][0].tolist()
