@@ -12,6 +12,7 @@ task code, on SQLite and a local artifact folder under `DG_HOME`.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import time
@@ -159,7 +160,11 @@ class DiffgentorClient:
 
     @cached_property
     def _embedded_runner(self) -> EmbeddedRunner:
-        return EmbeddedRunner(self.store, self._publisher, lease_seconds=self.settings.lease_seconds)
+        runner = EmbeddedRunner(self.store, self._publisher, lease_seconds=self.settings.lease_seconds)
+        # A script that ends without close(): stop the runner thread before the interpreter tears
+        # down (a thread still inside torch then aborts the process). Unregistered by close().
+        atexit.register(runner.stop)
+        return runner
 
     def check_database_reachable(self) -> None:
         """Connect once; an unreachable database raises `ServiceUnreachable` naming the (redacted) URL."""
@@ -214,10 +219,12 @@ class DiffgentorClient:
 
     def close(self, *, finish_embedded_jobs: bool = True) -> None:
         """Release connections. Embedded jobs still running in this process are finished first
-        unless ``finish_embedded_jobs`` is False (Ctrl-C: they stay queued for a rerun)."""
+        unless ``finish_embedded_jobs`` is False (Ctrl-C: they stay queued for a rerun; at
+        interpreter exit the job then running is cancelled at its next step)."""
         runner = self.__dict__.get("_embedded_runner")
         if runner is not None and finish_embedded_jobs and not self._detached:
             runner.join()
+            atexit.unregister(runner.stop)  # nothing left to stop at exit
         publisher = self.__dict__.get("_publisher")
         if publisher is not None and hasattr(publisher, "close"):
             publisher.close()
@@ -355,9 +362,17 @@ class DiffgentorClient:
         return uri
 
     def _check_engine_env(self) -> None:
-        """Embedded jobs load the engine here: validate `DG_DEEPGEN_*` before submitting any."""
-        from worker.deepgen.env import DeepGenEnvError, read_deepgen_env
+        """Embedded jobs load the engine here: validate `DG_DEEPGEN_*` and run the worker's preflight
+        (config fits the checkpoint, device present, image token in the tokenizer) before submitting any.
 
+        Once per client and set of DG_DEEPGEN_* values (a pass is cached); DG_SKIP_PREFLIGHT=1 skips it.
+        """
+        from worker.deepgen.env import DeepGenEnvError, read_deepgen_env
+        from worker.preflight import PreflightError, deepgen_variables, run_preflight, skip_requested
+
+        variables = deepgen_variables(os.environ)
+        if self.__dict__.get("_engine_checked") == variables:
+            return
         try:
             read_deepgen_env(os.environ)
         except DeepGenEnvError as exc:
@@ -365,6 +380,12 @@ class DiffgentorClient:
                 f"{exc} (the embedded default runs the model in this process; "
                 "set the DG_DEEPGEN_* variables or run `diffgentor demo` for a tiny test model)"
             ) from None
+        if not skip_requested(os.environ):
+            try:
+                run_preflight(os.environ)
+            except PreflightError as exc:
+                raise ConfigurationError(str(exc)) from None
+        self.__dict__["_engine_checked"] = variables
 
     # ------------------------------------------------------------------------------------ query
 

@@ -3,12 +3,20 @@
 `worker.embedded.InProcessPublisher` runs a job inside `publish()`. Calling it from a background
 thread lets `submit_many` return at once and `wait` poll the job table like it does against real
 workers, so the progress bar shows steps in embedded mode too.
+
+At interpreter exit (a script that never called `close()`, or left its `with` block on an
+exception) the runner is stopped by `stop()`, which the client registers with `atexit`: jobs it
+has not started stay `queued` (the next `wait` or `diffgentor wait` runs them), and the job it is
+running is cancelled, so it stops at its next denoising step and ends `cancelled` (`retry` runs it
+again). The thread is joined before the interpreter tears down, so no thread is left inside torch
+(which aborted the process with "terminate called without an active exception").
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -20,6 +28,7 @@ from schemas.views import JobView
 
 log = logging.getLogger(__name__)
 THREAD_NAME = "diffgentor-embedded"
+_STOP_POLL_SECONDS = 0.2
 
 
 def quiet_library_progress_bars() -> None:
@@ -55,6 +64,9 @@ class EmbeddedRunner:
         # Per job: an error that stopped one job's run must not abort waits on other jobs, and a
         # later enqueue of the same job (the next wait) runs it again instead of failing at once.
         self._errors: dict[str, BaseException] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._current: Any = None  # the target being run, while one is
 
     def error_for(self, job_ids: Iterable[str]) -> BaseException | None:
         """The error that stopped the run of one of these jobs, if any."""
@@ -64,6 +76,8 @@ class EmbeddedRunner:
         from worker.jobstore import publish_target
 
         # Most urgent first, then submission order, as the worker queue would; each job once.
+        if self._stopping.is_set():
+            return  # the interpreter is exiting: the jobs stay queued for a later wait
         for job in sorted(jobs, key=lambda job: -job.priority):
             if job.id not in self._known:
                 self._known.add(job.id)
@@ -78,9 +92,70 @@ class EmbeddedRunner:
         if self._thread is not None and self._thread.is_alive():
             self._queue.join()
 
+    def stop(self) -> None:
+        """Stop at interpreter exit: jobs not started stay queued, the running one is cancelled.
+
+        Returns once the runner thread has ended, so it is never inside torch while the
+        interpreter shuts down. Idempotent.
+        """
+        thread = self._thread
+        with self._lock:
+            self._stopping.set()
+            current = self._current
+        left = self._drain()
+        if thread is None or not thread.is_alive():
+            return
+        if current is not None or left:
+            running = f"cancelling job {current.job_id} at its next step" if current is not None else ""
+            queued = f"{len(left)} job(s) not started stay queued (`diffgentor wait` runs them)" if left else ""
+            print(f"diffgentor: interpreter exit: {'; '.join(part for part in (running, queued) if part)}",
+                  file=sys.stderr, flush=True)
+        self._queue.put(None)  # ends the loop once the current job is over
+        cancelled = False
+        while thread.is_alive():
+            if current is not None and not cancelled:
+                cancelled = self._cancel_if_ours(current.job_id)
+            thread.join(_STOP_POLL_SECONDS)
+
+    def _drain(self) -> list[str]:
+        left = []
+        while True:
+            try:
+                target = self._queue.get_nowait()
+            except queue.Empty:
+                return left
+            if target is not None:
+                left.append(target.job_id)
+                self._known.discard(target.job_id)
+            self._queue.task_done()
+
+    def _cancel_if_ours(self, job_id: str) -> bool:
+        """Cancel the job once this process runs it (True when done or nothing is left to do)."""
+        try:
+            job = self._store.get(job_id)
+            if job.is_terminal or job.cancel_requested:
+                return True
+            if job.status != JobStatus.RUNNING:
+                return False  # not claimed yet: look again on the next poll
+            if job.worker_id != getattr(self._publisher, "worker_id", None):
+                return True  # another process's job (left by a killed run): not ours to cancel
+            self._store.cancel(job_id)
+            return True
+        except Exception:  # the job database is gone: the lease expires and a rerun takes over
+            log.debug("could not cancel embedded job %s at exit", job_id, exc_info=True)
+            return True
+
     def _loop(self) -> None:
         while True:
             target = self._queue.get()
+            with self._lock:
+                stopping = self._stopping.is_set()
+                self._current = None if stopping else target
+            if target is None or stopping:
+                self._queue.task_done()
+                if target is None:
+                    return
+                continue
             try:
                 self._run(target)
             except Exception as exc:  # surfaced by DiffgentorClient.wait of this job, as one line
@@ -88,6 +163,8 @@ class EmbeddedRunner:
                 self._errors[target.job_id] = exc
                 self._known.discard(target.job_id)  # may be enqueued again
             finally:
+                with self._lock:
+                    self._current = None
                 self._queue.task_done()
 
     def _run(self, target: Any) -> None:
@@ -102,8 +179,8 @@ class EmbeddedRunner:
                 return
             if job.status == JobStatus.QUEUED and job.available_at is not None:
                 # Handed back after an infrastructure fault: run it again when it is due.
-                time.sleep(max(0.0, (job.available_at - utcnow()).total_seconds()))
+                if self._stopping.wait(max(0.0, (job.available_at - utcnow()).total_seconds())):
+                    return  # interpreter exit: it stays queued
                 continue
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self._stopping.wait(1.0):
                 return
-            time.sleep(1.0)

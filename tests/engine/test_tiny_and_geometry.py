@@ -1,5 +1,6 @@
 """Tiny model layout and determinism; the full-size DeepGen built on the meta device has exactly
-the released checkpoint's key families and shapes (reference doc §1, §5)."""
+the released checkpoint's key families and shapes (docs/engine.md, 'Model structure' and
+'Checkpoint key names')."""
 
 from __future__ import annotations
 

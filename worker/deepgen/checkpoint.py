@@ -1,10 +1,10 @@
 """DeepGen checkpoint files: read, group keys by family, check shapes and load, with a key report.
 
 The released `model.pt` is a flat `{name: tensor}` dict whose names are the model's attribute
-paths (reference doc §5). Missing query/projector/connector keys and any shape mismatch are
-errors; unexpected keys are reported and logged, never dropped silently. `lmm.*` base weights load
-into the LLM under either transformers hierarchy (reference doc §4, §10.11); LoRA keys are left to
-`lora.py`.
+paths (docs/engine.md, 'Checkpoint key names'). Missing query/projector/connector keys and any shape
+mismatch are errors; unexpected keys are reported and logged, never dropped silently. `lmm.*` base
+weights load into the LLM under either transformers hierarchy (docs/engine.md, 'Checkpoint key names' and
+'Reference defects we fix'); LoRA keys are left to `lora.py`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
-# Reference defaults (deepgen.py / DeepGenModelConfig of the reference tool, reference doc §6).
+# Reference defaults: the released model's values (docs/engine.md, 'Config files').
 DEFAULT_NUM_QUERIES = 128
 DEFAULT_CONNECTOR: dict[str, Any] = dict(
     hidden_size=2048,

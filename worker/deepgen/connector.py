@@ -1,7 +1,8 @@
 """The connector between the LLM and the DiT: a stack of SigLIP-style pre-LN encoder layers.
 
 Bidirectional attention over the whole sequence with no mask, no positional embedding and no final
-norm (reference doc §1, §2.5). Parameter names match the checkpoint's `connector.*` keys.
+norm (docs/engine.md, 'Connector and conditioning'). Parameter names match the checkpoint's
+`connector.*` keys (docs/engine.md, 'Checkpoint key names').
 """
 
 from __future__ import annotations

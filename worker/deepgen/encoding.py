@@ -1,6 +1,7 @@
 """Prompt (and reference image) encoding: tokens -> LLM hidden states -> connector -> DiT conditioning.
 
-Order of operations follows the reference exactly (doc §2.2-§2.5, §3.3):
+Order of operations follows the reference exactly (docs/engine.md, 'Text encoding', 'Layer picks',
+'Padding semantics', 'Connector and conditioning' and 'Edit prompt and image tokens'):
 positives and negatives tokenised together and left-padded; 128 think queries appended; Qwen's own
 `get_rope_index` for the 3-D positions; the inner language model (never the LM head) run with FA2
 padding semantics; the picked hidden states concatenated deepest first; connector and projections.
@@ -40,7 +41,10 @@ class PromptConditioning:
         return self.context[:b], self.pooled[:b]
 
     def negative_then_positive(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CFG batch order of the reference DiT call: [negative; positive]."""
+        """The CFG batch order of the reference DiT call: [negative; positive].
+
+        docs/engine.md, 'Sampling and CFG order'.
+        """
         b = self.batch_size
         context = torch.cat([self.context[b:], self.context[:b]])
         pooled = torch.cat([self.pooled[b:], self.pooled[:b]])

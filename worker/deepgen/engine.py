@@ -3,7 +3,8 @@
 Each call: validate -> prompt strings -> LLM + connector conditioning -> (edit) reference latents ->
 flow-match sampling -> VAE decode, with per-stage timings and the call's peak memory. Several input
 images condition one edit: all of them sit in the VLM prompt's image blocks and are concatenated as
-reference latents into the one sample's DiT sequence (the reference tool edited only the first).
+reference latents into the one sample's DiT sequence (the reference tool edited only the first;
+docs/engine.md, 'Several input images').
 """
 
 from __future__ import annotations

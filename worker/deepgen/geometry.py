@@ -1,4 +1,6 @@
-"""Full-size DeepGen 1.0 geometry (reference doc §1): Qwen2.5-VL-3B-Instruct and SD3.5-Medium.
+"""Full-size DeepGen 1.0 geometry: Qwen2.5-VL-3B-Instruct and SD3.5-Medium.
+
+The numbers are those of docs/engine.md, 'Model structure'.
 
 Used to build the released model's shapes without weights (the `meta`-device key check) and with
 random weights (the GPU benchmark). Real runs read these numbers from the model folders instead.

@@ -1,9 +1,9 @@
-"""Latents <-> pixels through the VAE (reference doc §2.7, §3.4).
+"""Latents <-> pixels through the VAE (docs/engine.md, 'Decoding' and 'Reference latents in the DiT').
 
 Decoding follows the reference exactly. Encoding references takes a *sample* of the VAE posterior as
 the reference does, but from a generator seeded with the request seed instead of the global RNG
-(a documented deviation): the same seed then gives byte-identical PNGs, and a job never touches
-process-global random state.
+(a deliberate deviation, docs/engine.md, 'Reference defects we fix'): the same seed then gives
+byte-identical PNGs, and a job never touches process-global random state.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """LoRA weights for the LLM: detect them in a checkpoint (both transformers namings), apply with
 peft using the config's rank and alpha, and merge them into the base weights for inference.
 
-Reference doc §4: LoRA sits only on the VLM (`lmm`), on Linear and Embedding modules, with scale
+docs/engine.md, 'LoRA': LoRA sits only on the VLM (`lmm`), on Linear and Embedding modules, with scale
 alpha/r. Keys look like `lmm.<module>.lora_A.default.weight` (or without the adapter name) and
 `lmm.<module>.lora_embedding_A.default`, with `<module>` in either Qwen2.5-VL hierarchy.
 """

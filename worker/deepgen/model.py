@@ -1,7 +1,8 @@
 """The DeepGen module tree: LLM, think queries, projectors, connector and DiT.
 
-Attribute names are the checkpoint's key prefixes (reference doc §5), so `state_dict()` keys are
-exactly `meta_queries`, `projector_{1,2,3}.*`, `connector.*`, `transformer.*` and `lmm.*`.
+Attribute names are the checkpoint's key prefixes (docs/engine.md, 'Checkpoint key names'), so
+`state_dict()` keys are exactly `meta_queries`, `projector_{1,2,3}.*`, `connector.*`, `transformer.*`
+and `lmm.*`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import nn
 
 from worker.deepgen.connector import ConnectorConfig, ConnectorEncoder
 
-# The reference caps the stacked hidden states at six (RL code slices `[:6]`); 36 layers give six.
+# At most six stacked hidden states, as DeepGen's later training code; 36 layers give six
+# (docs/engine.md, 'Layer picks').
 MAX_SELECTED_LAYERS = 6
 SELECTED_LAYER_STRIDE = 6
 
@@ -65,8 +67,8 @@ class DeepGenModel(nn.Module):
     def condition_dit(self, stacked_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked LLM hidden states `(B, T, n_sel*H)` -> (per-token context, pooled vector).
 
-        Every position is kept, pads included, and the mean runs over all of them (reference §2.5,
-        §10.1): slicing to the queries would change the released model's behaviour.
+        Every position is kept, pads included, and the mean runs over all of them (docs/engine.md,
+        'Connector and conditioning'): slicing to the queries would change the released model's behaviour.
         """
         connected = self.connector(self.projector_1(stacked_hidden))
         pooled = self.projector_2(connected.mean(dim=1))

@@ -1,4 +1,6 @@
-"""FlashAttention-2 padding semantics for any attention kernel of the LLM (reference doc §10.2).
+"""FlashAttention-2 padding semantics for any attention kernel of the LLM.
+
+Why it matters: docs/engine.md, 'Padding semantics'.
 
 The released model ran the LLM with FlashAttention-2 on left-padded batches. FA2 un-pads the batch,
 so a pad query row gets an all-zero attention output and pad keys are never attended. SDPA/eager with

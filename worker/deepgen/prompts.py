@@ -1,4 +1,6 @@
-"""Prompt strings of DeepGen (reference doc §2.1, §3.3): raw template strings, no chat template call.
+"""Prompt strings of DeepGen: raw template strings, no chat template call.
+
+Templates and their use: docs/engine.md, 'Prompt templates'.
 
 t2i:  INSTRUCTION(GENERATION(text)), the negative built the same way from the negative text.
 edit: INSTRUCTION(f"{image block}\\n{text}"); the image block holds one
@@ -10,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-# The released model's template (reference doc §2.1); a config's `prompt_template` overrides entries.
+# The released model's template (docs/engine.md, 'Prompt templates'); a config's `prompt_template`
+# overrides entries.
 DEFAULT_PROMPT_TEMPLATE: dict[str, str] = {
     "INSTRUCTION": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
     "GENERATION": "Generate an image: {input}",

@@ -1,4 +1,6 @@
-"""Flow-matching Euler sampling with batched classifier-free guidance (reference doc §2.6).
+"""Flow-matching Euler sampling with batched classifier-free guidance.
+
+Order of the CFG batch, schedule and noise: docs/engine.md, 'Sampling and CFG order'.
 
 The loaded diffusers `FlowMatchEulerDiscreteScheduler` supplies the sigmas and the Euler step, so the
 schedule is diffusers' own. With guidance > 1 the DiT runs once per step on the batch

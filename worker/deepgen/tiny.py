@@ -3,7 +3,8 @@
 `write_tiny_model(DIR)` writes `DIR/ar/` (a Qwen2.5-VL folder with a locally built tokenizer),
 `DIR/diffusion/` (diffusers `transformer/ vae/ scheduler/`, no text encoders: DeepGen never loads
 them) and `DIR/checkpoint.safetensors` / `DIR/checkpoint.pt` with the released checkpoint's key
-names (reference doc §5) at the sizes of the `deepgen_tiny` config (reference doc §11). The engine
+names (docs/engine.md, 'Checkpoint key names') at the sizes of the `deepgen_tiny` config, which keep
+the invariants of docs/engine.md, 'Tiny model'. The engine
 loads them through `DG_DEEPGEN_*` exactly as it loads real weights. Everything is seeded, so two
 calls write the same tensors.
 """
@@ -58,7 +59,7 @@ TOKENIZER_TRAINING_TEXT = (
 TOKENIZER_VOCAB_SIZE = 400  # trained BPE tokens before the special tokens
 
 TEXT_HIDDEN = 64
-TEXT_LAYERS = 32  # 32..37 layers keep the reference's six-layer pick
+TEXT_LAYERS = 32  # 32..37 layers keep the six-layer pick (docs/engine.md, 'Layer picks')
 VISION_HIDDEN = 32
 
 

@@ -1,4 +1,6 @@
-"""SD3 DiT with reference-latent tokens in the image sequence ("Kontext" concatenation, reference §3.4).
+"""SD3 DiT with reference-latent tokens in the image sequence ("Kontext" concatenation).
+
+Specified in docs/engine.md, 'Reference latents in the DiT'.
 
 `DeepGenSD3Transformer` keeps diffusers' `SD3Transformer2DModel` config keys, submodules and parameter
 names (so the checkpoint's `transformer.*` keys load unchanged) and replaces only the forward pass and

@@ -1,4 +1,4 @@
-"""Edit-image preparation (reference doc §3.1, §3.2).
+"""Edit-image preparation (docs/engine.md, 'Input images and output size' and 'Vision tower inputs').
 
 * `resize_edit_image`: the DG resize modes (LANCZOS, every side ceil'ed to a multiple of 32).
 * `image_to_pixels`: uint8 RGB -> CHW tensor in [-1, 1], computed in the run dtype as the reference.

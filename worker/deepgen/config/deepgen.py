@@ -1,5 +1,7 @@
 """DeepGen 1.0 reference configuration (Qwen2.5-VL-3B + SD3.5-Medium-shaped DiT).
 
+Values and fields are described in docs/engine.md, 'Config files' and 'Prompt templates'.
+
 Values follow the released model. Fields the reference uses only for training are accepted and
 reported as having no effect at inference. Paths come from the DG_DEEPGEN_* environment variables.
 """

@@ -1,6 +1,7 @@
 """A larger custom configuration, as in the DeepGen backend docs' example (`deepgen_large`).
 
-Only the fields given here differ from `deepgen.py`; everything else takes the reference defaults.
+Only the fields given here differ from `deepgen.py`; everything else takes the reference defaults
+(docs/engine.md, 'Config files').
 Its connector and query sizes do not match the released checkpoint: it needs its own trained weights.
 """
 
