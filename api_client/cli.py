@@ -24,7 +24,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from api_client.errors import DiffgentorError, ExitCode, UsageError
+from api_client.errors import (
+    DiffgentorError,
+    ExitCode,
+    InputFileError,
+    MissingExtra,
+    UsageError,
+    missing_extra_message,
+    path_problem,
+)
 from api_client.generation import GenerationOptions, run_edit, run_t2i
 
 SUPPORTED_BACKENDS = ("deepgen",)
@@ -40,6 +48,18 @@ _FOREIGN_ERRORS = {  # errors raised by worker modules, by class name (importing
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `diffgentor list | head -1`: the reader went away. Leave quietly, as Unix tools do
+        # (the Python docs' recipe: point stdout at devnull so the final flush cannot fail again).
+        _stdout_to_devnull()
+        return int(ExitCode.BROKEN_PIPE)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, so its usage line is the one shown
@@ -60,11 +80,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; jobs already submitted stay queued (`diffgentor list` shows them)", file=sys.stderr)
         _exit_now_if_model_running(ExitCode.INTERRUPTED)
         return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        raise
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc.name, _command_name(args))
+        if message is None:
+            return _report(exc, ExitCode.INTERNAL, prefix=f"internal error ({type(exc).__name__}): ")
+        return _report(MissingExtra(exc.name, _command_name(args)), ExitCode.CONFIGURATION)
+    except OSError as exc:
+        if exc.filename is not None:  # a user path: the output folder, DG_HOME, a file to write
+            return _report(InputFileError(path_problem(exc)), ExitCode.INPUT_FILE)
+        return _unexpected(exc)
     except Exception as exc:
-        for cls in type(exc).__mro__:
-            if cls.__name__ in _FOREIGN_ERRORS:
-                return _report(exc, _FOREIGN_ERRORS[cls.__name__])
-        return _report(exc, ExitCode.INTERNAL, prefix=f"internal error ({type(exc).__name__}): ")
+        return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> int:
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _FOREIGN_ERRORS:
+            return _report(exc, _FOREIGN_ERRORS[cls.__name__])
+    return _report(exc, ExitCode.INTERNAL, prefix=f"internal error ({type(exc).__name__}): ")
+
+
+def _command_name(args: argparse.Namespace) -> str | None:
+    command_parser = getattr(args, "command_parser", None)
+    return command_parser.prog.split()[-1] if command_parser is not None else None
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests capture it)
+        pass
 
 
 def _exit_now_if_model_running(code: int) -> None:

@@ -27,14 +27,18 @@ from PIL import Image
 
 from api_client.embedded import EmbeddedRunner, quiet_library_progress_bars
 from api_client.errors import (
+    MODEL_EXTRA_MODULES,
     ConfigurationError,
     DiffgentorError,
     InputFileError,
     JobNotFound,
     JobStateError,
+    MissingExtra,
     ServiceUnreachable,
     UsageError,
     WaitTimeout,
+    missing_extra_message,
+    path_problem,
 )
 from api_client.progress import JobProgress, WaitProgressBar
 from schemas.enums import TERMINAL_STATUSES, JobStatus
@@ -113,7 +117,16 @@ class DiffgentorClient:
         kwargs: dict[str, Any] = {}
         if url.startswith("postgresql"):
             kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-        return make_engine(url, **kwargs)
+        try:
+            return make_engine(url, **kwargs)  # SQLite: creates the database's folder (DG_HOME)
+        except ModuleNotFoundError as exc:
+            if missing_extra_message(exc.name) is None:
+                raise
+            raise MissingExtra(exc.name) from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            raise InputFileError(path_problem(exc, "the job database folder")) from None
 
     @cached_property
     def store(self) -> Any:
@@ -145,6 +158,7 @@ class DiffgentorClient:
     @cached_property
     def _publisher(self) -> Any:
         if self.embedded:
+            self.check_model_runtime()
             from worker.embedded import InProcessPublisher
 
             # The engine loads in this process on the first job: keep library bars off our progress bar.
@@ -211,8 +225,24 @@ class DiffgentorClient:
         except redis.RedisError as exc:
             raise ServiceUnreachable("Redis", redact_url(url), redact_urls_in(str(exc))) from None
 
+    def check_model_runtime(self) -> None:
+        """Embedded mode runs the model in this process: fail with the extra to install when the
+        model libraries (`diffgentor[deepgen]`) are missing, before any job row is written."""
+        import importlib.util
+
+        for module in MODEL_EXTRA_MODULES:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise MissingExtra(module)
+
     def check_services(self) -> None:
-        """Check every service the configuration names: database, broker (if any) and storage."""
+        """Check every service the configuration names: database, broker (if any) and storage;
+        in embedded mode also that the model libraries are installed."""
+        if self.embedded:
+            self.check_model_runtime()
         self.check_database()
         self.check_broker()
         _ = self.artifacts
@@ -528,7 +558,10 @@ class DiffgentorClient:
         if view.status != JobStatus.SUCCEEDED:
             raise JobStateError(f"job {view.id} is {view.status.value}, not succeeded; it has no images")
         target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputFileError(path_problem(exc, "the download folder")) from None
         paths = []
         for artifact in sorted(view.artifacts, key=lambda a: a.index):
             file_name = name if name and len(view.artifacts) == 1 else f"{view.id}-{artifact.index}.png"

@@ -6,14 +6,17 @@ codes. Every message says what to fix, so it must name the file, row, variable o
 
 from __future__ import annotations
 
+import errno
+import os
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
     OK = 0
     JOBS_FAILED = 1  # every job finished, but at least one ended failed or cancelled
     USAGE = 2  # bad command line (argparse uses 2 as well)
-    INPUT_FILE = 3  # prompts file / edit CSV / input image problems
+    INPUT_FILE = 3  # prompts file / edit CSV / input image problems; unusable user paths (output folder, DG_HOME)
     CONFIGURATION = 4  # DG_* settings, DG_DEEPGEN_* variables, unknown config, bad job parameters
     UNREACHABLE = 5  # Redis, the job database or the S3 endpoint cannot be reached
     NOT_FOUND = 6  # a job id that does not exist
@@ -21,6 +24,7 @@ class ExitCode(IntEnum):
     STATE = 8  # the job is in a state that does not allow the operation (e.g. retry a running job)
     INTERNAL = 70  # a bug: an unexpected exception (DG_DEBUG=1 prints the traceback)
     INTERRUPTED = 130  # Ctrl-C; jobs stay queued
+    BROKEN_PIPE = 141  # stdout was closed early (`diffgentor list | head -1`): quiet, as 128 + SIGPIPE
 
 
 class DiffgentorError(Exception):
@@ -95,3 +99,72 @@ class WaitTimeout(DiffgentorError):
             f"reattach with: diffgentor wait {shown}"
         )
         self.pending_ids = pending_ids
+
+
+# A module of an optional extra that is not installed -> (extra, what it is needed for, by context).
+_EXTRA_OF_MODULE = {
+    "torch": "deepgen", "transformers": "deepgen", "diffusers": "deepgen", "peft": "deepgen",
+    "safetensors": "deepgen", "accelerate": "deepgen", "einops": "deepgen", "numpy": "deepgen",
+    "psycopg": "postgres", "psycopg2": "postgres", "psycopg_binary": "postgres",
+    "prometheus_client": "metrics",
+}
+MODEL_EXTRA_MODULES = ("torch", "transformers", "diffusers")
+
+_MODEL_CONTEXT = {
+    "worker": "`diffgentor worker` runs the model",
+    "demo": "`diffgentor demo` runs the model in this process",
+    "tiny-model": "`diffgentor tiny-model` writes model weights with torch",
+}
+
+
+def missing_extra_message(module: str | None, command: str | None = None) -> str | None:
+    """One line naming the extra to install for a missing module, or None when it is no extra's."""
+    root = (module or "").split(".")[0]
+    extra = _EXTRA_OF_MODULE.get(root)
+    if extra is None:
+        return None
+    install = f"install `diffgentor[{extra}]`"
+    if extra == "deepgen":
+        if command in _MODEL_CONTEXT:
+            return (f"{_MODEL_CONTEXT[command]}, but {root} is not installed: {install} "
+                    "(on a GPU host, the CUDA build of torch first)")
+        return (f"embedded mode runs the model in this process, but {root} is not installed: {install}, "
+                "or set DG_BROKER_URL (and DG_DATABASE_URL) to submit to workers")
+    if extra == "postgres":
+        return f"DG_DATABASE_URL is a PostgreSQL URL, but the psycopg driver is not installed: {install}"
+    return f"{root} is not installed: {install}"
+
+
+class MissingExtra(ConfigurationError):
+    """A module of an optional extra is missing; the message names the extra to install."""
+
+    def __init__(self, module: str | None, command: str | None = None) -> None:
+        super().__init__(missing_extra_message(module, command) or f"module {module} is not installed")
+        self.module = module
+
+
+_PATH_HINTS = {
+    errno.EEXIST: "a file is in the way of a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.EACCES: "no permission",
+    errno.EROFS: "read-only file system",
+}
+
+
+def path_problem(exc: OSError, what: str = "") -> str:
+    """One line for an OS error on a user path: the path, why, and DG_HOME when the path is in it."""
+    path = exc.filename
+    reason = exc.strerror or type(exc).__name__
+    hint = _PATH_HINTS.get(exc.errno or 0)
+    message = f"cannot use {what + ' ' if what else ''}{path}: {reason}{f' ({hint})' if hint else ''}"
+    home = Path(os.environ.get("DG_HOME", "").strip() or "~/.diffgentor").expanduser()
+    try:
+        where = Path(os.fspath(path)).expanduser().absolute()
+    except (TypeError, ValueError):
+        return message
+    if where == home.absolute():
+        message += "; that is DG_HOME: set DG_HOME to a folder you can write"
+    elif where.is_relative_to(home.absolute()):
+        message += f"; it is under DG_HOME={home}: set DG_HOME to a folder you can write"
+    return message

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api_client.errors import ExitCode
+from api_client.errors import ExitCode, InputFileError, path_problem
 from api_client.inputs import EditRow, PromptRow
 from api_client.outputs import ResultRecord, output_name, output_path, pending_rows, write_results_csv
 from schemas.enums import JobStatus
@@ -73,7 +73,7 @@ def run_edit(client: Any, rows: Sequence[EditRow], options: GenerationOptions, r
 
 def _run(client: Any, kind: str, rows: Sequence[Row], options: GenerationOptions, results_csv: Path | None) -> int:
     output_dir = options.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(output_dir, results_csv)  # before anything is submitted
     todo = pending_rows(rows, output_dir) if options.resume else list(rows)
     skipped = len(rows) - len(todo)
     if skipped:
@@ -114,6 +114,22 @@ def _run(client: Any, kind: str, rows: Sequence[Row], options: GenerationOptions
     collector.collect(final)
     _write_results(results_csv, collector.records)
     return _summarise(final, todo, output_dir, results_csv)
+
+
+def _check_writable(output_dir: Path, results_csv: Path | None) -> None:
+    """The output folder (created here) and results.csv must be usable: exit 3 naming the path."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputFileError(path_problem(exc, "--output_dir")) from None
+    if results_csv is None:
+        return
+    if results_csv.is_dir():
+        raise InputFileError(f"cannot use --output_csv {results_csv}: it is a folder, not a file")
+    try:
+        results_csv.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputFileError(path_problem(exc, "the folder of --output_csv")) from None
 
 
 def _spec(client: Any, kind: str, row: Row, options: GenerationOptions) -> Any:
