@@ -56,6 +56,9 @@ ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
 JobRef: TypeAlias = "str | JobView"
 
 DEFAULT_POLL_SECONDS = 0.5
+# Queue mode: jobs waiting this long without any progress make `wait` look for live workers of
+# their model and, when there are none, say so on the progress line (with the command to start one).
+NO_WORKER_NOTICE_SECONDS = 15.0
 CONNECT_TIMEOUT_SECONDS = 5
 _REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
@@ -96,6 +99,7 @@ class DiffgentorClient:
             settings = _load_settings(base) if settings is None else _replace_settings(settings, overrides)
         self.settings = settings
         self.poll_seconds = poll_seconds
+        self.no_worker_notice_seconds = NO_WORKER_NOTICE_SECONDS
         self._checked_db = False
         self._detached = False
 
@@ -514,6 +518,7 @@ class DiffgentorClient:
         ids = [_job_id(jobs)] if single else [_job_id(job) for job in jobs]  # type: ignore[union-attr]
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = WaitProgressBar(len(ids)) if progress else None
+        stall = _StallWatch(self) if bar is not None and not self.embedded else None
         try:
             views = dict(zip(ids, self.get_many(ids), strict=True))
             if self.embedded:
@@ -525,7 +530,8 @@ class DiffgentorClient:
             while True:
                 current = [views[job_id] for job_id in ids]
                 if bar is not None:
-                    bar.update([_progress_of(view) for view in current])
+                    bar.update([_progress_of(view) for view in current],
+                               notice=stall.notice(current) if stall is not None else None)
                 if on_update is not None:
                     on_update(current)
                 pending = [view.id for view in current if not view.is_terminal]
@@ -586,6 +592,53 @@ class DiffgentorClient:
             return call()
         except StorageError as exc:
             raise DiffgentorError(str(exc)) from None
+
+
+class _StallWatch:
+    """While queued jobs make no progress for `no_worker_notice_seconds`, look (every as often) for
+    live workers of their models; the notice names the models with none and how to start one."""
+
+    def __init__(self, client: DiffgentorClient) -> None:
+        self._client = client
+        self._state: tuple[Any, ...] | None = None
+        self._since = time.monotonic()
+        self._next_check = 0.0
+        self._notice: str | None = None
+
+    def notice(self, views: Sequence[JobView]) -> str | None:
+        now = time.monotonic()
+        state = tuple((view.status, view.progress_step) for view in views)
+        if state != self._state:  # something moved: a worker is on it
+            self._state, self._since, self._notice = state, now, None
+            return None
+        after = self._client.no_worker_notice_seconds
+        if now - self._since >= after and now >= self._next_check:
+            self._next_check = now + after
+            self._notice = self._no_live_worker(views, now - self._since)
+        return self._notice
+
+    def _no_live_worker(self, views: Sequence[JobView], idle_seconds: float) -> str | None:
+        models = sorted({view.model_name for view in views if view.status == JobStatus.QUEUED})
+        if not models:
+            return None
+        try:
+            from schemas.tables import utcnow
+            from worker.db import session_factory
+            from worker.registry import WorkerRegistry, stale_after
+
+            registry = WorkerRegistry(session_factory(self._client._engine))
+            fresh = stale_after(self._client.settings.heartbeat_seconds)
+            now = utcnow()
+            idle = [model for model in models
+                    if not any((now - worker.heartbeat_at).total_seconds() <= fresh
+                               for worker in registry.list(model_name=model))]
+        except Exception:  # only a hint: never let it break the wait
+            return None
+        if not idle:
+            return None
+        start = "; ".join(f"`diffgentor worker --model_name {model}`" for model in idle)
+        names = ", ".join(repr(model) for model in idle)
+        return f"no live worker for model {names} for {idle_seconds:.0f}s: start one with {start}"
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -72,7 +72,8 @@ class WaitProgressBar:
         """Jobs done, counting the step fraction of running ones (what the bar shows)."""
         return self._n
 
-    def update(self, jobs: list[JobProgress]) -> None:
+    def update(self, jobs: list[JobProgress], notice: str | None = None) -> None:
+        """``notice``: a line-end hint (e.g. that no live worker serves the waiting jobs)."""
         finished = sum(1 for job in jobs if job.finished)
         running = [job for job in jobs if not job.finished and job.step is not None and job.total]
         # A job at its last step is still decoding/uploading: it only counts as 1 once finished.
@@ -83,13 +84,15 @@ class WaitProgressBar:
         status = f"done {finished}, running {len(running)} {steps}{more}".rstrip()
         if self._bar is not None:
             self._bar.n = self._n
-            self._bar.set_postfix_str(status, refresh=False)
+            self._bar.set_postfix_str(f"{status}; {notice}" if notice else status, refresh=False)
             self._bar.refresh()
             return
         waiting = len(jobs) - finished - len(running)
         detail = f" ({steps}{more})" if running else ""
         summary = f"{finished}/{self._total} finished, {len(running)} running{detail}, {waiting} waiting"
-        counts = (finished, tuple(job.job_id for job in running))
+        if notice:
+            summary += f"; {notice}"
+        counts = (finished, tuple(job.job_id for job in running), notice is not None)
         self._plain_update(counts, summary, (counts, tuple(job.step for job in running)))
 
     def _plain_update(self, counts: tuple[object, ...], summary: str, state: tuple[object, ...]) -> None:

@@ -154,6 +154,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     home = Path(env.get("DG_HOME", "").strip() or DEFAULT_HOME).expanduser()
     broker_url = _url(env, "DG_BROKER_URL", ("redis://", "rediss://", "redis+socket://", "memory://"))
+    if broker_url is not None and not broker_url.startswith("memory://") and not env.get("DG_DATABASE_URL", "").strip():
+        # The default job table is a SQLite file on this host: a producer would write jobs that
+        # workers elsewhere never see, and a worker would wait on a table no producer writes.
+        raise SettingsError(
+            f"DG_BROKER_URL is set but DG_DATABASE_URL is not: the job table would default to the SQLite file "
+            f"{home / SQLITE_FILE_NAME} on this host, which workers (and producers) on other hosts can never see, "
+            "so jobs would wait forever. Set DG_DATABASE_URL to the shared job database "
+            "(postgresql+psycopg://user:pass@host/db; an explicit sqlite:///PATH is accepted for a single host), "
+            "or unset DG_BROKER_URL to run jobs in this process (embedded mode)"
+        )
     database_url = env.get("DG_DATABASE_URL", "").strip() or f"sqlite:///{home / SQLITE_FILE_NAME}"
     if not database_url.startswith(("sqlite", "postgresql")):
         raise SettingsError(f"DG_DATABASE_URL={redact_url(database_url)!r} must be a sqlite:// or postgresql:// URL")

@@ -104,11 +104,12 @@ def test_settings_embedded_and_worker_defaults(tmp_path) -> None:
     assert embedded.embedded and embedded.allow_local_inputs
     assert embedded.database_url == f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     assert embedded.storage_url == (tmp_path / "artifacts").as_uri()
-    queued = load_settings({"DG_BROKER_URL": "redis://h:6379/2"})
+    queued = load_settings({"DG_BROKER_URL": "redis://h:6379/2", "DG_DATABASE_URL": "postgresql+psycopg://h/jobs"})
     assert not queued.embedded and not queued.allow_local_inputs and queued.worker_broker_url == "redis://h:6379/2"
     # SSRF guard: on for shared workers, off for the user's own embedded runs; either can be overridden.
     assert embedded.input_allow_private_networks and not queued.input_allow_private_networks
-    opened = load_settings({"DG_BROKER_URL": "redis://h:6379/2", "DG_INPUT_ALLOW_PRIVATE_NETWORKS": "true"})
+    opened = load_settings({"DG_BROKER_URL": "redis://h:6379/2", "DG_DATABASE_URL": "postgresql+psycopg://h/jobs",
+                            "DG_INPUT_ALLOW_PRIVATE_NETWORKS": "true"})
     assert opened.input_allow_private_networks
     assert not load_settings({"DG_HOME": str(tmp_path), "DG_INPUT_ALLOW_PRIVATE_NETWORKS": "0"}).input_allow_private_networks
     with pytest.raises(SettingsError, match="DG_INPUT_ALLOW_PRIVATE_NETWORKS"):
