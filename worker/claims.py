@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from schemas.enums import ErrorClass, JobStatus
-from schemas.tables import Artifact, Job, utcnow
+from schemas.tables import Artifact, Job, UtcDateTime, utcnow
 from schemas.views import ArtifactView
 
 POISON_ERROR_TYPE = "AttemptsExhausted"
@@ -56,6 +59,44 @@ class LeaseState:
 Executor = Session | sa.Connection
 
 
+class _DbNowPlus(FunctionElement[datetime]):
+    """The database server's clock plus some seconds: see :func:`db_now_plus`."""
+
+    type = UtcDateTime()
+    name = "db_now_plus"
+    inherit_cache = True
+
+
+def db_now_plus(seconds: float = 0.0) -> _DbNowPlus:
+    """SQL for "the database's now + ``seconds``", comparable with and storable in a UtcDateTime column.
+
+    Leases are set and judged with this, never with the worker host's clock: a host whose clock
+    runs ahead would otherwise take over live leases, one whose clock lags would hold expired
+    ones. PostgreSQL: ``statement_timestamp()`` (one value per statement, also inside a longer
+    transaction) plus an interval. SQLite (in-process, so the same clock as the host): ``'now'``
+    formatted like SQLAlchemy's stored text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC, no offset),
+    so that the text comparison SQLite does orders it correctly against stored values.
+    """
+    return _DbNowPlus(sa.literal(f"{float(seconds):+.6f}", sa.String()))
+
+
+@compiles(_DbNowPlus, "postgresql")
+def _db_now_plus_postgresql(element: _DbNowPlus, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(statement_timestamp() + make_interval(secs => CAST({seconds} AS DOUBLE PRECISION)))"
+
+
+@compiles(_DbNowPlus, "sqlite")
+def _db_now_plus_sqlite(element: _DbNowPlus, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', {seconds} || ' seconds') || '000')"
+
+
+@compiles(_DbNowPlus)
+def _db_now_plus_other(element: _DbNowPlus, compiler: SQLCompiler, **kw: Any) -> str:  # pragma: no cover
+    raise sa.exc.CompileError(f"db_now_plus: unsupported database dialect {compiler.dialect.name!r}")
+
+
 def relaxed(statement: Any, executor: Executor) -> Any:
     """PostgreSQL: make this statement's transaction commit without waiting for the WAL flush.
 
@@ -93,7 +134,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
     was lost, or the delivery requeued after a database error. A worker id is unique per
     process and a process runs one job at a time, so no run of it is still going.
     """
-    now = utcnow()
+    now = utcnow()  # started_at / finished_at; the lease is judged and set on the database's clock
     mine = sa.and_(Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
     exhausted = sa.and_(Job.attempts - Job.requeues >= Job.max_attempts, sa.not_(mine))
     stop = sa.or_(Job.cancel_requested.is_(True), exhausted)
@@ -108,7 +149,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
             Job.id == job_id,
             sa.or_(
                 Job.status == JobStatus.QUEUED.value,
-                sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+                sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < db_now_plus(0)),
                 mine,
             ),
         )
@@ -116,7 +157,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
             status=new_status,
             attempts=sa.case((stop, Job.attempts), (mine, Job.attempts), else_=Job.attempts + 1),
             worker_id=sa.case((stop, Job.worker_id), else_=worker_id),
-            lease_expires_at=sa.case((stop, None), else_=now + timedelta(seconds=lease_seconds)),
+            lease_expires_at=sa.case((stop, None), else_=db_now_plus(lease_seconds)),
             available_at=None,
             started_at=sa.case((stop, Job.started_at), else_=now),
             finished_at=sa.case((stop, now), else_=None),
@@ -164,7 +205,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
 def renew_lease(session: Executor, job_id: str, worker_id: str, lease_seconds: float) -> LeaseState:
     # Relaxed: a renewal lost in a database crash leaves the previous expiry, still at least
     # lease - heartbeat seconds away, and the next beat writes it again.
-    expires = utcnow() + timedelta(seconds=lease_seconds)
+    expires = db_now_plus(lease_seconds)
     statement = relaxed(
         sa.update(Job)
         .where(_owned_by(job_id, worker_id))
@@ -228,12 +269,15 @@ def release_expired(session: Executor, job_ids: list[str], now: datetime) -> lis
     longer `running`). The caller publishes the returned jobs once; the job then waits as a
     published queued job, instead of being re-published every grace period while it still
     shows `running`.
+
+    Expiry is judged on the database's clock, like the claim (a sweeper whose clock runs ahead
+    cannot release a live lease); ``now`` (the caller's clock) becomes ``available_at``.
     """
     if not job_ids:
         return []
     statement = (
         sa.update(Job)
-        .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < db_now_plus(0))
         .values(status=JobStatus.QUEUED.value, worker_id=None, lease_expires_at=None, published_at=None,
                 available_at=now, progress_step=0)
         .returning(Job.id)

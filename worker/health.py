@@ -35,7 +35,8 @@ finished sweep) is:
 - ok otherwise.
 
 No sweeper row at all is a warning line, not a failure (the sweeper may run elsewhere, or
-not be deployed yet).
+not be deployed yet). So is this host's clock running more than 2 s ahead of or behind the job
+database's (leases use the database's clock; heartbeats and sweeps each host's own).
 
 Exit codes of `health` (in the CLI's numbering, api_client/errors.py): 0 all selected workers
 ok, busy or replaced and no sweeper stalled; 1 any worker gone or stuck, or any sweeper
@@ -66,6 +67,9 @@ EXIT_NO_WORKER = 6  # the CLI's NOT_FOUND
 DEFAULT_STUCK_SECONDS = 60.0
 NO_SWEEPER_WARNING = ("warning: no sweeper has reported; run `diffgentor sweep --loop` "
                       "or a worker with --sweeper --beat")
+# Leases are judged on the database's clock (worker.claims.db_now_plus); heartbeats, sweeps and
+# this report still use each host's clock, so a host this far off its database is worth a line.
+CLOCK_SKEW_WARN_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,32 @@ def report(registry: WorkerRegistry, *, worker_id: str | None = None, model_name
     return Report(workers, sweepers, sweepers_checked=bool(sweepers))
 
 
+def clock_skew_seconds(sessions: Any) -> float:
+    """This host's clock minus the job database's, in seconds (positive: this host runs ahead).
+
+    One read of the database's clock, compared with the middle of the host's clock before and
+    after it, so the round trip does not count as skew. Always about 0 on SQLite (in-process).
+    """
+    import sqlalchemy as sa
+
+    from worker.claims import db_now_plus
+
+    with sessions() as session:
+        before = utcnow()
+        database_now = session.execute(sa.select(db_now_plus(0))).scalar_one()
+        after = utcnow()
+    return (before + (after - before) / 2 - database_now).total_seconds()
+
+
+def clock_skew_warning(skew_seconds: float, limit_seconds: float = CLOCK_SKEW_WARN_SECONDS) -> str | None:
+    if abs(skew_seconds) <= limit_seconds:
+        return None
+    direction = "ahead of" if skew_seconds > 0 else "behind"
+    return (f"warning: this host's clock is {abs(skew_seconds):.1f}s {direction} the job database's "
+            f"(more than {limit_seconds:g}s): leases are judged on the database's clock, but heartbeats, "
+            "sweeps and this report use each host's own; keep every host in sync (NTP, chrony)")
+
+
 # ---- CLI ------------------------------------------------------------------------------------
 
 def add_arguments(workers: argparse.ArgumentParser, health: argparse.ArgumentParser) -> None:
@@ -182,23 +212,28 @@ def add_arguments(workers: argparse.ArgumentParser, health: argparse.ArgumentPar
                         help="only this worker (or sweeper) id, as `diffgentor workers` shows it")
 
 
-def _registry() -> tuple[WorkerRegistry, Any]:
+def _registry() -> tuple[WorkerRegistry, Any, Any]:
     from worker.db import make_engine, session_factory
     from worker.settings import load_settings
 
     settings = load_settings()
-    return WorkerRegistry(session_factory(make_engine(settings.database_url))), settings
+    sessions = session_factory(make_engine(settings.database_url))
+    return WorkerRegistry(sessions), settings, sessions
 
 
 def _results(args: argparse.Namespace) -> Report | None:
     """None (after a message on stderr) when the job database cannot be reached."""
     from sqlalchemy.exc import DBAPIError
 
-    registry, settings = _registry()
+    registry, settings, sessions = _registry()
     stale = args.stale_seconds or max(MIN_STALE_SECONDS, 3 * settings.heartbeat_seconds)
     try:
-        return report(registry, worker_id=getattr(args, "worker_id", None), model_name=args.model_name,
-                      stale_seconds=stale, stuck_seconds=args.stuck_seconds)
+        results = report(registry, worker_id=getattr(args, "worker_id", None), model_name=args.model_name,
+                         stale_seconds=stale, stuck_seconds=args.stuck_seconds)
+        skew = clock_skew_warning(clock_skew_seconds(sessions))
+        if skew is not None:
+            print(skew, file=sys.stderr)
+        return results
     except DBAPIError as exc:
         reason = str(exc.orig or exc).strip().splitlines()[0]
         print(f"unhealthy: cannot read the job database: {reason}", file=sys.stderr)

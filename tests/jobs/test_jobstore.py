@@ -247,3 +247,77 @@ def test_two_concurrent_claimers_never_both_win(db_url: str) -> None:
     assert sorted(wins["a"] + wins["b"]) == sorted(job_ids)
     assert not set(wins["a"]) & set(wins["b"])
     assert all(j.attempts == 1 for j in stores[0].list(limit=100))
+
+
+# ---- leases on the database's clock ------------------------------------------------------------
+
+
+def test_db_now_plus_is_the_database_clock_in_the_stored_format(store: JobStore, db_engine: sa.Engine) -> None:
+    from worker.claims import db_now_plus
+
+    with db_engine.connect() as conn:
+        before = utcnow()
+        now, later = conn.execute(sa.select(db_now_plus(0), db_now_plus(60.25))).one()
+        after = utcnow()
+    assert now.tzinfo is not None and later - now == timedelta(seconds=60.25)
+    assert before - timedelta(seconds=2) <= now <= after + timedelta(seconds=2)  # same machine here
+    # Compared with stored values at sub-second precision (SQLite compares the stored text).
+    job_id = store.submit([T2I])[0].job.id
+    assert store.claim(job_id, "worker-a", 60) is not None
+    with db_engine.begin() as conn:
+        conn.execute(sa.update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() + timedelta(seconds=0.4)))
+    assert isinstance(store.claim_or_refusal(job_id, "worker-b", 60), ClaimRefusal)
+    time.sleep(0.5)
+    assert store.claim(job_id, "worker-b", 0.25) is not None
+    time.sleep(0.4)  # a fractional lease expires too
+    assert store.claim(job_id, "worker-c", 60) is not None
+
+
+@pytest.mark.parametrize("host_offset_hours", [1, -1])
+def test_leases_are_judged_on_the_database_clock_not_the_hosts(
+    store: JobStore, db_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, host_offset_hours: int
+) -> None:
+    """A worker or sweeper host whose clock runs ahead must not take over a live lease; one whose
+    clock lags must not keep an expired lease from being taken over."""
+    import worker.claims
+    import worker.jobstore
+
+    job_id = store.submit([T2I])[0].job.id
+    offset = timedelta(hours=host_offset_hours)
+    monkeypatch.setattr(worker.claims, "utcnow", lambda: utcnow() + offset)
+    monkeypatch.setattr(worker.jobstore, "utcnow", lambda: utcnow() + offset)
+
+    claimed = store.claim(job_id, "worker-a", 60)
+    assert claimed is not None
+    expected = utcnow() + timedelta(seconds=60)
+    assert abs((claimed.lease_expires_at - expected).total_seconds()) < 5  # not shifted by the host clock
+    assert isinstance(store.claim_or_refusal(job_id, "worker-b", 60), ClaimRefusal)
+    assert store.release_expired([job_id]) == []  # even when the sweeper's own scan thinks it expired
+    assert store.heartbeat(job_id, "worker-a", 60).owned
+    assert abs((_lease(db_engine, job_id) - expected).total_seconds()) < 5
+
+    _expire_lease(db_engine, job_id)  # a second ago on the database's clock
+    if host_offset_hours > 0:
+        assert store.release_expired([job_id]) == [job_id]
+    taken = store.claim(job_id, "worker-b", 60)
+    assert taken is not None and taken.worker_id == "worker-b" and taken.attempts == 2
+    assert not store.heartbeat(job_id, "worker-a", 60).owned
+
+
+def _lease(engine: sa.Engine, job_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(Job.lease_expires_at).where(Job.id == job_id)).scalar_one()
+
+
+def test_health_measures_and_warns_about_clock_skew(db_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import health
+
+    sessions = session_factory(db_engine)
+    assert abs(health.clock_skew_seconds(sessions)) < 2  # the database runs on this machine
+    assert health.clock_skew_warning(1.5) is None and health.clock_skew_warning(-2.0) is None
+    monkeypatch.setattr(health, "utcnow", lambda: utcnow() + timedelta(seconds=30))
+    skew = health.clock_skew_seconds(sessions)
+    assert 28 < skew < 32
+    warning = health.clock_skew_warning(skew)
+    assert warning is not None and "ahead of the job database's" in warning and "NTP" in warning
+    assert "behind" in (health.clock_skew_warning(-3.0) or "")
