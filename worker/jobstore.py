@@ -327,7 +327,7 @@ class JobStore:
                 sa.update(Job)
                 .where(Job.id == job_id, sa.or_(
                     Job.status == JobStatus.QUEUED.value,
-                    sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+                    sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < claims.db_now_plus()),
                 ))
                 .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now,
                         lease_expires_at=None)
@@ -469,7 +469,8 @@ class JobStore:
             Job.status == JobStatus.QUEUED.value, Job.published_at.is_(None),
             sa.or_(sa.and_(Job.available_at.is_(None), Job.created_at < horizon), Job.available_at <= now),
         )
-        expired = sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+        # Leases are judged on the database's clock, as the claim judges them (docs/jobs.md, "Clocks").
+        expired = sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < claims.db_now_plus())
         stale_at = None if republish_stale_seconds is None else now - timedelta(seconds=republish_stale_seconds)
 
         def scan(conn: sa.Connection) -> SweepCandidates:
@@ -511,6 +512,18 @@ class JobStore:
                 .execution_options(synchronize_session=False)
             )
             return int(result.rowcount or 0)
+
+    def resolve_prefix(self, prefix: str, limit: int = 10) -> list[str]:
+        """Ids of jobs starting with ``prefix`` (lowercase hex and dashes; at most ``limit``, sorted).
+
+        A range on the primary key (index seek) with the LIKE that defines the match.
+        """
+        prefix = prefix.lower()
+        if not prefix or any(char not in "0123456789abcdef-" for char in prefix):
+            return []  # job ids are UUIDs: nothing else can match (and no LIKE wildcard gets in)
+        query = (sa.select(Job.id).where(Job.id >= prefix, Job.id.like(f"{prefix}%"))
+                 .order_by(Job.id).limit(limit))
+        return self._read_retrying(lambda conn: [str(job_id) for job_id in conn.scalars(query)])
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,7 @@ class JobRunner:
             "limits": limits,
             "allow_local": self.settings.allow_local_inputs,
             "allow_private_networks": self.settings.input_allow_private_networks,
+            "s3_buckets": self.settings.allowed_input_s3_buckets,
         }
         if self.input_store_factory is not None:
             kwargs["store_factory"] = self.input_store_factory
