@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(reference_spellings(parser, sys.argv[1:] if argv is None else argv))
     if unknown:  # reported by the subcommand's parser, so its usage line is the one shown
         command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
         command_parser.error(f"unrecognized arguments: {' '.join(unknown)} (see `{command_parser.prog} --help`)")
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     t2i = commands.add_parser(
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.set_defaults(handler=_cmd_edit)
 
     status = commands.add_parser("status", help="show jobs")
-    status.add_argument("job_ids", nargs="+", metavar="JOB")
+    status.add_argument("job_ids", nargs="+", metavar="JOB", help=_JOB_HELP)
     status.add_argument("--json", action="store_true", help="one JSON object per job")
     status.set_defaults(handler=_cmd_status)
 
@@ -208,25 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_cmd_list)
 
     wait = commands.add_parser("wait", help="wait until jobs finish (reattach after Ctrl-C)")
-    wait.add_argument("job_ids", nargs="+", metavar="JOB")
+    wait.add_argument("job_ids", nargs="+", metavar="JOB", help=_JOB_HELP)
     wait.add_argument("--timeout", type=_seconds, help="give up after this many seconds (exit 7)")
     wait.add_argument("--no-progress", action="store_true", help="no progress bar")
     wait.add_argument("-o", "--output_dir", type=Path, help="also download the PNGs here")
     wait.set_defaults(handler=_cmd_wait)
 
     fetch = commands.add_parser("fetch", help="download a job's PNGs (or print presigned URLs)")
-    fetch.add_argument("job_ids", nargs="+", metavar="JOB")
+    fetch.add_argument("job_ids", nargs="+", metavar="JOB", help=_JOB_HELP)
     fetch.add_argument("-o", "--output_dir", type=Path, help="folder for <job_id>-<index>.png files")
     fetch.add_argument("--urls", action="store_true", help="print presigned GET URLs instead of downloading")
     fetch.add_argument("--expires", type=int, default=3600, help="presigned URL lifetime in seconds")
     fetch.set_defaults(handler=_cmd_fetch)
 
     cancel = commands.add_parser("cancel", help="cancel jobs (queued: never start; running: stop at next step)")
-    cancel.add_argument("job_ids", nargs="+", metavar="JOB")
+    cancel.add_argument("job_ids", nargs="+", metavar="JOB", help=_JOB_HELP)
     cancel.set_defaults(handler=_cmd_cancel)
 
     retry = commands.add_parser("retry", help="resubmit failed or cancelled jobs as new linked jobs")
-    retry.add_argument("job_ids", nargs="+", metavar="JOB")
+    retry.add_argument("job_ids", nargs="+", metavar="JOB", help=_JOB_HELP)
     retry.set_defaults(handler=_cmd_retry)
 
     worker = commands.add_parser("worker", help="run a GPU worker for one model queue (needs DG_DEEPGEN_*)")
@@ -272,6 +273,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffgentor")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed; run `pip install -e .`)"
+
+
+def reference_spellings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """Every long flag in either spelling: `--output-dir` and `--output_dir`, `--no_wait` and `--no-wait`.
+
+    A flag the parsers do not know is rewritten to the other spelling when that one is known (or is
+    the start of a known flag, so abbreviations work too). Only the reference spelling is registered
+    with argparse, so help shows it alone and abbreviations stay unambiguous. Arguments after a bare
+    `--` (passed on to Celery by `worker`) are left alone.
+    """
+    known = {option for each in (parser, *_all_subparsers(parser)) for option in each._option_string_actions
+             if option.startswith("--")}
+    result: list[str] = []
+    for position, arg in enumerate(argv):
+        if arg == "--":
+            return result + list(argv[position:])
+        name, equals, value = arg.partition("=")
+        if name.startswith("--") and len(name) > 2 and name not in known:
+            for other in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+                if other in known or any(option.startswith(other) for option in known):
+                    name = other
+                    break
+        result.append(name + equals + value)
+    return result
+
+
 def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     found: list[argparse.ArgumentParser] = []
     for action in parser._actions:
@@ -313,6 +347,7 @@ def _add_generation_options(parser: argparse.ArgumentParser, *, edit: bool) -> N
     parser.add_argument("--prompt_enhance_type", help=argparse.SUPPRESS)  # refused: it would change the output
 
 
+_JOB_HELP = "job id, or a unique prefix of one (at least 4 characters)"
 _MODEL_HOST = "where the model runs (each `diffgentor worker`; this process in embedded mode)"
 # Reference-CLI flags users pass out of habit: flag -> (takes a value, where the equivalent lives).
 IGNORED_FLAGS: dict[str, tuple[bool, str]] = {
@@ -348,6 +383,9 @@ Redis, PostgreSQL, S3 and `diffgentor worker` processes instead; the commands st
 The model is named by DG_DEEPGEN_CONFIG, DG_DEEPGEN_DIFFUSION_MODEL_PATH, DG_DEEPGEN_AR_MODEL_PATH
 and DG_DEEPGEN_CHECKPOINT. `diffgentor COMMAND --help` for each command; docs/cli.md for every
 variable and exit code (DG_DEBUG=1 adds tracebacks to errors).
+
+Every flag takes either spelling (--output_dir or --output-dir, --no-wait or --no_wait); help shows
+the reference one. JOB arguments take a full job id or a unique prefix of at least 4 characters.
 """
 
 _T2I_EPILOG = """\
@@ -540,8 +578,9 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 def _cmd_retry(args: argparse.Namespace) -> int:
     with _client() as client:
         for job_id in args.job_ids:
-            new_job = client.retry(job_id)
-            print(f"{job_id} -> {new_job.id} {new_job.status.value}")
+            old_id = client.resolve_job_id(job_id)  # a unique prefix is shown as the full id
+            new_job = client.retry(old_id)
+            print(f"{old_id} -> {new_job.id} {new_job.status.value}")
     return int(ExitCode.OK)
 
 

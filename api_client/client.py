@@ -40,6 +40,7 @@ from api_client.errors import (
     missing_extra_message,
     path_problem,
 )
+from api_client.outputs import give_default_mode
 from api_client.progress import JobProgress, WaitProgressBar
 from schemas.enums import TERMINAL_STATUSES, JobStatus
 from schemas.specs import EditParams, EditSpec, GenerationParams, T2ISpec
@@ -56,6 +57,9 @@ ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
 JobRef: TypeAlias = "str | JobView"
 
 DEFAULT_POLL_SECONDS = 0.5
+JOB_ID_LENGTH = 36  # a UUID; shorter references are prefixes
+MIN_JOB_ID_PREFIX = 4
+_SHOWN_CANDIDATES = 5
 # Queue mode: jobs waiting this long without any progress make `wait` look for live workers of
 # their model and, when there are none, say so on the progress line (with the command to start one).
 NO_WORKER_NOTICE_SECONDS = 15.0
@@ -423,12 +427,35 @@ class DiffgentorClient:
 
     # ------------------------------------------------------------------------------------ query
 
+    def resolve_job_id(self, job: JobRef) -> str:
+        """A job id, or a unique prefix of one (at least 4 characters, as git takes commit ids).
+
+        An unknown id or prefix raises `JobNotFound`; a prefix of several jobs raises `UsageError`
+        listing them; a shorter one raises `UsageError`.
+        """
+        if isinstance(job, JobView):
+            return job.id
+        text = str(job).strip()
+        if len(text) >= JOB_ID_LENGTH:
+            return text
+        if len(text) < MIN_JOB_ID_PREFIX:
+            raise UsageError(f"job id {text!r} is too short: give the full id or at least "
+                             f"{MIN_JOB_ID_PREFIX} characters of it (`diffgentor list` shows the ids)")
+        matches = self._store_call(lambda: self.store.resolve_prefix(text, limit=_SHOWN_CANDIDATES + 1))
+        if not matches:
+            raise JobNotFound(text)
+        if len(matches) > 1:
+            shown = ", ".join(matches[:_SHOWN_CANDIDATES])
+            more = " and more" if len(matches) > _SHOWN_CANDIDATES else ""
+            raise UsageError(f"job id prefix {text} is ambiguous: it matches {shown}{more}; give more characters")
+        return str(matches[0])
+
     def get(self, job: JobRef) -> JobView:
-        job_id = _job_id(job)
+        job_id = self.resolve_job_id(job)
         return self._store_call(lambda: self.store.get(job_id))
 
     def get_many(self, jobs: Sequence[JobRef]) -> list[JobView]:
-        ids = [_job_id(job) for job in jobs]
+        ids = [self.resolve_job_id(job) for job in jobs]
         return list(self._store_call(lambda: self.store.get_many(ids)))
 
     def list(
@@ -460,10 +487,18 @@ class DiffgentorClient:
         return list(jobs)
 
     def cancel(self, job: JobRef) -> JobView:
-        """Cancel: a queued job never starts; a running one stops at its next step."""
-        job_id = _job_id(job)
-        self.get(job_id)
-        return self._store_call(lambda: self.store.cancel(job_id))
+        """Cancel: a queued job never starts; a running one stops at its next step.
+
+        A job that already succeeded or failed raises `JobStateError` (exit 8, as `retry` of a
+        job that cannot be retried); cancelling a cancelled job again returns it unchanged.
+        """
+        job_id = self.resolve_job_id(job)
+        view = self.get(job_id)
+        if view.status != JobStatus.CANCELLED:
+            _refuse_finished(view)
+            view = self._store_call(lambda: self.store.cancel(job_id))
+            _refuse_finished(view)  # it finished before the cancel arrived
+        return view
 
     def retry(self, job: JobRef) -> JobView:
         """A failed or cancelled job -> a new queued job linked to it (``retry_of``), published now.
@@ -471,7 +506,7 @@ class DiffgentorClient:
         Idempotent: while an earlier retry of the same job (followed to the end of its chain) is
         queued, running or succeeded, that job is returned instead of a new one.
         """
-        job_id = _job_id(job)
+        job_id = self.resolve_job_id(job)
         self.get(job_id)
         self.check_services()
         if self.embedded:
@@ -515,7 +550,7 @@ class DiffgentorClient:
         Raises `WaitTimeout` (naming the unfinished jobs) when ``timeout`` seconds pass first.
         """
         single = isinstance(jobs, str | JobView)
-        ids = [_job_id(jobs)] if single else [_job_id(job) for job in jobs]  # type: ignore[union-attr]
+        ids = [self.resolve_job_id(jobs)] if single else [self.resolve_job_id(job) for job in jobs]  # type: ignore[union-attr]
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = WaitProgressBar(len(ids)) if progress else None
         stall = _StallWatch(self) if bar is not None and not self.embedded else None
@@ -573,6 +608,7 @@ class DiffgentorClient:
             file_name = name if name and len(view.artifacts) == 1 else f"{view.id}-{artifact.index}.png"
             path = target / file_name
             self._storage_call(lambda uri=artifact.uri, path=path: self.artifacts.download(uri, path))
+            give_default_mode(path)  # the store writes through a 0600 temporary file
             paths.append(path)
         return paths
 
@@ -683,8 +719,10 @@ def _without_none(params: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in params.items() if value is not None}
 
 
-def _job_id(job: Any) -> str:
-    return job.id if isinstance(job, JobView) else str(job)
+def _refuse_finished(view: JobView) -> None:
+    if view.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        again = "; `diffgentor retry` runs it again" if view.status == JobStatus.FAILED else ""
+        raise JobStateError(f"job {view.id} already {view.status.value}: there is nothing to cancel{again}")
 
 
 def _statuses(status: Any) -> list[JobStatus] | None:

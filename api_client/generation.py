@@ -18,7 +18,14 @@ from typing import Any
 
 from api_client.errors import ExitCode, InputFileError, path_problem
 from api_client.inputs import EditRow, PromptRow
-from api_client.outputs import ResultRecord, output_name, output_path, pending_rows, write_results_csv
+from api_client.outputs import (
+    ResultRecord,
+    give_default_mode,
+    output_name,
+    output_path,
+    pending_rows,
+    write_results_csv,
+)
 from schemas.enums import JobStatus
 from schemas.views import JobView
 
@@ -187,6 +194,7 @@ class _Collector:
                 target = output_path(self._output_dir, row.index)
                 uri = min(job.artifacts, key=lambda artifact: artifact.index).uri
                 self._client.artifacts.download(uri, target)
+                give_default_mode(target)  # the store writes through a 0600 temporary file
                 image = output_name(row.index)
             error = f"{job.error_type}: {job.error_message}" if job.error_type else ""
             fields = row.fields if isinstance(row, EditRow) else {"prompt": row.prompt}

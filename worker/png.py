@@ -1,4 +1,9 @@
-"""PNG bytes for artifacts: text metadata (prompt, parameters, seed, model, job id) and facts for the artifact row."""
+"""PNG bytes for artifacts: text metadata and facts for the artifact row.
+
+Each generated PNG carries our JSON record under the ``diffgentor`` text key (prompt, parameters,
+seed, model, job id), the A1111-style plain-text ``parameters`` line that image browsers and the
+Stable Diffusion web UI show, and the prompt, seed, model and job id as plain keys.
+"""
 
 from __future__ import annotations
 
@@ -30,18 +35,59 @@ class PngSummary(NamedTuple):
     size: int
 
 
+METADATA_KEY = "diffgentor"  # our JSON record of the generation
+A1111_KEY = "parameters"  # the plain-text line Stable Diffusion web UI and image browsers read
+SAMPLER = "FlowMatchEuler"  # SD3.5's flow-matching Euler scheduler, as DeepGen samples
+
+
 def generation_metadata(
     *, prompt: str, parameters: Mapping[str, Any], seed: int, model: str, job_id: str, **extra: str
 ) -> dict[str, str]:
-    """The standard text chunks for a generated image; ``parameters`` is stored as canonical JSON."""
+    """The text chunks for a generated image.
+
+    * ``diffgentor``: our record as canonical JSON: prompt, parameters, seed, model, job_id (and
+      ``extra``), read back with `read_generation_metadata`;
+    * ``parameters``: the A1111-style plain text other tools show (`a1111_parameters`);
+    * ``prompt``, ``seed``, ``model``, ``job_id`` (and ``extra``) as plain keys, for simple readers.
+    """
+    record = {"prompt": prompt, "parameters": dict(parameters), "seed": seed, "model": model,
+              "job_id": str(job_id), **extra}
     return {
+        METADATA_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
+        A1111_KEY: a1111_parameters(prompt, parameters, seed=seed, model=model),
         "prompt": prompt,
-        "parameters": json.dumps(parameters, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
         "seed": str(seed),
         "model": model,
         "job_id": str(job_id),
         **extra,
     }
+
+
+def a1111_parameters(prompt: str, parameters: Mapping[str, Any], *, seed: int, model: str) -> str:
+    """Stable Diffusion web UI's ``parameters`` text: the prompt, ``Negative prompt: ...`` when there
+    is one, then ``Steps: 50, Sampler: FlowMatchEuler, CFG scale: 4.0, Seed: 7, Size: 512x512, Model: deepgen``
+    (Size is width x height; a value with a comma, colon or line break is JSON-quoted, as A1111 does)."""
+    fields: list[tuple[str, Any]] = []
+    if parameters.get("num_inference_steps") is not None:
+        fields.append(("Steps", int(parameters["num_inference_steps"])))
+    fields.append(("Sampler", SAMPLER))
+    if parameters.get("guidance_scale") is not None:
+        fields.append(("CFG scale", float(parameters["guidance_scale"])))
+    fields.append(("Seed", seed))
+    if parameters.get("width") and parameters.get("height"):
+        fields.append(("Size", f"{int(parameters['width'])}x{int(parameters['height'])}"))
+    fields.append(("Model", model))
+    lines = [prompt]
+    negative = parameters.get("negative_prompt")
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(f"{name}: {_a1111_value(value)}" for name, value in fields))
+    return "\n".join(lines)
+
+
+def _a1111_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(char in text for char in ",:\n") else text
 
 
 def encode_png(image: Image.Image, metadata: Mapping[str, str]) -> bytes:
@@ -78,6 +124,30 @@ def read_png_metadata(data: bytes) -> dict[str, str]:
         except (OSError, SyntaxError, ValueError) as exc:
             raise PngError(f"not a readable PNG: {exc}") from exc
         return {str(key): str(value) for key, value in image.text.items()}
+
+
+def read_generation_metadata(data: bytes) -> dict[str, Any]:
+    """Our record of a generated PNG: prompt, parameters (a dict), seed, model, job_id.
+
+    Reads the ``diffgentor`` JSON chunk; PNGs written before it existed kept the parameters as JSON
+    under ``parameters`` (now the A1111 text) and the rest as plain keys, which are read instead.
+    """
+    text = read_png_metadata(data)
+    if METADATA_KEY in text:
+        try:
+            record = json.loads(text[METADATA_KEY])
+        except ValueError as exc:
+            raise PngError(f"the {METADATA_KEY!r} PNG text chunk is not JSON: {exc}") from exc
+        if not isinstance(record, dict):
+            raise PngError(f"the {METADATA_KEY!r} PNG text chunk is not a JSON object")
+        return record
+    try:
+        parameters = json.loads(text.get(A1111_KEY, "{}"))
+    except ValueError:
+        parameters = {}
+    seed = text.get("seed", "")
+    return {"prompt": text.get("prompt"), "parameters": parameters if isinstance(parameters, dict) else {},
+            "seed": int(seed) if seed.isdigit() else None, "model": text.get("model"), "job_id": text.get("job_id")}
 
 
 def png_info(data: bytes) -> PngSummary:

@@ -151,3 +151,55 @@ def test_workers_and_health_commands_are_wired(clean_env, capsys: pytest.Capture
     assert "no registered workers" in capsys.readouterr().out
     assert main(["health", "--model_name", "deepgen"]) == 6
     assert "no registered worker for deepgen" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"diffgentor {version('diffgentor')}"
+
+
+def test_every_flag_takes_both_spellings() -> None:
+    from api_client.cli import reference_spellings
+
+    parser = build_parser()
+
+    def parse(argv: list[str]):
+        args, unknown = parser.parse_known_args(reference_spellings(parser, argv))
+        assert unknown == []
+        return args
+
+    underscore = parse(["t2i", "--prompt", "x", "--output_dir", "o", "--no_wait", "--no_resume",
+                        "--num_inference_steps", "3", "--guidance_scale=5"])
+    dashes = parse(["t2i", "--prompt", "x", "--output-dir", "o", "--no-wait", "--no-resume",
+                    "--num-inference-steps", "3", "--guidance-scale=5"])
+    assert vars(underscore) == vars(dashes)
+    assert (dashes.output_dir.name, dashes.no_wait, dashes.no_resume, dashes.num_inference_steps,
+            dashes.guidance_scale) == ("o", True, True, 3, 5.0)
+    assert parse(["t2i", "--prompt", "x", "--output-d", "o", "--num-inf", "2"]).num_inference_steps == 2  # abbreviated
+    assert parse(["wait", "j1", "--no_progress", "--output-dir", "d"]).no_progress
+    assert parse(["list", "--model-name", "m"]).model_name == "m"
+    assert parse(["health", "--stale-seconds", "20", "--model-name", "m"]).stale_seconds == 20.0
+    assert parse(["edit", "--input", "d.csv", "--output-dir", "o", "--torch-dtype", "bf16"]).torch_dtype == "bf16"
+    # After a bare `--` the arguments belong to Celery and are passed on untouched.
+    assert parse(["worker", "--model-name", "m", "--", "--max-tasks-per-child=1"]).celery_args == [
+        "--", "--max-tasks-per-child=1"]
+
+
+def test_help_shows_the_reference_spelling_only(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["t2i", "--help"])
+    out = capsys.readouterr().out
+    assert "--output_dir" in out and "--num_inference_steps" in out and "--no_resume" in out
+    assert "--output-dir" not in out and "--num-inference-steps" not in out and "--no-resume" not in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--output-dir" in capsys.readouterr().out  # the epilog says both spellings work
+
+
+def test_a_dashed_flag_runs_the_command(capsys: pytest.CaptureFixture[str], clean_env) -> None:
+    assert main(["t2i", "--prompt", "x", "--output-dir", str(clean_env / "o"), "--no-resume"]) == 4  # (no model)
+    assert "unrecognized" not in capsys.readouterr().err

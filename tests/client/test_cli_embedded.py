@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from api_client.outputs import default_file_mode
 from tests.client.conftest import DIFFGENTOR, REPO_ROOT, base_env, run_cli, write_png
 from tests.conftest import free_port
 
@@ -86,6 +87,8 @@ def test_edit_csv_forms_and_results_csv(embedded_env: dict[str, str], tmp_path: 
     assert result.code == 1, result.stderr  # one row's job failed
     assert sorted(p.name for p in out.glob("*.png")) == ["000001.png", "000002.png", "000003.png"]
     assert Image.open(out / "000003.png").size == (64, 64)
+    # The files get the umask's mode (the subprocess inherits ours), not a temporary file's 0600.
+    assert {(out / name).stat().st_mode & 0o777 for name in ("000003.png", "results.csv")} == {default_file_mode()}
     assert "index 4 job" in result.stderr and "failed" in result.stderr
     # Reported once by the CLI's summary; the in-process worker's own log line is not repeated.
     assert result.stderr.count(" failed: ") == 1 and "Traceback" not in result.stderr

@@ -42,3 +42,25 @@ def test_results_csv_keeps_rows_of_earlier_runs(tmp_path: Path) -> None:
     header = path.read_text().splitlines()[0].split(",")
     assert header[-5:] == ["output_image", "job_id", "seed", "status", "error"]
     assert set(header[:3]) == {"instruction", "input_images", "index"}
+
+
+def test_written_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
+    import os
+
+    from api_client.outputs import default_file_mode, give_default_mode
+
+    previous = os.umask(0o022)
+    try:
+        assert default_file_mode() == 0o644
+        write_atomically(tmp_path / "a.png", b"x")
+        write_results_csv(tmp_path / "results.csv", [ResultRecord(0, {}, "", "j", None, "failed", "e")])
+        os.umask(0o002)
+        assert default_file_mode() == 0o664
+        write_atomically(tmp_path / "b.png", b"x")
+        (tmp_path / "c.png").write_bytes(b"x")
+        os.chmod(tmp_path / "c.png", 0o600)  # as the artifact store's download leaves it
+        give_default_mode(tmp_path / "c.png")
+    finally:
+        os.umask(previous)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.png", "results.csv", "b.png", "c.png")}
+    assert modes == {"a.png": 0o644, "results.csv": 0o644, "b.png": 0o664, "c.png": 0o664}
