@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,15 +64,18 @@ class CheckpointReport:
         return f"{self.path.name}: " + ("; ".join(parts) if parts else "no keys")
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A flat `{name: tensor}` dict from `.safetensors` or `.pt` (`weights_only=True`, on the CPU)."""
+def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A flat `{name: tensor}` dict from `.safetensors` or `.pt` (`weights_only=True`, on the CPU).
+
+    `mmap=True` maps a `.pt` instead of reading it (zip format only: torch raises RuntimeError otherwise).
+    """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state: object = load_file(str(path), device="cpu")
     elif path.suffix == ".pt":
         try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
+            state = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
         except pickle.UnpicklingError as error:  # weights_only refuses arbitrary pickled objects
             raise CheckpointError(f"{path}: not a plain tensor checkpoint ({error})") from error
     else:
@@ -86,6 +89,21 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not_tensors:
         raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(not_tensors[:10])}")
     return {str(key): value for key, value in state.items()}
+
+
+def read_checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """`{name: shape}` of a checkpoint without reading its tensors (safetensors header, mapped `.pt`)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys = list(handle.keys())
+            return {str(key): tuple(handle.get_slice(key).get_shape()) for key in keys}
+    try:
+        state = read_checkpoint(path, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) .pt cannot be mapped: read it
+        state = read_checkpoint(path)
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}
 
 
 def file_sha256(path: Path) -> str:
@@ -130,17 +148,35 @@ def resolve_lmm_name(name: str, available: Iterable[str] | Mapping[str, object])
     return next((candidate for candidate in lmm_name_candidates(name) if candidate in known), None)
 
 
-def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], report: CheckpointReport) -> None:
-    """Load every non-LoRA family of `state` into `model`, filling `report`; raise on bad keys/shapes."""
-    own = model.state_dict()
-    lmm_own = {key.removeprefix("lmm."): tensor for key, tensor in own.items() if key.startswith("lmm.")}
-    to_load: dict[str, torch.Tensor] = {}
-    mismatched: list[str] = []
+@dataclass(frozen=True)
+class ShapeMismatch:
+    """A checkpoint key whose shape differs from the model's."""
 
-    for key, tensor in state.items():
+    key: str
+    checkpoint: tuple[int, ...]
+    model: tuple[int, ...]
+
+    @property
+    def family(self) -> str:
+        return family_of(self.key)
+
+    def __str__(self) -> str:
+        return f"{self.key}: checkpoint {list(self.checkpoint)} vs model {list(self.model)}"
+
+
+def match_keys(
+    own: Mapping[str, Sequence[int]], given: Mapping[str, Sequence[int]], report: CheckpointReport
+) -> tuple[dict[str, str], list[ShapeMismatch]]:
+    """Compare the checkpoint's `{key: shape}` with the model's, filling `report`'s matched and
+    unexpected keys. Returns `{checkpoint key: model key}` of the matches and the shape mismatches;
+    LoRA keys are skipped (applied by lora.apply_lora once the base weights are in)."""
+    lmm_own = {key.removeprefix("lmm.") for key in own if key.startswith("lmm.")}
+    targets: dict[str, str] = {}
+    mismatched: list[ShapeMismatch] = []
+    for key, shape in given.items():
         family = family_of(key)
         if family == "lora":
-            continue  # applied by lora.apply_lora once the base weights are in
+            continue
         target = key
         if family == "lmm":
             # Checkpoints saved with an adapter attached name base weights `<module>.base_layer.<param>`.
@@ -150,23 +186,35 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], report:
         if target not in own:
             report.families[family].unexpected.append(key)
             continue
-        if tuple(tensor.shape) != tuple(own[target].shape):
-            mismatched.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(own[target].shape)}")
+        if tuple(shape) != tuple(own[target]):
+            mismatched.append(ShapeMismatch(key, tuple(shape), tuple(own[target])))
             continue
         report.families[family].matched.append(key)
-        to_load[target] = tensor
+        targets[key] = target
+    return targets, mismatched
 
-    if mismatched:
-        raise CheckpointError(
-            f"{report.path.name}: shape mismatch for {len(mismatched)} key(s): " + "; ".join(mismatched)
-        )
 
-    given = set(state)
+def report_missing(own: Iterable[str], given: Collection[str], report: CheckpointReport) -> None:
+    """Record the model keys the checkpoint lacks (query/projector/connector and DiT families)."""
     for key in own:
         family = family_of(key)
         checked = family in REQUIRED_FAMILIES or (family == "transformer" and key not in DERIVED_BUFFERS)
         if checked and key not in given:
             report.families[family].missing.append(key)
+
+
+def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], report: CheckpointReport) -> None:
+    """Load every non-LoRA family of `state` into `model`, filling `report`; raise on bad keys/shapes."""
+    own = model.state_dict()
+    own_shapes = {key: tuple(tensor.shape) for key, tensor in own.items()}
+    targets, mismatched = match_keys(own_shapes, {key: tuple(t.shape) for key, t in state.items()}, report)
+    if mismatched:
+        raise CheckpointError(
+            f"{report.path.name}: shape mismatch for {len(mismatched)} key(s): "
+            + "; ".join(str(mismatch) for mismatch in mismatched)
+        )
+
+    report_missing(own, state, report)
     missing_required = [key for name in REQUIRED_FAMILIES for key in report.families[name].missing]
     if missing_required:
         raise CheckpointError(
@@ -182,7 +230,7 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], report:
             ", ".join(report.families["transformer"].missing[:10]),
         )
 
-    model.load_state_dict(to_load, strict=False)
+    model.load_state_dict({target: state[key] for key, target in targets.items()}, strict=False)
 
 
 def log_report(report: CheckpointReport) -> None:

@@ -71,7 +71,7 @@ def load_deepgen(env: DeepGenEnv) -> LoadedDeepGen:
         connector_attention,
     )
 
-    tokenizer = _call(config.tokenizer_kwargs, "tokenizer", env.ar_model_path)
+    tokenizer = load_tokenizer(config, env.ar_model_path)
     lmm = _call(
         config.lmm_kwargs,
         "lmm",
@@ -111,6 +111,11 @@ def load_deepgen(env: DeepGenEnv) -> LoadedDeepGen:
         dtype=dtype,
         provenance=_provenance(env, report, device, dtype, llm_attention),
     )
+
+
+def load_tokenizer(config: DeepGenConfig, folder: Path) -> Any:
+    """The tokenizer of the AR folder, loaded with the config's `tokenizer` entry (LoadError on failure)."""
+    return _call(config.tokenizer_kwargs, "tokenizer", folder)
 
 
 def _config_dtype(config: DeepGenConfig) -> torch.dtype | None:
