@@ -211,7 +211,9 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], report:
     if mismatched:
         raise CheckpointError(
             f"{report.path.name}: shape mismatch for {len(mismatched)} key(s): "
-            + "; ".join(str(mismatch) for mismatch in mismatched)
+            + "; ".join(str(mismatch) for mismatch in mismatched[:5])
+            + (" ... (does DG_DEEPGEN_CONFIG fit this checkpoint? `diffgentor worker` checks it at start)"
+               if len(mismatched) > 5 else "")
         )
 
     report_missing(own, state, report)
