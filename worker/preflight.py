@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.settings import DEFAULT_HOME, SettingsError
+from worker.settings import DEFAULT_HOME, TRUE_WORDS, SettingsError
 
 if TYPE_CHECKING:
     from worker.deepgen.checkpoint import CheckpointReport, ShapeMismatch
@@ -50,7 +50,6 @@ RESULT_MARKER = "preflight-result: "  # the child's stdout line the parent reads
 TIMEOUT_SECONDS = 600.0
 REPORT_FILE_NAME = "preflight-report.txt"
 REPORT_LOG_KEYS = 40  # problem keys logged one per line; the report file has all of them
-_TRUE = frozenset({"1", "true", "yes", "on"})
 
 
 class PreflightError(SettingsError):
@@ -116,7 +115,7 @@ class _Fit:
 
 def skip_requested(environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
-    return env.get(SKIP_VARIABLE, "").strip().lower() in _TRUE
+    return env.get(SKIP_VARIABLE, "").strip().lower() in TRUE_WORDS  # any other value: not skipped
 
 
 def deepgen_variables(environ: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:

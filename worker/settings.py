@@ -117,16 +117,27 @@ def _read(env: Mapping[str, str], name: str, parse: Callable[[str], T], default:
     return value
 
 
-def _bool(raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in {"1", "true", "yes", "on"}:
+# The words every boolean variable accepts (DG_* here, DG_DEEPGEN_*, DG_SKIP_PREFLIGHT), in any case.
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+BOOLEAN_WORDS_HELP = "1/0, true/false, yes/no, on/off"
+
+
+def parse_bool(raw: str) -> bool:
+    """A boolean variable's value (`TRUE_WORDS` / `FALSE_WORDS`, any case, spaces ignored); else ValueError."""
+    lowered = raw.strip().lower()
+    if lowered in TRUE_WORDS:
         return True
-    if lowered in {"0", "false", "no", "off"}:
+    if lowered in FALSE_WORDS:
         return False
     raise ValueError(raw)
 
 
-_bool.__name__ = "boolean"
+def _bool(raw: str) -> bool:
+    return parse_bool(raw)
+
+
+_bool.__name__ = "boolean"  # _read's message: "... is not a valid boolean value"
 
 
 def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:

@@ -13,12 +13,11 @@ from pathlib import Path
 from worker.deepgen.configuration import ConfigError, DeepGenConfig, load_config
 from worker.deepgen.devices import ATTENTION_KERNELS, DTYPES, parse_device
 from worker.deepgen.vision import RESIZE_MODES
+from worker.settings import BOOLEAN_WORDS_HELP, parse_bool
 
 PREFIX = "DG_DEEPGEN_"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt")
 DEFAULT_MAX_LENGTH = 1024
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class DeepGenEnvError(ValueError):
@@ -153,11 +152,7 @@ def _device(value: str | None) -> str | None:
 def _flag(value: str | None, name: str) -> bool:
     if value is None:
         return False
-    lowered = value.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise DeepGenEnvError(
-        PREFIX + name, f"must be a boolean (1/0, true/false, yes/no, on/off), got {value!r}"
-    )
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise DeepGenEnvError(PREFIX + name, f"must be a boolean ({BOOLEAN_WORDS_HELP}), got {value!r}") from None
