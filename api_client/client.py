@@ -40,6 +40,7 @@ from api_client.errors import (
     missing_extra_message,
     path_problem,
 )
+from api_client.inputs import is_remote
 from api_client.outputs import give_default_mode
 from api_client.progress import JobProgress, WaitProgressBar
 from schemas.enums import TERMINAL_STATUSES, JobStatus
@@ -64,7 +65,6 @@ _SHOWN_CANDIDATES = 5
 # their model and, when there are none, say so on the progress line (with the command to start one).
 NO_WORKER_NOTICE_SECONDS = 15.0
 CONNECT_TIMEOUT_SECONDS = 5
-_REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
 
 @dataclass(frozen=True)
@@ -354,7 +354,7 @@ class DiffgentorClient:
 
     def image_reference(self, image: ImageInput) -> str:
         """One edit input -> a reference the worker can read (uploading local data when needed)."""
-        if isinstance(image, str) and image.lower().startswith(_REMOTE_SCHEMES):
+        if isinstance(image, str) and is_remote(image):
             return image
         if isinstance(image, Image.Image):
             if image.width * image.height > self.settings.input_max_pixels:

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from api_client.errors import InputFileError
-from schemas.specs import text_problem
+from schemas.specs import REMOTE_IMAGE_SCHEMES, text_problem
 
 PROMPT_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv")
-REMOTE_SCHEMES = ("http://", "https://", "s3://")
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,8 @@ class EditRow:
 
 
 def is_remote(reference: str) -> bool:
-    return reference.lower().startswith(REMOTE_SCHEMES)
+    """An s3:// or http(s):// reference (any case) that the worker fetches, not a local file."""
+    return reference.lower().startswith(REMOTE_IMAGE_SCHEMES)
 
 
 # --------------------------------------------------------------------------------------------- prompts
