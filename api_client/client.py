@@ -41,7 +41,6 @@ from api_client.errors import (
     path_problem,
 )
 from api_client.inputs import is_remote
-from api_client.outputs import give_default_mode
 from api_client.progress import JobProgress, WaitProgressBar
 from schemas.enums import TERMINAL_STATUSES, JobStatus
 from schemas.specs import EditParams, EditSpec, GenerationParams, T2ISpec
@@ -607,8 +606,8 @@ class DiffgentorClient:
         for artifact in sorted(view.artifacts, key=lambda a: a.index):
             file_name = name if name and len(view.artifacts) == 1 else f"{view.id}-{artifact.index}.png"
             path = target / file_name
+            # Written whole, with the umask's mode (worker.files.atomic_file).
             self._storage_call(lambda uri=artifact.uri, path=path: self.artifacts.download(uri, path))
-            give_default_mode(path)  # the store writes through a 0600 temporary file
             paths.append(path)
         return paths
 

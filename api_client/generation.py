@@ -20,7 +20,6 @@ from api_client.errors import ExitCode, InputFileError, path_problem
 from api_client.inputs import EditRow, PromptRow
 from api_client.outputs import (
     ResultRecord,
-    give_default_mode,
     output_name,
     output_path,
     pending_rows,
@@ -193,8 +192,7 @@ class _Collector:
             if job.status == JobStatus.SUCCEEDED and job.artifacts:
                 target = output_path(self._output_dir, row.index)
                 uri = min(job.artifacts, key=lambda artifact: artifact.index).uri
-                self._client.artifacts.download(uri, target)
-                give_default_mode(target)  # the store writes through a 0600 temporary file
+                self._client.artifacts.download(uri, target)  # whole, with the umask's mode
                 image = output_name(row.index)
             error = f"{job.error_type}: {job.error_message}" if job.error_type else ""
             fields = row.fields if isinstance(row, EditRow) else {"prompt": row.prompt}

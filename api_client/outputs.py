@@ -2,20 +2,22 @@
 
 A rerun skips every index whose PNG already exists. Files are written to a temporary name and renamed,
 so an interrupted run never leaves a truncated PNG that a later run would take as done; they get the
-mode of any new file (0o666 less the umask), not the temporary file's 0600.
+mode of any new file (0o666 less the umask), not the temporary file's 0600 (`worker.files`, which the
+artifact stores' downloads use too).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+# default_file_mode is re-exported: callers and tests check written modes against it.
+from worker.files import default_file_mode as default_file_mode
+from worker.files import write_atomically
 
 RESULT_COLUMNS = ("output_image", "job_id", "seed", "status", "error")
 
@@ -39,46 +41,6 @@ def output_path(output_dir: Path, index: int) -> Path:
 def pending_rows(rows: Sequence[Row], output_dir: Path) -> list[Row]:
     """The rows whose output PNG is not there yet (resume)."""
     return [row for row in rows if not output_path(output_dir, row.index).is_file()]
-
-
-def default_file_mode() -> int:
-    """The mode `open()` gives a new file here: 0o666 less the umask (mkstemp's temp files are 0600)."""
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask() can only read by setting)
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with _UMASK_LOCK:
-        current = os.umask(0o022)
-        os.umask(current)
-    return current
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def give_default_mode(path: Path) -> None:
-    """Files we write get the umask's mode, like any file the user's tools create."""
-    os.chmod(path, default_file_mode())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,24 @@
 """Artifact storage: ``s3://bucket/prefix`` (any S3-compatible store) and ``file:///dir``.
 
 Stores hand out URIs (``s3://bucket/prefix/jobs/<id>/0.png``, ``file:///dir/jobs/<id>/0.png``) and
-accept them back. Keys are deterministic so that a re-run of a job overwrites its artifacts instead
-of leaving a second copy.
+accept them back. Output keys are per job and claim number (`artifact_key`), so a worker that lost its
+job never writes over the winner's image; input uploads are content-addressed (`content_addressed_key`).
+`file://` objects and downloads are written whole or not at all, with the umask's mode (`worker.files`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote, unquote, urlsplit
 from urllib.request import url2pathname
 
+from worker.files import atomic_file
 from worker.redact import redact_url, redact_urls_in
 
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # the SigV4 ceiling
@@ -159,22 +160,6 @@ def _check_key(key: str) -> str:
     return key
 
 
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Write to a temp file beside ``path`` and rename it over ``path`` only after a complete write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------- file
 
 
@@ -195,7 +180,7 @@ class FileArtifactStore:
     def put_bytes(self, key: str, data: bytes, content_type: str = "image/png") -> str:
         path = self.root / _check_key(key)
         try:
-            with _atomic_file(path) as out:
+            with atomic_file(path) as out:
                 out.write(data)
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}; check DG_STORAGE_URL") from exc
@@ -231,7 +216,7 @@ class FileArtifactStore:
     def download(self, uri: str, path: str | os.PathLike[str]) -> None:
         data = self.get_bytes(uri)
         try:
-            with _atomic_file(Path(path)) as out:
+            with atomic_file(Path(path)) as out:
                 out.write(data)
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -395,7 +380,7 @@ class S3ArtifactStore:
         with self._errors(uri):
             body = self._client.get_object(Bucket=bucket, Key=key)["Body"]
             try:
-                with _atomic_file(Path(path)) as out:
+                with atomic_file(Path(path)) as out:
                     for chunk in iter(lambda: body.read(_CHUNK), b""):
                         out.write(chunk)
             finally:

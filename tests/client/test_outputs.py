@@ -47,7 +47,7 @@ def test_results_csv_keeps_rows_of_earlier_runs(tmp_path: Path) -> None:
 def test_written_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
     import os
 
-    from api_client.outputs import default_file_mode, give_default_mode
+    from api_client.outputs import default_file_mode
 
     previous = os.umask(0o022)
     try:
@@ -57,10 +57,25 @@ def test_written_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
         os.umask(0o002)
         assert default_file_mode() == 0o664
         write_atomically(tmp_path / "b.png", b"x")
-        (tmp_path / "c.png").write_bytes(b"x")
-        os.chmod(tmp_path / "c.png", 0o600)  # as the artifact store's download leaves it
-        give_default_mode(tmp_path / "c.png")
     finally:
         os.umask(previous)
-    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.png", "results.csv", "b.png", "c.png")}
-    assert modes == {"a.png": 0o644, "results.csv": 0o644, "b.png": 0o664, "c.png": 0o664}
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.png", "results.csv", "b.png")}
+    assert modes == {"a.png": 0o644, "results.csv": 0o644, "b.png": 0o664}
+
+
+def test_file_artifacts_and_downloads_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
+    """DG_HOME/artifacts (embedded mode) and downloads from it are written like the outputs above."""
+    import os
+
+    from worker.storage import FileArtifactStore
+
+    store = FileArtifactStore((tmp_path / "artifacts").as_uri())
+    previous = os.umask(0o027)
+    try:
+        uri = store.put_bytes("jobs/j1/1/0.png", b"png")
+        store.download(uri, tmp_path / "out" / "0.png")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "artifacts" / "jobs" / "j1" / "1" / "0.png").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "out" / "0.png").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["0.png"]  # no temporary file left
