@@ -87,13 +87,13 @@ class _StrictModel(BaseModel):
 
 
 class GenerationParams(_StrictModel):
-    guidance_scale: float = Field(4.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
-    num_inference_steps: int = Field(50, ge=MIN_STEPS, le=MAX_STEPS)
+    guidance_scale: float = Field(default=4.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    num_inference_steps: int = Field(default=50, ge=MIN_STEPS, le=MAX_STEPS)
     # t2i needs a size: null is rejected here (edit may leave it to the first input image).
     height: int | None = 512
     width: int | None = 512
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
     @field_validator("guidance_scale", mode="before")
     @classmethod
@@ -123,9 +123,9 @@ class EditParams(GenerationParams):
 
 
 class _SpecBase(_StrictModel):
-    model_name: str = Field("deepgen", min_length=1, max_length=MAX_MODEL_NAME_CHARS)
-    priority: int = Field(MIN_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)
+    model_name: str = Field(default="deepgen", min_length=1, max_length=MAX_MODEL_NAME_CHARS)
+    priority: int = Field(default=MIN_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)
 
     @field_validator("model_name")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
@@ -21,6 +21,9 @@ from sqlalchemy.sql.functions import FunctionElement
 from schemas.enums import ErrorClass, JobStatus
 from schemas.tables import Artifact, Job, UtcDateTime, utcnow
 from schemas.views import ArtifactView
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
 
 POISON_ERROR_TYPE = "AttemptsExhausted"
 
@@ -57,6 +60,17 @@ class LeaseState:
 
 
 Executor = Session | sa.Connection
+
+
+def rowcount(result: sa.Result[Any]) -> int:
+    """The rows an UPDATE or DELETE (without RETURNING) matched.
+
+    ``Session.execute`` is typed as returning a plain ``Result``; for such a DML statement it is
+    always a ``CursorResult`` (which has ``rowcount``), on a Connection as on a Session.
+    """
+    if not isinstance(result, sa.CursorResult):
+        raise TypeError(f"no rowcount on a {type(result).__name__}: not the result of an UPDATE or DELETE")
+    return result.rowcount
 
 
 class _DbNowPlus(FunctionElement[datetime]):
@@ -239,7 +253,7 @@ def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, **v
         .values(status=status.value, finished_at=utcnow(), lease_expires_at=None, **values)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(statement).rowcount == 1
+    return rowcount(session.execute(statement)) == 1
 
 
 def requeue(session: Executor, job_id: str, worker_id: str, *, available_at: datetime, error_type: str,
@@ -259,7 +273,7 @@ def requeue(session: Executor, job_id: str, worker_id: str, *, available_at: dat
                 error_type=error_type, error_message=error_message)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(statement).rowcount == 1
+    return rowcount(session.execute(statement)) == 1
 
 
 def release_expired(session: Executor, job_ids: list[str], now: datetime) -> list[str]:
@@ -301,7 +315,7 @@ def fail_killed_process_job(session: Session, job_id: str, worker_id_prefix: str
                 error_type=error_type, error_message=error_message)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(statement).rowcount == 1
+    return rowcount(session.execute(statement)) == 1
 
 
 def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactView]) -> None:
@@ -309,10 +323,15 @@ def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactView
     if not artifacts:
         return
     dialect = session.get_bind().dialect.name
+    statement: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        statement = postgresql_insert(Artifact)
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        statement = sqlite_insert(Artifact)
     else:  # pragma: no cover - only the two supported databases
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
     now = utcnow()
@@ -321,7 +340,7 @@ def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactView
          "bytes": a.bytes, "sha256": a.sha256, "created_at": now}
         for a in artifacts
     ]
-    statement = insert(Artifact).values(rows)
+    statement = statement.values(rows)
     excluded = statement.excluded
     statement = statement.on_conflict_do_update(
         index_elements=[Artifact.job_id, Artifact.index],

@@ -7,6 +7,7 @@ Sweeper side: `sweep_candidates`, `release_expired`, `requeue_published_queued`.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import secrets
 import uuid
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 MAX_LIST_LIMIT = 1000
 SEED_RANGE = 2**32
 _T = TypeVar("_T")
+# Job.__table__ is typed as a FromClause (declarative allows other selectables); it is this Table.
+_JOBS_TABLE = Job.metadata.tables[Job.__tablename__]
 
 # The columns a JobView is built from, and its artifacts', for the Core read path.
 _VIEW_JOB_COLUMNS = [Job.__table__.c[name] for name in JobView.model_fields if name != "artifacts"]
@@ -206,7 +209,7 @@ class JobStore:
             # be inserted twice; the caller sees the error instead.
             values = _new_values(specs[0], self.max_attempts)
             with self._single_write_engine.begin() as conn:
-                conn.execute(Job.__table__.insert(), [values])
+                conn.execute(_JOBS_TABLE.insert(), [values])
             return [Submitted(JobView.model_validate(values), True)]
         with self._write_sessions.begin() as session:  # SQLite: read the keys under the write lock
             existing: dict[str, JobView] = {}
@@ -229,7 +232,7 @@ class JobStore:
                     existing[key] = view  # a repeated key inside one batch is one job
                 results.append(Submitted(view, True))
             if rows:
-                session.execute(Job.__table__.insert(), rows)  # Core executemany: batched multi-row INSERTs
+                session.execute(_JOBS_TABLE.insert(), rows)  # Core executemany: batched multi-row INSERTs
             return results
 
     def mark_published(self, job_ids: Sequence[str]) -> datetime:
@@ -486,13 +489,14 @@ class JobStore:
         return self._read_retrying(scan)
 
     @staticmethod
-    def _targets(conn: sa.Connection, where: sa.ColumnElement[bool], order: Any, limit: int) -> list[PublishTarget]:
+    def _targets(conn: sa.Connection, where: sa.ColumnElement[bool], order: Any,
+                 limit: int) -> builtins.list[PublishTarget]:
         # A job that already ran once (a crash, a fault hand-back) goes ahead of new work.
         urgent = sa.case((Job.attempts > 0, MAX_PRIORITY), else_=Job.priority)
         query = sa.select(Job.id, Job.model_name, urgent).where(where).order_by(order).limit(limit)
         return [PublishTarget(job_id, model, priority) for job_id, model, priority in conn.execute(query)]
 
-    def release_expired(self, job_ids: Sequence[str]) -> list[str]:
+    def release_expired(self, job_ids: Sequence[str]) -> builtins.list[str]:
         """Expired running jobs back to queued (unpublished, due now); the ids actually released."""
         with self._write_sessions.begin() as session:
             return claims.release_expired(session, list(job_ids), utcnow())
@@ -511,9 +515,9 @@ class JobStore:
                 .values(published_at=None, available_at=now)
                 .execution_options(synchronize_session=False)
             )
-            return int(result.rowcount or 0)
+            return int(claims.rowcount(result) or 0)
 
-    def resolve_prefix(self, prefix: str, limit: int = 10) -> list[str]:
+    def resolve_prefix(self, prefix: str, limit: int = 10) -> builtins.list[str]:
         """Ids of jobs starting with ``prefix`` (lowercase hex and dashes; at most ``limit``, sorted).
 
         A range on the primary key (index seek) with the LIKE that defines the match.

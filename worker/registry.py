@@ -25,6 +25,7 @@ failure and back-off step (`Backoff`), no traceback unless DEBUG logging is on.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import socket
@@ -39,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from schemas.enums import JobStatus
 from schemas.tables import Job, WorkerRecord, utcnow
 from worker.backoff import Backoff
-from worker.claims import relaxed
+from worker.claims import relaxed, rowcount
 from worker.transient import one_line
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class WorkerRegistry:
                 .execution_options(synchronize_session=False),
                 session,
             ))
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     def record_sweep(self, sweeper_id: str, *, interval_seconds: float, hostname: str | None = None,
                      pid: int | None = None) -> None:
@@ -190,7 +191,7 @@ class WorkerRegistry:
                 sa.update(WorkerRecord)
                 .where(WorkerRecord.worker_id == sweeper_id, WorkerRecord.role == SWEEPER_ROLE)
                 .values(**values).execution_options(synchronize_session=False))
-            if not result.rowcount:  # type: ignore[attr-defined]
+            if not rowcount(result):
                 session.add(WorkerRecord(
                     worker_id=sweeper_id, node=None, role=SWEEPER_ROLE,
                     hostname=hostname or socket.gethostname(), pid=pid or os.getpid(),
@@ -223,7 +224,7 @@ class WorkerRegistry:
         with self._sessions.begin() as session:
             result = session.execute(sa.delete(WorkerRecord).where(WorkerRecord.heartbeat_at < horizon,
                                                                    WorkerRecord.role == WORKER_ROLE))
-            return int(result.rowcount)  # type: ignore[attr-defined]
+            return rowcount(result)
 
     def list(self, *, model_name: str | None = None, worker_id: str | None = None,
              nodes: Sequence[str] | None = None) -> list[WorkerView]:
@@ -239,7 +240,7 @@ class WorkerRegistry:
         with self._sessions() as session:
             return [_view(row) for row in session.scalars(query)]
 
-    def sweepers(self, *, sweeper_id: str | None = None) -> list[WorkerView]:
+    def sweepers(self, *, sweeper_id: str | None = None) -> builtins.list[WorkerView]:
         """Sweeper rows, by start time (`heartbeat_at` = the last finished sweep)."""
         query = (sa.select(WorkerRecord).where(WorkerRecord.role == SWEEPER_ROLE)
                  .order_by(WorkerRecord.started_at, WorkerRecord.worker_id))
@@ -248,7 +249,7 @@ class WorkerRegistry:
         with self._sessions() as session:
             return [_view(row) for row in session.scalars(query)]
 
-    def oldest_waiting(self, model_names: list[str]) -> dict[str, datetime]:
+    def oldest_waiting(self, model_names: builtins.list[str]) -> dict[str, datetime]:
         """Per model: the publish time of the oldest job that is queued and was published."""
         if not model_names:
             return {}
@@ -261,13 +262,14 @@ class WorkerRegistry:
         with self._sessions() as session:
             return {name: when for name, when in session.execute(query) if when is not None}
 
-    def queue_waits(self, job_ids: list[str], worker_id: str) -> list[float]:
+    def queue_waits(self, job_ids: builtins.list[str], worker_id: str) -> builtins.list[float]:
         """Seconds from publish (or creation) to start, for those of the jobs this worker claimed."""
         query = sa.select(Job.published_at, Job.created_at, Job.started_at).where(
             Job.id.in_(job_ids), Job.worker_id == worker_id, Job.started_at.is_not(None))
         with self._sessions() as session:
+            # started_at IS NOT NULL in the query: the check only narrows the type.
             return [(started - (published or created)).total_seconds()
-                    for published, created, started in session.execute(query)]
+                    for published, created, started in session.execute(query) if started is not None]
 
 
 class Presence:

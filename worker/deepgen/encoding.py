@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from torch import nn
 from worker.deepgen.model import DeepGenModel
 from worker.deepgen.padding_attention import causal_padding_mask, emulated_kernel_name
 from worker.deepgen.vision import VisionInputs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class PromptTooLongError(ValueError):
@@ -51,13 +54,13 @@ class PromptConditioning:
         return context, pooled
 
 
-def language_model(lmm: nn.Module) -> nn.Module:
+def language_model(lmm: PreTrainedModel) -> PreTrainedModel:
     """The decoder stack without the LM head (transformers >= 4.52 nests it under `model`)."""
     inner = lmm.model
     return getattr(inner, "language_model", inner)
 
 
-def vision_tower(lmm: nn.Module) -> nn.Module:
+def vision_tower(lmm: PreTrainedModel) -> nn.Module:
     inner = getattr(lmm, "model", None)
     tower = getattr(inner, "visual", None) or getattr(lmm, "visual", None)
     if tower is None:
@@ -66,14 +69,15 @@ def vision_tower(lmm: nn.Module) -> nn.Module:
 
 
 def rope_index(
-    lmm: nn.Module,
+    lmm: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     image_token_id: int,
     image_grid_thw: torch.Tensor | None,
 ) -> torch.Tensor:
     """Qwen's own 3-D M-RoPE positions (3, B, T), from `lmm.model` (>= 4.52) or `lmm` (<= 4.51)."""
-    owner = lmm.model if hasattr(lmm.model, "get_rope_index") else lmm
+    # Any: a Qwen-specific method whose owner and signature vary across transformers versions.
+    owner: Any = lmm.model if hasattr(lmm.model, "get_rope_index") else lmm
     parameters = inspect.signature(owner.get_rope_index).parameters
     if "mm_token_type_ids" in parameters:
         token_types = (input_ids == image_token_id).to(torch.int32)
@@ -85,7 +89,7 @@ def rope_index(
     return positions
 
 
-def enable_padding_emulation(lmm: nn.Module) -> bool:
+def enable_padding_emulation(lmm: PreTrainedModel) -> bool:
     """Switch the text decoder to an FA2-padding kernel; False if it already runs FA2 itself."""
     text_config = language_model(lmm).config
     kernel = emulated_kernel_name(text_config._attn_implementation)
@@ -147,7 +151,9 @@ def llm_hidden_states(
     lmm = model.lmm
     decoder = language_model(lmm)
     embed_tokens = decoder.get_input_embeddings()
-    device = embed_tokens.weight.device
+    embedding_weight = embed_tokens.weight
+    assert isinstance(embedding_weight, torch.Tensor)  # a Parameter (nn.Module types it Tensor | Module)
+    device = embedding_weight.device
     image_token_id = int(lmm.config.image_token_id)
     rows = input_ids.shape[0]
     input_ids, text_mask = input_ids.to(device), text_mask.to(device).bool()
@@ -181,7 +187,7 @@ def llm_hidden_states(
 
 
 def _insert_image_embeddings(
-    lmm: nn.Module,
+    lmm: PreTrainedModel,
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
     image_token_id: int,

@@ -80,7 +80,7 @@ class DeepGenEngine:
         transformer_config = self.model.transformer.config
         self.vae_scale = vae_scale_factor(self.vae)
         # The DiT's positional table caps the latent grid (pos_embed_max_size patches per side).
-        self.max_side = transformer_config.pos_embed_max_size * transformer_config.patch_size * self.vae_scale
+        self.max_side = transformer_config["pos_embed_max_size"] * transformer_config["patch_size"] * self.vae_scale
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DeepGenEngine:
@@ -154,7 +154,7 @@ class DeepGenEngine:
         transformer = self.model.transformer
         latents = initial_noise(
             batch_size=1,
-            latent_channels=transformer.config.in_channels,
+            latent_channels=transformer.config["in_channels"],
             height=prepared.height,
             width=prepared.width,
             vae_scale_factor=self.vae_scale,

@@ -64,7 +64,7 @@ def apply_lora(lmm: nn.Module, state: Mapping[str, torch.Tensor], *, rank: int, 
 
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int but only computes alpha / r
         target_modules=sorted(pairs),
         lora_dropout=0.0,
         init_lora_weights=False,
@@ -157,4 +157,4 @@ def _check_pair(module_name: str, pair: _LoraPair, module: nn.Module, rank: int)
 def _lora_parameter(layer: nn.Module, kind: str) -> torch.Tensor:
     container = getattr(layer, kind)[ADAPTER_NAME]
     # Linear LoRA factors are nn.Linear modules; embedding factors are bare parameters.
-    return container.weight if isinstance(container, nn.Module) else container
+    return container.weight if isinstance(container, nn.Linear) else container

@@ -7,12 +7,17 @@ and `lmm.*`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from worker.deepgen.connector import ConnectorConfig, ConnectorEncoder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from worker.deepgen.transformer import DeepGenSD3Transformer
 
 # At most six stacked hidden states, as DeepGen's later training code; 36 layers give six
 # (docs/engine.md, 'Layer picks').
@@ -31,7 +36,7 @@ def selected_layer_indices(num_hidden_layers: int) -> list[int]:
     return list(range(num_hidden_layers - 1, 0, -SELECTED_LAYER_STRIDE))[:MAX_SELECTED_LAYERS]
 
 
-def lmm_text_config(lmm: nn.Module) -> Any:
+def lmm_text_config(lmm: PreTrainedModel) -> Any:
     """The text (decoder) config of a Qwen2.5-VL model, across transformers config layouts."""
     config = lmm.config
     return getattr(config, "text_config", config)
@@ -41,8 +46,8 @@ class DeepGenModel(nn.Module):
     def __init__(
         self,
         *,
-        lmm: nn.Module,
-        transformer: nn.Module,
+        lmm: PreTrainedModel,
+        transformer: DeepGenSD3Transformer,
         connector: ConnectorConfig,
         num_queries: int,
     ) -> None:
@@ -57,8 +62,8 @@ class DeepGenModel(nn.Module):
         self.projector_1 = nn.Linear(len(self.layer_indices) * llm_hidden, connector.hidden_size)
         self.connector = ConnectorEncoder(connector)
         dit_config = transformer.config
-        self.projector_2 = nn.Linear(connector.hidden_size, dit_config.pooled_projection_dim)
-        self.projector_3 = nn.Linear(connector.hidden_size, dit_config.joint_attention_dim)
+        self.projector_2 = nn.Linear(connector.hidden_size, dit_config["pooled_projection_dim"])
+        self.projector_3 = nn.Linear(connector.hidden_size, dit_config["joint_attention_dim"])
 
     @property
     def num_queries(self) -> int:

@@ -83,7 +83,10 @@ def denoise(
     `cuda_graphs`: on CUDA, capture the DiT forward once and replay it every step (see `cuda_graphs`).
     """
     scheduler = fresh_scheduler(scheduler)
-    patch = transformer.config.patch_size
+    # The DiT's diffusers config (read by attribute, as a test double's namespace is); nn.Module
+    # types unknown attributes as Tensor | Module.
+    dit_config: Any = transformer.config
+    patch: int = dit_config.patch_size
     image_seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
     timesteps = prepare_timesteps(scheduler, num_inference_steps, image_seq_len, latents.device)
     use_guidance = guidance_scale > 1
@@ -92,6 +95,7 @@ def denoise(
     else:
         context, pooled = conditioning.positive()
     dit_dtype = transformer.dtype
+    assert isinstance(dit_dtype, torch.dtype)  # the DiT's `dtype` property (nn.Module types it Tensor | Module)
     context, pooled = context.to(dit_dtype), pooled.to(dit_dtype)
     branch_count = 2 if use_guidance else 1
     dit_batch = branch_count * latents.shape[0]

@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -127,7 +128,7 @@ def tiny_checkpoint_state(
     connector_hidden: int,
     connector_intermediate: int,
     connector_layers: int,
-    transformer_config: Mapping[str, object],
+    transformer_config: Mapping[str, Any],
 ) -> dict[str, torch.Tensor]:
     """A flat `{name: tensor}` dict with the released checkpoint's key families at the given sizes."""
     from diffusers.models.transformers import SD3Transformer2DModel
@@ -137,8 +138,8 @@ def tiny_checkpoint_state(
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * 0.05
 
-    pooled_dim = int(transformer_config["pooled_projection_dim"])  # type: ignore[call-overload]
-    joint_dim = int(transformer_config["joint_attention_dim"])  # type: ignore[call-overload]
+    pooled_dim = int(transformer_config["pooled_projection_dim"])
+    joint_dim = int(transformer_config["joint_attention_dim"])
     state: dict[str, torch.Tensor] = {
         "meta_queries": random(num_queries, text_hidden),
         "projector_1.weight": random(connector_hidden, num_selected_layers * text_hidden),
@@ -263,7 +264,7 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerBase
         tokenizer_object=backend,
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
-        unk_token=None,
+        unk_token=None,  # type: ignore[arg-type]  # annotated str, but None (no unknown token) is accepted
         bos_token=None,
         additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
         model_max_length=131072,
@@ -271,8 +272,10 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerBase
 
 
 def _write_diffusion_folder(folder: Path) -> dict[str, object]:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    # Not from the `diffusers` top level: there type checkers see the placeholder classes for installs without torch.
+    from diffusers.models import AutoencoderKL
     from diffusers.models.transformers import SD3Transformer2DModel
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED + 3)

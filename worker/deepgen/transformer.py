@@ -21,9 +21,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers import SD3Transformer2DModel
+
+# SD3Transformer2DModel from `diffusers.models`, not the top level: there type checkers see the placeholder
+# class diffusers defines for installs without torch.
 
 ReferenceLatents = Sequence[Sequence[torch.Tensor]]
 
@@ -128,8 +131,13 @@ class DeepGenSD3Transformer(SD3Transformer2DModel):
 
     def _ensure_masked_processors(self) -> None:
         first_attention = self.transformer_blocks[0].attn
-        if not isinstance(first_attention.processor, MaskedJointAttnProcessor):
-            self.set_attn_processor(MaskedJointAttnProcessor())
+        if not (
+            isinstance(first_attention, Attention)
+            and isinstance(first_attention.processor, MaskedJointAttnProcessor)
+        ):
+            # diffusers types the argument as a closed union of its own processor classes; any
+            # processor with the `__call__(attn, hidden_states, ...)` protocol is accepted at runtime.
+            self.set_attn_processor(MaskedJointAttnProcessor())  # type: ignore[arg-type]
 
     def _image_tokens(
         self, hidden_states: torch.Tensor, reference_latents: ReferenceLatents | None
@@ -168,7 +176,7 @@ class DeepGenSD3Transformer(SD3Transformer2DModel):
             token_is_valid[row, :length] = True
         return padded, token_is_valid
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
@@ -176,14 +184,14 @@ class DeepGenSD3Transformer(SD3Transformer2DModel):
         timestep: torch.Tensor,
         reference_latents: ReferenceLatents | None = None,
         return_dict: bool = True,
-    ) -> torch.Tensor | Transformer2DModelOutput:
+    ) -> tuple[torch.Tensor] | Transformer2DModelOutput:
         """Predict the flow velocity of `hidden_states` (B, C, H, W).
 
         `reference_latents[b]` lists the already scaled VAE latents (C, h_j, w_j) conditioning sample b.
         """
         self._ensure_masked_processors()
         height, width = hidden_states.shape[-2:]
-        patch = self.config.patch_size
+        patch = self.config["patch_size"]  # a FrozenDict, typed as a plain dict
         target_length = (height // patch) * (width // patch)
 
         tokens, token_is_valid = self._image_tokens(hidden_states, reference_latents)
