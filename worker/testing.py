@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, cast
 
 __all__ = ["WorkerNotReady", "WorkerProcess", "celery_worker_argv", "free_port", "temporary_database",
            "wait_for", "worker_environ"]
@@ -37,11 +37,13 @@ class WorkerNotReady(RuntimeError):
 
 def celery_worker_argv(queue: str, *, pool: str = "prefork", loglevel: str = "INFO",
                        node_name: str | None = None) -> list[str]:
-    """The production worker command line: one queue, concurrency 1, prefetch 1."""
+    """`python -m celery -A worker.celery_app` + the production worker arguments (`worker.main.worker_argv`:
+    the model queue ``queue``, concurrency 1, prefetch 1), without `diffgentor worker`'s preflight."""
+    from worker.main import Pool, worker_argv
+
     node = node_name or f"{queue}-{uuid.uuid4().hex[:8]}@%h"  # unique: several workers may share a host
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queue, "--pool", pool,
-            "-c", "1", "--prefetch-multiplier", "1", "--loglevel", loglevel, "-n", node,
-            "--without-gossip", "--without-mingle"]
+    arguments = worker_argv(queue, pool=cast(Pool, pool), loglevel=loglevel, node_name=node)
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", *arguments]
 
 
 def worker_environ(*, database_url: str, broker_url: str, storage_url: str, home: Path,
@@ -86,7 +88,7 @@ class WorkerProcess:
     @classmethod
     def celery(cls, env: Mapping[str, str], queue: str, log_path: Path, *, pool: str = "prefork",
                loglevel: str = "INFO", node_name: str | None = None, cwd: Path | None = None) -> WorkerProcess:
-        """`python -m celery -A worker.celery_app worker -Q <queue> --pool <pool> -c 1` (not started)."""
+        """A worker on ``queue`` started as `celery_worker_argv` says (not started yet)."""
         return cls(celery_worker_argv(queue, pool=pool, loglevel=loglevel, node_name=node_name), env, log_path,
                    cwd=cwd)
 
