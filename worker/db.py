@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # A pooled PostgreSQL connection idle longer than this is pinged before reuse (see `_ping_after_idle`).
@@ -68,7 +74,7 @@ def _ping_after_idle(engine: sa.Engine, idle_seconds: float) -> None:
     error and closes the socket, which a zero-timeout poll sees without a round trip. A failed
     ping makes the pool discard the connection and check out another. What still slips
     through (a silent drop within `idle_seconds`) fails its first statement; SQLAlchemy then
-    invalidates the pool and the single-statement paths retry once (`JobStore._retrying`).
+    invalidates the pool and the work is retried once (`Database`).
     """
 
     @sa.event.listens_for(engine, "checkin")
@@ -116,6 +122,78 @@ def for_writes(engine: sa.Engine) -> sa.Engine:
     if engine.dialect.name != "sqlite":
         return engine
     return engine.execution_options(**{SQLITE_BEGIN_OPTION: "immediate"})
+
+
+class Database:
+    """How the job store reaches its database: the connection policy, apart from the job logic.
+
+    - ``read(fn)``: one read in autocommit on PostgreSQL (no BEGIN/ROLLBACK round trips; one
+      statement is atomic and sees one snapshot), retried once on a dead pooled connection.
+    - ``write_one(fn)``: one write statement in its own transaction (autocommit on PostgreSQL,
+      BEGIN IMMEDIATE on SQLite), retried once on a dead pooled connection. Only for writes that
+      are idempotent when retried (progress, lease renewal, ``published_at``, the claim: a
+      retried claim whose first try did commit is granted again to the same worker).
+    - ``write_once(fn)``: the same without the retry (an INSERT whose lost commit reply must not
+      insert twice).
+    - ``transaction(fn)``: a session transaction for several statements (BEGIN IMMEDIATE on
+      SQLite), retried once on a dead pooled connection; ``transaction()`` without ``fn`` is the
+      plain context manager, never retried.
+    - ``session()``: a read session for ORM queries.
+
+    Pooled connections are only pinged after sitting idle (`_ping_after_idle`), so one that died
+    while in steady use (database restart, failover) fails its first statement instead;
+    SQLAlchemy then invalidates the pool and the work runs once more on a new connection.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        engine: sa.Engine = sessions.kw["bind"]
+        self.dialect = engine.dialect.name
+        self._autocommit = (engine.execution_options(isolation_level="AUTOCOMMIT")
+                            if self.dialect == "postgresql" else engine)
+        self._autocommit_writes = for_writes(self._autocommit)
+        self._write_sessions: sessionmaker[Session] = sessionmaker(**{**sessions.kw, "bind": for_writes(engine)})
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    def read(self, work: Callable[[sa.Connection], _T]) -> _T:
+        return _retrying_once(self._autocommit.connect, work)
+
+    def write_one(self, work: Callable[[sa.Connection], _T]) -> _T:
+        return _retrying_once(self._autocommit_writes.begin, work)
+
+    def write_once(self, work: Callable[[sa.Connection], _T]) -> _T:
+        with self._autocommit_writes.begin() as conn:
+            return work(conn)
+
+    @overload
+    def transaction(self) -> AbstractContextManager[Session]: ...
+
+    @overload
+    def transaction(self, work: Callable[[Session], _T]) -> _T: ...
+
+    def transaction(self, work: Callable[[Session], _T] | None = None) -> Any:
+        if work is None:
+            return self._write_sessions.begin()
+        return _retrying_once(self._write_sessions.begin, work)
+
+
+def _retrying_once(open_connection: Callable[[], Any], work: Callable[[Any], _T]) -> _T:
+    try:
+        with open_connection() as conn:
+            return work(conn)
+    except sa.exc.DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning("database connection lost; retrying once on a new connection")
+    with open_connection() as conn:
+        return work(conn)
+
+
+def sqlite_locked(exc: sa.exc.OperationalError) -> bool:
+    """SQLite busy past busy_timeout (nothing was written: the transaction rolled back)."""
+    return "database is locked" in str(exc.orig) or "database is busy" in str(exc.orig)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

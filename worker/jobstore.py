@@ -11,7 +11,7 @@ import builtins
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -26,7 +26,7 @@ from schemas.tables import Artifact, Job, utcnow
 from schemas.views import ArtifactView, JobView
 from worker import claims
 from worker.claims import ClaimedJob, ClaimRefusal, LeaseState
-from worker.db import for_writes
+from worker.db import Database, sqlite_locked
 
 log = logging.getLogger(__name__)
 
@@ -164,25 +164,18 @@ def _new_row(spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None =
 
 
 class JobStore:
+    """The named operations on the job table; how they reach the database is `worker.db.Database`."""
+
     def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int = 3) -> None:
-        self._sessions = sessions
+        self._db = Database(sessions)
         self.max_attempts = max_attempts
-        engine: sa.Engine = sessions.kw["bind"]
-        # Hot single-statement paths (status reads, the claim, relaxed writes) run in autocommit
-        # on PostgreSQL: no BEGIN/COMMIT/ROLLBACK round trips. One statement is atomic and sees
-        # one snapshot, so the job and its artifacts are read consistently.
-        self._single_engine = (engine.execution_options(isolation_level="AUTOCOMMIT")
-                               if engine.dialect.name == "postgresql" else engine)
-        # Writes on SQLite BEGIN IMMEDIATE (`worker.db.for_writes`); reads keep a deferred BEGIN.
-        self._single_write_engine = for_writes(self._single_engine)
-        self._write_sessions: sessionmaker[Session] = sessionmaker(**{**sessions.kw, "bind": for_writes(engine)})
 
     # ---- producer side -------------------------------------------------------------------
 
     @property
     def sessions(self) -> sessionmaker[Session]:
         """Read sessions on this store's engine (for the registry beside it)."""
-        return self._sessions
+        return self._db.sessions
 
     def submit(self, specs: Iterable[T2ISpec | EditSpec | dict[str, Any]]) -> list[Submitted]:
         """Insert jobs in one transaction, in input order; known idempotency keys return the old job."""
@@ -194,7 +187,7 @@ class JobStore:
             return self._submit_once(parsed)
         except sa.exc.OperationalError as exc:
             # SQLite busy past busy_timeout: nothing was written (the transaction rolled back).
-            if not _sqlite_locked(exc):
+            if not sqlite_locked(exc):
                 raise
             log.warning("job database locked during submit; trying once more")
             return self._submit_once(parsed)
@@ -208,10 +201,9 @@ class JobStore:
             # commit). Not retried on a lost connection: a commit whose reply was lost would
             # be inserted twice; the caller sees the error instead.
             values = _new_values(specs[0], self.max_attempts)
-            with self._single_write_engine.begin() as conn:
-                conn.execute(_JOBS_TABLE.insert(), [values])
+            self._db.write_once(lambda conn: conn.execute(_JOBS_TABLE.insert(), [values]))
             return [Submitted(JobView.model_validate(values), True)]
-        with self._write_sessions.begin() as session:  # SQLite: read the keys under the write lock
+        with self._db.transaction() as session:  # SQLite: read the keys under the write lock
             existing: dict[str, JobView] = {}
             if keys:
                 found = session.scalars(
@@ -243,12 +235,12 @@ class JobStore:
         # Not durable on purpose: a lost published_at only makes the sweeper publish the job
         # again, and the conditional claim drops the duplicate delivery.
         params = {"job_ids": list(job_ids), "now": now}
-        self._single(lambda conn: conn.execute(_mark_published_statement(conn), params))
+        self._db.write_one(lambda conn: conn.execute(_mark_published_statement(conn), params))
         return now
 
     def get(self, job_id: str) -> JobView:
         # The hot polling path: Core, one statement, no ORM identity map, no transaction.
-        found = self._read_retrying(lambda conn: _views_from_rows(conn.execute(_VIEW_ONE, {"job_id": job_id})))
+        found = self._db.read(lambda conn: _views_from_rows(conn.execute(_VIEW_ONE, {"job_id": job_id})))
         if job_id not in found:
             raise JobNotFound(job_id)
         return found[job_id]
@@ -256,41 +248,12 @@ class JobStore:
     def get_many(self, job_ids: Sequence[str]) -> list[JobView]:
         """Jobs in the order asked; raises JobNotFound for the first unknown id."""
         ids = list(job_ids)
-        found = (self._read_retrying(lambda conn: _views_from_rows(conn.execute(_VIEW_MANY, {"job_ids": ids})))
+        found = (self._db.read(lambda conn: _views_from_rows(conn.execute(_VIEW_MANY, {"job_ids": ids})))
                  if ids else {})
         missing = [job_id for job_id in ids if job_id not in found]
         if missing:
             raise JobNotFound(missing[0])
         return [found[job_id] for job_id in ids]
-
-    def _read_retrying(self, read: Callable[[sa.Connection], _T]) -> _T:
-        """Run a read-only query; retried once on a fresh connection if the pooled one was dead."""
-        return self._retrying(self._single_engine.connect, read)
-
-    def _single(self, write: Callable[[sa.Connection], _T]) -> _T:
-        """One write statement in its own transaction (autocommit on PostgreSQL), retried once
-        if the pooled connection was dead.
-
-        The retried writes are idempotent (progress, lease renewal, published_at, and the claim:
-        if the lost first try did commit, the retry by the same worker is granted again without
-        a second attempt, see `claims.claim`).
-        """
-        return self._retrying(self._single_write_engine.begin, write)
-
-    @staticmethod
-    def _retrying(open_connection: Callable[[], Any], work: Callable[[Any], _T]) -> _T:
-        # Pooled connections are only pinged after sitting idle (`worker.db`), so one that died
-        # while in steady use (database restart, failover) fails its first statement instead;
-        # SQLAlchemy then invalidates the pool and the work runs once more on a new connection.
-        try:
-            with open_connection() as conn:
-                return work(conn)
-        except sa.exc.DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-            log.warning("database connection lost; retrying once on a new connection")
-        with open_connection() as conn:
-            return work(conn)
 
     def list(
         self,
@@ -318,14 +281,14 @@ class JobStore:
         if created_before is not None:
             query = query.where(Job.created_at < created_before)
         query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
-        with self._sessions() as session:
+        with self._db.session() as session:
             return [_view(job) for job in session.scalars(query)]
 
     def cancel(self, job_id: str) -> JobView:
         """Queued, or running with an expired lease (its worker is gone): cancelled at once (a later
         claim or a late write of the old worker fails). Running with a live lease: ask the worker to stop."""
         now = utcnow()
-        with self._write_sessions.begin() as session:
+        with self._db.transaction() as session:
             session.execute(
                 sa.update(Job)
                 .where(Job.id == job_id, sa.or_(
@@ -358,7 +321,7 @@ class JobStore:
         end) is still live (queued, running or succeeded), it is returned instead of a new
         retry: a client that retried, was interrupted and runs again reattaches to that retry.
         """
-        with self._write_sessions.begin() as session:  # SQLite: the whole check runs under the write lock
+        with self._db.transaction() as session:  # SQLite: the whole check runs under the write lock
             old = session.get(Job, job_id)
             if old is None:
                 raise JobNotFound(job_id)
@@ -382,16 +345,16 @@ class JobStore:
 
     def claim_or_refusal(self, job_id: str, worker_id: str, lease_seconds: float) -> ClaimedJob | ClaimRefusal:
         # Durable: the claim is one conditional UPDATE ... RETURNING, atomic in autocommit too.
-        return self._single(lambda conn: claims.claim(conn, job_id, worker_id, lease_seconds))
+        return self._db.write_one(lambda conn: claims.claim(conn, job_id, worker_id, lease_seconds))
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> LeaseState:
-        return self._single(lambda conn: claims.renew_lease(conn, job_id, worker_id, lease_seconds))
+        return self._db.write_one(lambda conn: claims.renew_lease(conn, job_id, worker_id, lease_seconds))
 
     def record_progress(self, job_id: str, worker_id: str, step: int, total: int) -> LeaseState:
-        return self._single(lambda conn: claims.record_progress(conn, job_id, worker_id, step, total))
+        return self._db.write_one(lambda conn: claims.record_progress(conn, job_id, worker_id, step, total))
 
     def record_artifacts(self, job_id: str, artifacts: Sequence[ArtifactView]) -> None:
-        with self._write_sessions.begin() as session:
+        with self._db.transaction() as session:
             claims.upsert_artifacts(session, job_id, list(artifacts))
 
     def finish_succeeded(
@@ -422,11 +385,11 @@ class JobStore:
                 claims.upsert_artifacts(session, job_id, list(artifacts))  # one multi-row statement
             return done
 
-        return self._retrying(self._write_sessions.begin, work)
+        return self._db.transaction(work)
 
     def finish_failed(self, job_id: str, worker_id: str, *, error_type: str, error_message: str,
                       error_class: ErrorClass = ErrorClass.PERMANENT) -> bool:
-        return self._retrying(self._write_sessions.begin, lambda session: claims.finish(
+        return self._db.transaction(lambda session: claims.finish(
             session, job_id, worker_id, JobStatus.FAILED, error_type=error_type[:255], error_message=error_message,
             error_class=error_class.value,
         ))
@@ -435,19 +398,19 @@ class JobStore:
                 error_message: str) -> bool:
         """Hand an owned job back to the queue after an infrastructure fault (`claims.requeue`)."""
         available_at = utcnow() + timedelta(seconds=delay_seconds)
-        return self._retrying(self._write_sessions.begin, lambda session: claims.requeue(
+        return self._db.transaction(lambda session: claims.requeue(
             session, job_id, worker_id, available_at=available_at, error_type=error_type[:255],
             error_message=error_message,
         ))
 
     def fail_killed_process_job(self, job_id: str, worker_id_prefix: str, *, error_type: str,
                                 error_message: str) -> bool:
-        with self._write_sessions.begin() as session:
+        with self._db.transaction() as session:
             return claims.fail_killed_process_job(session, job_id, worker_id_prefix, error_type=error_type[:255],
                                                   error_message=error_message)
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
-        return self._retrying(self._write_sessions.begin,
+        return self._db.transaction(
                               lambda session: claims.finish(session, job_id, worker_id, JobStatus.CANCELLED))
 
     # ---- sweeper side --------------------------------------------------------------------
@@ -486,7 +449,7 @@ class JobStore:
                 expired=self._targets(conn, expired, Job.lease_expires_at, limit),
             )
 
-        return self._read_retrying(scan)
+        return self._db.read(scan)
 
     @staticmethod
     def _targets(conn: sa.Connection, where: sa.ColumnElement[bool], order: Any,
@@ -498,7 +461,7 @@ class JobStore:
 
     def release_expired(self, job_ids: Sequence[str]) -> builtins.list[str]:
         """Expired running jobs back to queued (unpublished, due now); the ids actually released."""
-        with self._write_sessions.begin() as session:
+        with self._db.transaction() as session:
             return claims.release_expired(session, list(job_ids), utcnow())
 
     def requeue_published_queued(self) -> int:
@@ -508,7 +471,7 @@ class JobStore:
         (in pages); a message that did survive only makes a duplicate, which the claim drops.
         """
         now = utcnow()
-        with self._write_sessions.begin() as session:
+        with self._db.transaction() as session:
             result = session.execute(
                 sa.update(Job)
                 .where(Job.status == JobStatus.QUEUED.value, Job.published_at.is_not(None), Job.published_at <= now)
@@ -527,7 +490,7 @@ class JobStore:
             return []  # job ids are UUIDs: nothing else can match (and no LIKE wildcard gets in)
         query = (sa.select(Job.id).where(Job.id >= prefix, Job.id.like(f"{prefix}%"))
                  .order_by(Job.id).limit(limit))
-        return self._read_retrying(lambda conn: [str(job_id) for job_id in conn.scalars(query)])
+        return self._db.read(lambda conn: [str(job_id) for job_id in conn.scalars(query)])
 
 
 @dataclass(frozen=True)
@@ -535,10 +498,6 @@ class SweepCandidates:
     unpublished: list[PublishTarget]
     stale: list[PublishTarget]
     expired: list[PublishTarget]
-
-
-def _sqlite_locked(exc: sa.exc.OperationalError) -> bool:
-    return "database is locked" in str(exc.orig) or "database is busy" in str(exc.orig)
 
 
 def _live_retry(session: Session, job: Job) -> Job | None:
