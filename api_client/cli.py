@@ -34,6 +34,14 @@ from api_client.errors import (
     path_problem,
 )
 from api_client.generation import GenerationOptions, run_edit, run_t2i
+from schemas.specs import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_STEPS,
+    DEFAULT_T2I_SIDE,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+)
 
 SUPPORTED_BACKENDS = ("deepgen",)
 _FOREIGN_ERRORS = {  # errors raised by worker modules, by class name (importing them could pull torch)
@@ -231,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry.set_defaults(handler=_cmd_retry)
 
     worker = commands.add_parser("worker", help="run a GPU worker for one model queue (needs DG_DEEPGEN_*)")
-    worker.add_argument("--model_name", default="deepgen", help="queue / model to serve (default deepgen)")
+    worker.add_argument("--model_name", default=DEFAULT_MODEL_NAME,
+                        help=f"queue / model to serve (default {DEFAULT_MODEL_NAME})")
     worker.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork",
                         help="Celery pool (default prefork: the parent never touches CUDA)")
     worker.add_argument("--loglevel", default="INFO")
@@ -317,18 +326,23 @@ def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPa
 
 
 def _add_generation_options(parser: argparse.ArgumentParser, *, edit: bool) -> None:
-    default_side = None if edit else 512
-    side_help = "default: the first input image's size" if edit else "default 512"
+    # Defaults and ranges are the job spec's (schemas/specs.py), the one place that states them.
+    default_side = None if edit else DEFAULT_T2I_SIDE
+    side_help = "default: the first input image's size" if edit else f"default {DEFAULT_T2I_SIDE}"
     parser.add_argument("--backend", default="deepgen", help="model backend (supported: deepgen)")
-    parser.add_argument("--model_name", default="deepgen", help="model / worker queue (default deepgen)")
+    parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME,
+                        help=f"model / worker queue (default {DEFAULT_MODEL_NAME})")
     parser.add_argument("--output_dir", required=True, type=Path, help="where {index:06d}.png files go")
-    parser.add_argument("--guidance_scale", type=float, default=4.0, help="CFG scale (default 4.0)")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                        help=f"CFG scale (default {DEFAULT_GUIDANCE_SCALE})")
+    parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS,
+                        help=f"denoising steps (default {DEFAULT_STEPS})")
     parser.add_argument("--height", type=int, default=default_side, help=f"output height, {side_help}")
     parser.add_argument("--width", type=int, default=default_side, help=f"output width, {side_help}")
     parser.add_argument("--negative_prompt", default="", help='negative prompt (default "")')
     parser.add_argument("--seed", type=int, help="seed for every job (default: a random seed per job)")
-    parser.add_argument("--priority", type=int, default=0, help="0 (normal) to 9 (most urgent)")
+    parser.add_argument("--priority", type=int, default=MIN_PRIORITY,
+                        help=f"{MIN_PRIORITY} (normal, the default) to {MAX_PRIORITY} (most urgent)")
     parser.add_argument("--no-wait", dest="no_wait", action="store_true", help="submit, print job ids, exit")
     parser.add_argument("--timeout", type=_seconds, help="stop waiting after this many seconds (exit 7)")
     parser.add_argument("--no_resume", action="store_true", help="regenerate indices whose PNG exists")
@@ -462,7 +476,7 @@ def _generation_options(args: argparse.Namespace, kind: str) -> GenerationOption
     if "/" in args.model_name or "\\" in args.model_name or args.model_name.endswith(_CHECKPOINT_SUFFIXES):
         raise UsageError(
             f"--model_name {args.model_name!r} looks like a checkpoint path or repo id; here --model_name names the model "
-            "queue (default deepgen) and the checkpoint is DG_DEEPGEN_CHECKPOINT where the model runs"
+            f"queue (default {DEFAULT_MODEL_NAME}) and the checkpoint is DG_DEEPGEN_CHECKPOINT where the model runs"
         )
     _note_ignored_flags(args)
     options = GenerationOptions(

@@ -43,7 +43,7 @@ from api_client.errors import (
 from api_client.inputs import is_remote
 from api_client.progress import JobProgress, WaitProgressBar
 from schemas.enums import TERMINAL_STATUSES, JobStatus
-from schemas.specs import EditParams, EditSpec, GenerationParams, T2ISpec
+from schemas.specs import DEFAULT_MODEL_NAME, MIN_PRIORITY, EditParams, EditSpec, GenerationParams, T2ISpec
 from schemas.views import JobView
 from worker.redact import redact_url, redact_urls_in
 from worker.settings import Settings, SettingsError, load_settings
@@ -285,8 +285,8 @@ class DiffgentorClient:
         self,
         prompt: str,
         *,
-        model_name: str = "deepgen",
-        priority: int = 0,
+        model_name: str = DEFAULT_MODEL_NAME,
+        priority: int = MIN_PRIORITY,
         idempotency_key: str | None = None,
         **params: Any,
     ) -> T2ISpec:
@@ -305,8 +305,8 @@ class DiffgentorClient:
         instruction: str,
         images: Sequence[ImageInput],
         *,
-        model_name: str = "deepgen",
-        priority: int = 0,
+        model_name: str = DEFAULT_MODEL_NAME,
+        priority: int = MIN_PRIORITY,
         idempotency_key: str | None = None,
         **params: Any,
     ) -> EditSpec:

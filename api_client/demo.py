@@ -16,6 +16,7 @@ from api_client.embedded import quiet_library_progress_bars
 from api_client.errors import ExitCode
 from api_client.generation import GenerationOptions, run_edit, run_t2i
 from api_client.inputs import EditRow, PromptRow
+from schemas.specs import DEFAULT_GUIDANCE_SCALE, DEFAULT_MODEL_NAME, DEFAULT_STEPS, DEFAULT_T2I_SIDE
 from worker.settings import load_settings
 
 DEMO_PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -30,8 +31,8 @@ def run_demo(output_dir: Path | None = None, num_inference_steps: int | None = N
     output_dir = output_dir or settings.home / "demo"
     t2i_dir, edit_dir = output_dir / "t2i", output_dir / "edit"
     t2i = GenerationOptions(
-        model_name="deepgen", output_dir=t2i_dir, guidance_scale=4.0,
-        num_inference_steps=num_inference_steps or 50, height=512, width=512,
+        model_name=DEFAULT_MODEL_NAME, output_dir=t2i_dir, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+        num_inference_steps=num_inference_steps or DEFAULT_STEPS, height=DEFAULT_T2I_SIDE, width=DEFAULT_T2I_SIDE,
         negative_prompt="", seed=None, priority=0, resume=False,
     )
     edit = replace(t2i, output_dir=edit_dir, height=None, width=None)  # edit: size of the input image

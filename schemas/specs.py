@@ -1,7 +1,9 @@
 """Job specifications: what a producer submits (pydantic v2, unknown fields rejected).
 
 Sizes are rounded up to multiples of 32 as the DeepGen reference does; the job row records
-the size actually used. Limits live in module constants so the CLI and docs can quote them.
+the size actually used. Limits and defaults live in module constants so the CLI, the client and
+the docs can quote them: these models are what every job is validated against, so their
+defaults (`DEFAULT_*`) are the one source of the generation defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ MIN_PRIORITY = 0  # normal
 MAX_PRIORITY = 9  # most urgent
 MAX_MODEL_NAME_CHARS = 64
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+# Defaults of a job that does not say (the CLI's flags and the client's arguments use these).
+DEFAULT_MODEL_NAME = "deepgen"
+DEFAULT_GUIDANCE_SCALE = 4.0
+DEFAULT_STEPS = 50
+DEFAULT_T2I_SIDE = 512  # t2i height and width; an edit takes the first input image's (resized) size
 
 # model_name is a Celery queue name and a Redis key part: keep it to a safe alphabet.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -87,11 +95,11 @@ class _StrictModel(BaseModel):
 
 
 class GenerationParams(_StrictModel):
-    guidance_scale: float = Field(default=4.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
-    num_inference_steps: int = Field(default=50, ge=MIN_STEPS, le=MAX_STEPS)
+    guidance_scale: float = Field(default=DEFAULT_GUIDANCE_SCALE, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    num_inference_steps: int = Field(default=DEFAULT_STEPS, ge=MIN_STEPS, le=MAX_STEPS)
     # t2i needs a size: null is rejected here (edit may leave it to the first input image).
-    height: int | None = 512
-    width: int | None = 512
+    height: int | None = DEFAULT_T2I_SIDE
+    width: int | None = DEFAULT_T2I_SIDE
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
@@ -123,7 +131,7 @@ class EditParams(GenerationParams):
 
 
 class _SpecBase(_StrictModel):
-    model_name: str = Field(default="deepgen", min_length=1, max_length=MAX_MODEL_NAME_CHARS)
+    model_name: str = Field(default=DEFAULT_MODEL_NAME, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     priority: int = Field(default=MIN_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 
+from schemas.specs import DEFAULT_MODEL_NAME
 from worker.settings import Settings, load_settings
 
 SWEEP_TASK_NAME = "diffgentor.sweep"
@@ -75,7 +76,7 @@ def _configure(app: Celery, settings: Settings) -> None:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
-        task_default_queue="deepgen",
+        task_default_queue=DEFAULT_MODEL_NAME,  # every job names its queue; this is only a fallback
         task_create_missing_queues=True,
         task_soft_time_limit=settings.soft_time_limit_seconds,
         task_time_limit=settings.hard_time_limit_seconds,

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Literal
 
-from schemas.specs import MODEL_NAME_PATTERN
+from schemas.specs import DEFAULT_MODEL_NAME, MODEL_NAME_PATTERN
 from worker.publish import queue_name
 from worker.settings import Settings, load_settings
 
@@ -77,7 +77,7 @@ if __name__ == "__main__":  # python -m worker.main MODEL_NAME
     from worker.preflight import EXIT_CONFIGURATION, PreflightError
 
     try:
-        start_worker(sys.argv[1] if len(sys.argv) > 1 else "deepgen")
+        start_worker(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL_NAME)
     except PreflightError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_CONFIGURATION)
