@@ -1,7 +1,8 @@
-"""Shared fixtures: real PostgreSQL, Redis and a moto S3 endpoint on this machine.
+"""Shared fixtures: real PostgreSQL, Redis and a moto S3 endpoint on this machine, and the tiny model.
 
 Each test session gets its own PostgreSQL database and its own Redis database number so that
 several test runs (and helpers) can share the machine's servers without seeing each other.
+Conftest files hold fixtures only; helpers shared by test modules live in tests/support.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from collections.abc import Iterator
 import pytest
 
 from worker.testing import free_port, temporary_database
-
-__all__ = ["free_port"]  # tests import it from here
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,10 +29,15 @@ REDIS_HOST = os.environ.get("DG_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("DG_TEST_REDIS_PORT", "6379"))
 
 
-# Fixtures that reach a service (directly or through another fixture): a test that uses one is
-# marked `integration`, so `pytest -m "not integration"` is the services-free tier (README).
-SERVICE_FIXTURES = frozenset({"pg_url", "migrated_pg_url", "db_url", "redis_db", "redis_url", "s3_endpoint",
-                              "s3_bucket", "redis_server"})
+# Fixtures that reach a service or start a server or worker process: a test that uses one (directly
+# or through another fixture) is marked `integration`, so `pytest -m "not integration"` is the
+# services-free tier (README). Modules that run CLI/worker subprocesses end to end without such a
+# fixture carry their own `pytestmark = pytest.mark.integration`.
+SERVICE_FIXTURES = frozenset({
+    "pg_url", "migrated_pg_url", "db_url", "redis_db", "redis_url", "s3_endpoint", "s3_bucket",
+    # sub-conftests and test modules: an own redis-server, Celery/`diffgentor worker` subprocesses
+    "redis_server", "shared_pg_without_sweepers", "worker_env", "start_worker", "server_env", "worker_factory",
+})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -137,3 +141,24 @@ def s3_bucket(s3_endpoint: str) -> str:
     )
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):  # -> worker.deepgen.tiny.TinyModelPaths
+    """The tiny random DeepGen model (Qwen2.5-VL + SD3 folders, both checkpoint files), written once
+    per session for every test that needs it: never write another in a test."""
+    from worker.deepgen.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_deepgen"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_paths(tiny_model):  # -> worker.deepgen.tiny.TinyModelPaths
+    """Alias of `tiny_model` (the job tests' name)."""
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_model):  # -> worker.deepgen.tiny.TinyModelPaths
+    """Alias of `tiny_model` (the client tests' name)."""
+    return tiny_model

@@ -124,7 +124,7 @@ def test_producer_commands_do_not_import_torch(tmp_path) -> None:
     import subprocess
     import sys
 
-    from tests.client.conftest import base_env
+    from tests.support import base_env
 
     code = (
         "import sys\n"

@@ -11,11 +11,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from api_client.outputs import default_file_mode
-from tests.client.conftest import DIFFGENTOR, REPO_ROOT, base_env, run_cli, write_png
-from tests.conftest import free_port
+from tests.support import DIFFGENTOR, REPO_ROOT, base_env, run_cli, write_png
+from worker.testing import free_port
+
+pytestmark = pytest.mark.integration  # `diffgentor` subprocesses run the tiny model end to end (minutes)
 
 FAST = ["--num_inference_steps", "2", "--height", "64", "--width", "64"]
 

@@ -8,8 +8,8 @@ import pytest
 
 from api_client.cli import main
 from api_client.errors import ExitCode
-from tests.client.conftest import write_png
-from tests.conftest import free_port
+from tests.support import write_png
+from worker.testing import free_port
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

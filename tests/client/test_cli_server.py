@@ -16,7 +16,7 @@ from PIL import Image
 
 from api_client import DiffgentorClient
 from api_client.errors import JobStateError
-from tests.client.conftest import DIFFGENTOR, REPO_ROOT, base_env, run_cli, write_png
+from tests.support import DIFFGENTOR, REPO_ROOT, base_env, run_cli, write_png
 from worker.testing import WorkerProcess
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from api_client.cli import main
 from api_client.errors import ConfigurationError, ExitCode, InputFileError
 from api_client.inputs import load_edit_rows, load_prompts, local_image_problem
 from schemas.specs import EditSpec, GenerationParams, T2ISpec, parse_job_spec
-from tests.client.conftest import base_env, run_cli, write_png
+from tests.support import base_env, run_cli, write_png
 
 EDIT_HEADER = "input_images,instruction\n"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.client.conftest import DIFFGENTOR, REPO_ROOT, base_env, write_png
+from tests.support import DIFFGENTOR, REPO_ROOT, base_env, write_png
 
 # Runs `api_client.cli.main(argv)` with the modules named in BLOCKED missing, as if never installed.
 RUNNER = textwrap.dedent("""

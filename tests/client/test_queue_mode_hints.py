@@ -10,7 +10,7 @@ import pytest
 
 from api_client import DiffgentorClient
 from api_client.errors import ConfigurationError, ExitCode, WaitTimeout
-from tests.client.conftest import base_env, run_cli
+from tests.support import base_env, run_cli
 
 
 @pytest.mark.parametrize("command", [["list"], ["t2i", "--prompt", "x", "--output_dir", "o"],

@@ -10,7 +10,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.client.conftest import REPO_ROOT, write_png
+import pytest
+
+from tests.support import REPO_ROOT, write_png
+
+pytestmark = pytest.mark.integration  # Python subprocesses run the tiny model end to end (~40 s)
 
 
 def readme_python_snippet() -> str:

@@ -1,4 +1,4 @@
-"""Fixtures shared by the engine tests: one tiny random DeepGen model per session.
+"""Fixtures for the engine tests (the tiny model itself: `tiny_model` in tests/conftest.py).
 
 (The root conftest sets HF_HUB_OFFLINE=1: nothing here may reach a model hub.)
 """
@@ -8,12 +8,6 @@ from __future__ import annotations
 import pytest
 
 from worker.deepgen import tiny
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tiny.TinyModelPaths:
-    """Tiny Qwen2.5-VL + SD3 folders and both checkpoint files, written once per session."""
-    return tiny.write_tiny_model(tmp_path_factory.mktemp("tiny_deepgen"))
 
 
 @pytest.fixture

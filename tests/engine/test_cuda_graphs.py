@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tests.engine._engine_support import load_tiny_engine, png_bytes, striped_image
+from tests.support import load_tiny_engine, png_bytes, striped_image
 from worker.deepgen import cuda_graphs, sampling, tiny
 from worker.deepgen.cuda_graphs import EagerDiT, GraphedDiT, dit_step
 from worker.deepgen.engine import DeepGenEngine

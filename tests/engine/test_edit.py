@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.engine._engine_support import load_tiny_engine, png_bytes, striped_image
+from tests.support import load_tiny_engine, png_bytes, striped_image
 from worker.deepgen import tiny
 from worker.deepgen.engine import DeepGenEngine, InvalidGenerationRequest
 from worker.deepgen.types import GenerationRequest

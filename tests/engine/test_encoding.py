@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from tests.engine._engine_support import load_tiny_engine
+from tests.support import load_tiny_engine
 from worker.deepgen import tiny
 from worker.deepgen.encoding import (
     PromptTooLongError,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine._engine_support import load_tiny_engine
+from tests.support import load_tiny_engine
 from worker.deepgen import tiny
 from worker.deepgen.engine import DeepGenEngine
 from worker.deepgen.offload import STAGES, stage_tensors

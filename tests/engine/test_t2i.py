@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine._engine_support import load_tiny_engine, png_bytes, png_digest
+from tests.support import load_tiny_engine, png_bytes, png_digest
 from worker.deepgen import tiny
 from worker.deepgen.engine import DeepGenEngine, InvalidGenerationRequest
 from worker.deepgen.peak_memory import PeakMemory

@@ -1,4 +1,5 @@
-"""Fixtures for the job-system tests: an engine and a store on `db_url` (tests/conftest.py: both dialects)."""
+"""Fixtures for the job-system tests: an engine and a store on `db_url` (tests/conftest.py: both dialects;
+the tiny model: `tiny_model_paths` there)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,3 @@ def db_engine(db_url: str) -> Iterator[sa.Engine]:
 @pytest.fixture
 def store(db_engine: sa.Engine) -> JobStore:
     return JobStore(session_factory(db_engine), max_attempts=3)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_paths(tmp_path_factory: pytest.TempPathFactory):
-    """The engine engineers' tiny random DeepGen model, written once for the job tests."""
-    from worker.deepgen.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("jobs_tiny_deepgen"))

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from schemas.enums import TERMINAL_STATUSES, JobStatus
 from schemas.views import JobView
-from tests.conftest import free_port
+from tests.support import REPO_ROOT
 from worker.db import make_engine, session_factory
 from worker.deepgen.tiny import tiny_env
 from worker.jobstore import JobStore, publish_target
@@ -33,10 +33,9 @@ from worker.settings import load_settings
 from worker.storage import open_store
 from worker.submission import submit_jobs
 from worker.sweeper import sweep_once
-from worker.testing import WorkerProcess, wait_for, worker_environ
+from worker.testing import WorkerProcess, free_port, wait_for, worker_environ
 
 pytestmark = pytest.mark.integration
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 SLOW = {"num_inference_steps": 200, "height": 512, "width": 512}  # a few seconds on the tiny model

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from api_client.client import DiffgentorClient
 from api_client.errors import ConfigurationError, ExitCode
+from tests.support import DIFFGENTOR, REPO_ROOT
 from worker.deepgen.configuration import CONFIG_DIR
 from worker.deepgen.tiny import TinyModelPaths, tiny_env
 from worker.preflight import (
@@ -30,8 +30,6 @@ from worker.preflight import (
 )
 from worker.testing import worker_environ
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DIFFGENTOR = Path(sys.executable).parent / "diffgentor"
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 
 
@@ -134,6 +132,7 @@ def test_image_token_must_be_in_the_tokenizer(tiny_model_paths: TinyModelPaths, 
     assert "has no token '<|img_ctx|>'" in message and "config odd_token" in message
 
 
+@pytest.mark.integration  # a `python -m worker.preflight` subprocess loads the model's libraries (~10 s)
 def test_the_child_process_reports_the_same_line(tiny_model_paths: TinyModelPaths, tmp_path: Path) -> None:
     """What `diffgentor worker` runs: `python -m worker.preflight`, exit 4 and the line on stdout."""
     env = {**os.environ, **environ(tiny_model_paths, tmp_path, DEVICE="cuda:99"), "HF_HUB_OFFLINE": "1"}
@@ -182,6 +181,7 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.integration  # the `diffgentor t2i` console script end to end in a subprocess (~10 s)
 def test_embedded_t2i_with_the_wrong_config_fails_once_before_any_job(
     tiny_model_paths: TinyModelPaths, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from schemas.enums import JobStatus
 from schemas.specs import T2ISpec
 from schemas.tables import Job, utcnow
-from tests.jobs.test_runner import T2I, FakeEngine
+from tests.support import T2I, FakeEngine
 from worker.claims import ClaimedJob, ClaimRefusal
 from worker.db import make_engine, session_factory, upgrade
 from worker.jobstore import JobStore, PublishTarget

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from schemas.enums import JobStatus
-from tests.fakes import FakeEngine
+from tests.support import T2I, FakeEngine
 from worker.jobstore import JobStore
 from worker.png import read_png_metadata
 from worker.runner import JobRunner, ResidentEngine, RunOutcome
@@ -28,10 +28,6 @@ def runner(store: JobStore, engine: FakeEngine, tmp_path: Path) -> JobRunner:
     settings = replace(load_settings({"DG_HOME": str(tmp_path)}), progress_interval_seconds=0.0,
                        heartbeat_seconds=0.2, lease_seconds=30, allow_local_inputs=True)
     return JobRunner(settings, lambda: engine, store=store, artifact_store=open_store(settings.storage_url))
-
-
-T2I: dict[str, Any] = {"kind": "t2i", "prompt": "a red fox", "params": {"num_inference_steps": 3, "width": 64,
-                                                                       "height": 96, "seed": 7}}
 
 
 def test_t2i_job_succeeds_with_artifact_and_metadata(store: JobStore, runner: JobRunner) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from schemas.enums import JobStatus
-from tests.jobs.test_runner import FakeEngine
+from tests.support import FakeEngine
 from worker.jobstore import JobStore, PublishTarget
 from worker.settings import load_settings
 from worker.submission import retry_job, submit_jobs

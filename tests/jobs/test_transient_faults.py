@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from schemas.enums import JobStatus
 from schemas.tables import Job, utcnow
-from tests.fakes import FakeEngine
+from tests.support import FakeEngine
 from worker.embedded import InProcessPublisher
 from worker.faults import FaultProxy
 from worker.jobstore import JobStore

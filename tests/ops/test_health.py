@@ -81,7 +81,7 @@ def test_commands_exit_codes(shared_pg_without_sweepers: str, monkeypatch: pytes
 
 def test_unreachable_database_is_its_own_exit_code(monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.conftest import free_port
+    from worker.testing import free_port
 
     monkeypatch.setenv("DG_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
     assert health.cmd_health(_args()) == health.EXIT_UNREACHABLE == 5

@@ -1,8 +1,8 @@
 """Long-running loops survive faults: one log line per failure and back-off step, no traceback
 storm, a longer wait while failing, recovery afterwards.
 
-The heartbeat thread meets a real PostgreSQL outage (a forwarder in front of the shared server
-is closed and reopened); the queue-depth collector meets its own `redis-server` stopped and
+The heartbeat thread meets a real PostgreSQL outage (a FaultProxy in front of the shared server
+refuses, then forwards again); the queue-depth collector meets its own `redis-server` stopped and
 started again (the shared Redis is never touched).
 """
 
@@ -20,10 +20,11 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 from sqlalchemy.engine import make_url
 
-from tests.ops.conftest import RedisServer, TcpForwarder
+from tests.support import RedisServer
 from worker import metrics
 from worker.backoff import Backoff
 from worker.db import make_engine, session_factory
+from worker.faults import FaultProxy
 from worker.registry import Presence, WorkerRegistry
 from worker.testing import wait_for
 
@@ -121,8 +122,8 @@ def test_presence_survives_a_database_outage_and_registers_again(
 ) -> None:
     caplog.set_level(logging.INFO, logger="worker.registry")
     upstream = make_url(migrated_pg_url)
-    forwarder = TcpForwarder(upstream.host or "127.0.0.1", upstream.port or 5432).start()
-    through = upstream.set(port=forwarder.port).render_as_string(hide_password=False)
+    proxy = FaultProxy(upstream.host or "127.0.0.1", upstream.port or 5432, name="postgresql").start()
+    through = upstream.set(port=proxy.port).render_as_string(hide_password=False)
     engine, direct_engine = make_engine(through), make_engine(migrated_pg_url)
     presence = Presence(WorkerRegistry(session_factory(engine)), "w-outage", model_name="outage", queue="outage",
                         interval_seconds=0.1)
@@ -135,7 +136,7 @@ def test_presence_survives_a_database_outage_and_registers_again(
     try:
         presence.start()
         wait_for(beat, 10, "never registered")
-        forwarder.stop()  # PostgreSQL refuses; the pooled connection is reset
+        proxy.refuse()  # PostgreSQL refuses; the pooled connection is reset
         time.sleep(0.3)
         last_before = beat()
         time.sleep(2.0)
@@ -145,14 +146,14 @@ def test_presence_survives_a_database_outage_and_registers_again(
         assert 1 <= len(warnings) <= 3, [r.getMessage() for r in warnings]  # first failure + back-off steps
         assert "heartbeat of worker w-outage failed (OperationalError: " in warnings[0].getMessage()
         assert not any(r.exc_info for r in caplog.records)
-        forwarder.start()  # the database is back on the same address
+        proxy.restore()  # the database is back on the same address
         wait_for(lambda: beat() is not None, 10, "not registered again after the outage")
         first = beat()
         wait_for(lambda: (beat() or first) > first, 5, "heartbeat does not advance after the outage")  # type: ignore[operator]
         assert any("works again" in r.getMessage() for r in _lines(caplog, "worker.registry", logging.INFO))
     finally:
         presence.stop()
-        forwarder.stop()
+        proxy.close()
         engine.dispose()
         assert direct.list(worker_id="w-outage") == []
         direct_engine.dispose()

@@ -10,10 +10,10 @@ import redis
 from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 
-from tests.conftest import free_port
 from worker import metrics
 from worker.jobstore import PublishTarget
 from worker.publish import CeleryPublisher
+from worker.testing import free_port
 
 
 def _samples(collector: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

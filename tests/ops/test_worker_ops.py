@@ -17,19 +17,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.enums import TERMINAL_STATUSES
-from tests.conftest import free_port
-from tests.ops.conftest import RedisServer
+from tests.support import REPO_ROOT, RedisServer
 from worker import health
 from worker.db import make_engine, session_factory
-from worker.deepgen.tiny import tiny_env, write_tiny_model
+from worker.deepgen.tiny import TinyModelPaths, tiny_env
 from worker.jobstore import JobStore
 from worker.publish import CeleryPublisher
 from worker.registry import WorkerRegistry
 from worker.submission import submit_jobs
-from worker.testing import WorkerProcess, wait_for, worker_environ
+from worker.testing import WorkerProcess, free_port, wait_for, worker_environ
 
 pytestmark = pytest.mark.integration
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = {"num_inference_steps": 3, "height": 64, "width": 64}
 
 
@@ -49,7 +47,7 @@ def _args(**overrides: Any) -> Any:
 
 def test_metrics_registry_and_stuck_detection(
     redis_server: RedisServer, shared_pg_without_sweepers: str, s3_endpoint: str, s3_bucket: str,
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tiny_model: TinyModelPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     pg_url = shared_pg_without_sweepers  # migrated; a stalled sweeper row of another test would fail `health`
     broker_url = redis_server.url
@@ -57,7 +55,7 @@ def test_metrics_registry_and_stuck_detection(
     metrics_port = free_port()
     env = worker_environ(
         database_url=pg_url, broker_url=broker_url, storage_url=f"s3://{s3_bucket}/ops", home=tmp_path / "home",
-        s3_endpoint_url=s3_endpoint, model_env=tiny_env(write_tiny_model(tmp_path / "tiny")),
+        s3_endpoint_url=s3_endpoint, model_env=tiny_env(tiny_model),
         DG_METRICS_PORT=str(metrics_port), DG_LEASE_SECONDS="5", DG_HEARTBEAT_SECONDS="0.5",
     )
     monkeypatch.setenv("DG_DATABASE_URL", pg_url)

@@ -13,7 +13,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from tests.storage.conftest import png_bytes
+from tests.support import solid_png
 from worker.errors import describe_error
 from worker.inputs import InputImageError, InputLimits, load_input_image, load_input_images
 from worker.settings import SettingsError, load_settings
@@ -46,7 +46,7 @@ def other_bucket(s3_endpoint: str) -> str:
 
 
 def _put(factory: Any, bucket: str, color: tuple[int, int, int]) -> str:
-    data = png_bytes(6, 5, color)
+    data = solid_png(6, 5, color)
     return str(factory(f"s3://{bucket}").put_bytes(content_addressed_key(data, "png"), data))
 
 

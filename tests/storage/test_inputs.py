@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port
-from tests.storage.conftest import bomb_png, png_bytes
+from tests.support import bomb_png, solid_png
 from worker.inputs import InputImageError, InputLimits, load_input_image, load_input_images
 from worker.storage import ArtifactStore, content_addressed_key, open_store
+from worker.testing import free_port
 
 SMALL = InputLimits(max_bytes=512 * 1024, timeout_seconds=1.0, max_pixels=4_000_000)
 
@@ -32,7 +32,7 @@ def _load(ref: str, **kwargs: object) -> Image.Image:
 
 
 def test_s3_input_is_read_through_the_store(s3_factory, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
-    data = png_bytes(10, 7, (1, 2, 3))
+    data = solid_png(10, 7, (1, 2, 3))
     uri = s3_factory(f"s3://{s3_bucket}").put_bytes(content_addressed_key(data, "png"), data)
     image = _load(uri, store_factory=s3_factory, s3_buckets={s3_bucket})
     assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (10, 7), (1, 2, 3))
@@ -94,7 +94,7 @@ def test_decompression_bombs_are_refused_before_decoding(http_images: str) -> No
 
 def test_local_files_only_when_allowed(tmp_path: Path) -> None:
     path = tmp_path / "in put.png"
-    path.write_bytes(png_bytes(5, 4))
+    path.write_bytes(solid_png(5, 4))
     for ref in (str(path), path.as_uri(), "in put.png"):
         with pytest.raises(InputImageError, match="local files are not allowed on this worker"):
             _load(ref)

@@ -9,7 +9,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.conftest import free_port
 from worker.storage import (
     ArtifactStore,
     ObjectNotFoundError,
@@ -19,6 +18,7 @@ from worker.storage import (
     artifact_key,
     open_store,
 )
+from worker.testing import free_port
 
 PUBLIC_ENDPOINT = "https://files.example.test"
 FAST_FAIL = S3ClientOptions(connect_timeout_seconds=1, read_timeout_seconds=2, max_attempts=1)

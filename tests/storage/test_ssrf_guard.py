@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.storage import conftest as routes
+from tests.support import ImageRoutes, solid_png
 from worker import http_fetch
 from worker.http_fetch import FetchError, IPAddress, address_class, fetch_http
 from worker.inputs import InputImageError, InputLimits, load_input_image
@@ -129,9 +129,9 @@ def test_the_checked_address_is_the_one_connected_to(
     body = fetch_http(
         f"http://images.example:{port}/host.png", max_bytes=1024, timeout_seconds=2.0, allowed_addresses={LOOPBACK}
     )
-    assert body == routes.png_bytes()
+    assert body == solid_png()
     assert lookups == ["images.example"] and connections == [LOOPBACK]
-    assert routes.hosts_seen[-1] == f"images.example:{port}"  # the Host header keeps the name
+    assert ImageRoutes.hosts_seen[-1] == f"images.example:{port}"  # the Host header keeps the name
 
 
 def test_https_uses_the_url_host_for_sni_and_verification(monkeypatch: pytest.MonkeyPatch) -> None:
