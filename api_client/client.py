@@ -1,8 +1,10 @@
 """`DiffgentorClient`: submit DeepGen jobs, follow them through the job table, collect the PNGs.
 
-Configured from the `DG_*` environment (`from_env()`) or from arguments. With a broker URL, jobs go to
-Redis for GPU workers; without one (the embedded default) they run in this process through the same
-task code, on SQLite and a local artifact folder under `DG_HOME`.
+Configured from the `DG_*` environment (`from_env()`) or from arguments. Jobs are submitted through
+`worker.submission.submit_jobs` in both modes. With a broker URL, their ids go to Redis for GPU workers;
+without one (the embedded default) they run in this process through the same task code, on SQLite and
+a local artifact folder under `DG_HOME` (api_client/embedded.py: the runner thread, its exit hook,
+resuming unfinished jobs, the model checks).
 
     client = DiffgentorClient.from_env()
     job = client.submit_t2i("a red fox in snow", seed=7)
@@ -12,7 +14,6 @@ task code, on SQLite and a local artifact folder under `DG_HOME`.
 
 from __future__ import annotations
 
-import atexit
 import io
 import os
 import time
@@ -25,9 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
 from PIL import Image
 
-from api_client.embedded import EmbeddedRunner, quiet_library_progress_bars
+from api_client.embedded import EmbeddedRunner, EngineCheck, check_model_runtime
 from api_client.errors import (
-    MODEL_EXTRA_MODULES,
     ConfigurationError,
     DiffgentorError,
     InputFileError,
@@ -49,6 +49,7 @@ from worker.redact import redact_url, redact_urls_in
 from worker.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from worker.publish import Publisher
     from worker.storage import ArtifactStore
 
 # One edit input: a local path, image bytes, a PIL image, or an http(s):// / s3:// URL.
@@ -105,6 +106,7 @@ class DiffgentorClient:
         self.no_worker_notice_seconds = NO_WORKER_NOTICE_SECONDS
         self._checked_db = False
         self._detached = False
+        self._engine_check = EngineCheck()  # embedded mode: DG_DEEPGEN_* and the preflight, once
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DiffgentorClient:
@@ -163,15 +165,10 @@ class DiffgentorClient:
         return store
 
     @cached_property
-    def _publisher(self) -> Any:
+    def _publisher(self) -> Publisher:
+        """Where `submit_jobs` sends new job ids: Redis, or (embedded) this process's runner thread."""
         if self.embedded:
-            self.check_model_runtime()
-            from worker.embedded import InProcessPublisher
-
-            # The engine loads in this process on the first job: keep library bars off our progress bar.
-            quiet_library_progress_bars()
-            # Reuse this client's database and storage: no second engine, migration run or S3 client.
-            return InProcessPublisher.from_settings(self.settings, store=self.store, artifact_store=self.artifacts)
+            return self._embedded_runner
         self.check_broker()
         from worker.celery_app import make_producer_app
         from worker.publish import CeleryPublisher
@@ -181,11 +178,8 @@ class DiffgentorClient:
 
     @cached_property
     def _embedded_runner(self) -> EmbeddedRunner:
-        runner = EmbeddedRunner(self.store, self._publisher, lease_seconds=self.settings.lease_seconds)
-        # A script that ends without close(): stop the runner thread before the interpreter tears
-        # down (a thread still inside torch then aborts the process). Unregistered by close().
-        atexit.register(runner.stop)
-        return runner
+        # Reuses this client's database and storage; registers its exit hook (api_client/embedded.py).
+        return EmbeddedRunner.for_client(self.settings, self.store, self.artifacts, engine_check=self._engine_check)
 
     def check_database_reachable(self) -> None:
         """Connect once; an unreachable database raises `ServiceUnreachable` naming the (redacted) URL."""
@@ -235,15 +229,7 @@ class DiffgentorClient:
     def check_model_runtime(self) -> None:
         """Embedded mode runs the model in this process: fail with the extra to install when the
         model libraries (`diffgentor[deepgen]`) are missing, before any job row is written."""
-        import importlib.util
-
-        for module in MODEL_EXTRA_MODULES:
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                raise MissingExtra(module)
+        check_model_runtime()
 
     def check_services(self) -> None:
         """Check every service the configuration names: database, broker (if any) and storage;
@@ -260,8 +246,7 @@ class DiffgentorClient:
         interpreter exit the job then running is cancelled at its next step)."""
         runner = self.__dict__.get("_embedded_runner")
         if runner is not None and finish_embedded_jobs and not self._detached:
-            runner.join()
-            atexit.unregister(runner.stop)  # nothing left to stop at exit
+            runner.finish()  # also drops its exit hook: nothing is left to stop at exit
         publisher = self.__dict__.get("_publisher")
         if publisher is not None and hasattr(publisher, "close"):
             publisher.close()
@@ -341,14 +326,10 @@ class DiffgentorClient:
 
         if not specs:
             return []
-        self.check_services()  # before any row is written: nothing half-submitted on a dead broker
-        if self.embedded:
-            self._check_engine_env()
-            submitted = self.store.submit(list(specs))
-            # Unfinished jobs found by idempotency key belong to an interrupted earlier run: run them too.
-            self._embedded_runner.enqueue([item.job for item in submitted if not item.job.is_terminal])
-        else:
-            submitted = submit_jobs(self.store, self._publisher, list(specs))
+        self._check_before_submit()
+        submitted = submit_jobs(self.store, self._publisher, list(specs))
+        # Jobs found by idempotency key (not created now) may be an interrupted earlier run's.
+        self._run_unfinished_here([item.job for item in submitted if not item.created])
         return [SubmittedJob(job=item.job, created=bool(item.created)) for item in submitted]
 
     def image_reference(self, image: ImageInput) -> str:
@@ -398,31 +379,24 @@ class DiffgentorClient:
             return file_uri_to_path(uri)  # job specs take local paths, not file:// URIs
         return uri
 
+    def _check_before_submit(self) -> None:
+        """What must hold before any row is written (nothing half-submitted on a dead broker): the
+        services answer and, in embedded mode, the model can run in this process."""
+        self.check_services()
+        if self.embedded:
+            self._check_engine_env()
+
     def _check_engine_env(self) -> None:
-        """Embedded jobs load the engine here: validate `DG_DEEPGEN_*` and run the worker's preflight
-        (config fits the checkpoint, device present, image token in the tokenizer) before submitting any.
+        """Embedded mode: `DG_DEEPGEN_*` valid and the worker's preflight passed (`EngineCheck`, once
+        per client and set of values)."""
+        self._engine_check()
 
-        Once per client and set of DG_DEEPGEN_* values (a pass is cached); DG_SKIP_PREFLIGHT=1 skips it.
-        """
-        from worker.deepgen.env import DeepGenEnvError, read_deepgen_env
-        from worker.preflight import PreflightError, deepgen_variables, run_preflight, skip_requested
-
-        variables = deepgen_variables(os.environ)
-        if self.__dict__.get("_engine_checked") == variables:
-            return
-        try:
-            read_deepgen_env(os.environ)
-        except DeepGenEnvError as exc:
-            raise ConfigurationError(
-                f"{exc} (the embedded default runs the model in this process; "
-                "set the DG_DEEPGEN_* variables or run `diffgentor demo` for a tiny test model)"
-            ) from None
-        if not skip_requested(os.environ):
-            try:
-                run_preflight(os.environ)
-            except PreflightError as exc:
-                raise ConfigurationError(str(exc)) from None
-        self.__dict__["_engine_checked"] = variables
+    def _run_unfinished_here(self, jobs: Sequence[JobView]) -> None:
+        """Embedded mode: no worker will run this table's unfinished jobs (left by an interrupted
+        run), so this process's runner thread does; a job it already has is not run twice."""
+        unfinished = [job for job in jobs if not job.is_terminal]
+        if self.embedded and unfinished:
+            self._embedded_runner.resume(unfinished)
 
     # ------------------------------------------------------------------------------------ query
 
@@ -505,18 +479,14 @@ class DiffgentorClient:
         Idempotent: while an earlier retry of the same job (followed to the end of its chain) is
         queued, running or succeeded, that job is returned instead of a new one.
         """
-        job_id = self.resolve_job_id(job)
-        self.get(job_id)
-        self.check_services()
-        if self.embedded:
-            self._check_engine_env()
-            new_job = self._store_call(lambda: self.store.retry(job_id))
-            if not new_job.is_terminal:  # a live retry from an earlier run may have succeeded already
-                self._embedded_runner.enqueue([new_job])
-            return new_job
         from worker.submission import retry_job
 
-        return self._store_call(lambda: retry_job(self.store, self._publisher, job_id))
+        job_id = self.resolve_job_id(job)
+        self.get(job_id)
+        self._check_before_submit()
+        retried: JobView = self._store_call(lambda: retry_job(self.store, self._publisher, job_id))
+        self._run_unfinished_here([retried])  # a live retry made by an interrupted earlier run
+        return retried
 
     def _store_call(self, call: Callable[[], Any]) -> Any:
         try:
@@ -555,12 +525,7 @@ class DiffgentorClient:
         stall = _StallWatch(self) if bar is not None and not self.embedded else None
         try:
             views = dict(zip(ids, self.get_many(ids), strict=True))
-            if self.embedded:
-                # Nobody else runs embedded jobs: ones left by an interrupted run are run here.
-                unfinished = [view for view in views.values() if not view.is_terminal]
-                if unfinished:
-                    self._check_engine_env()
-                    self._embedded_runner.enqueue(unfinished)
+            self._run_unfinished_here(list(views.values()))
             while True:
                 current = [views[job_id] for job_id in ids]
                 if bar is not None:

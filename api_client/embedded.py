@@ -1,30 +1,47 @@
-"""Embedded mode on the producer side: run submitted jobs on one background thread.
+"""Embedded mode on the client side: all a `DiffgentorClient` without a broker does differently.
 
-`worker.embedded.InProcessPublisher` runs a job inside `publish()`. Calling it from a background
-thread lets `submit_many` return at once and `wait` poll the job table like it does against real
-workers, so the progress bar shows steps in embedded mode too.
+Without `DG_BROKER_URL` no worker reads this job table, so the client runs its jobs itself:
 
-At interpreter exit (a script that never called `close()`, or left its `with` block on an
-exception) the runner is stopped by `stop()`, which the client registers with `atexit`: jobs it
-has not started stay `queued` (the next `wait` or `diffgentor wait` runs them), and the job it is
-running is cancelled, so it stops at its next denoising step and ends `cancelled` (`retry` runs it
-again). The thread is joined before the interpreter tears down, so no thread is left inside torch
-(which aborted the process with "terminate called without an active exception").
+* `EmbeddedRunner` is the client's publisher. The client submits through
+  `worker.submission.submit_jobs` / `retry_job` exactly as in queue mode; `publish()` queues the
+  job ids for ONE background thread, which runs them through `worker.embedded.InProcessPublisher`
+  (the same `JobRunner` as a Celery worker). `submit_many` returns at once and `wait` polls the
+  job table as it does against real workers, so the progress bar shows steps in embedded mode too.
+* `EmbeddedRunner.resume()` runs jobs that an interrupted earlier run left unfinished (`wait` finds
+  them, or a submit's idempotency key): nobody else would.
+* `EngineCheck` validates `DG_DEEPGEN_*` and runs the worker's preflight before the first job row
+  is written; `check_model_runtime()` says which extra to install when the model libraries are missing.
+* Exit hook: at interpreter exit (a script that never called `close()`, or left its `with` block on
+  an exception) `EmbeddedRunner.stop()` runs: jobs not started stay `queued` (the next `wait` or
+  `diffgentor wait` runs them), and the job running is cancelled, so it stops at its next denoising
+  step and ends `cancelled` (`retry` runs it again). The thread is joined before the interpreter tears
+  down, so no thread is left inside torch (which aborted the process with "terminate called without
+  an active exception"). `finish()` (the client's `close()`) runs what is queued and drops the hook.
+
+`worker/embedded.py` holds only the worker side (run a job now, in this process), which the embedded
+`diffgentor sweep` uses too; nothing under `worker/` imports this module.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
+from api_client.errors import MODEL_EXTRA_MODULES, ConfigurationError, MissingExtra
 from schemas.enums import JobStatus
 from schemas.tables import utcnow
 from schemas.views import JobView
+
+if TYPE_CHECKING:
+    from worker.jobstore import PublishTarget
+    from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 THREAD_NAME = "diffgentor-embedded"
@@ -53,11 +70,63 @@ def runner_thread_alive() -> bool:
     return any(thread.name == THREAD_NAME and thread.is_alive() for thread in threading.enumerate())
 
 
+def check_model_runtime() -> None:
+    """Embedded mode runs the model in this process: `MissingExtra` (naming the extra to install) when
+    the model libraries (`diffgentor[deepgen]`) are missing, before any job row is written."""
+    import importlib.util
+
+    for module in MODEL_EXTRA_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingExtra(module)
+
+
+class EngineCheck:
+    """Embedded jobs load the engine in this process: validate `DG_DEEPGEN_*` and run the worker's
+    preflight (config fits the checkpoint, device present, image token in the tokenizer) before any
+    job is submitted; `ConfigurationError` otherwise.
+
+    Once per set of DG_DEEPGEN_* values (a pass is cached, a failure is not); DG_SKIP_PREFLIGHT=1
+    skips the preflight.
+    """
+
+    def __init__(self) -> None:
+        self._passed: tuple[tuple[str, str], ...] | None = None
+
+    def __call__(self) -> None:
+        from worker.deepgen.env import DeepGenEnvError, read_deepgen_env
+        from worker.preflight import PreflightError, deepgen_variables, run_preflight, skip_requested
+
+        variables = deepgen_variables(os.environ)
+        if self._passed == variables:
+            return
+        try:
+            read_deepgen_env(os.environ)
+        except DeepGenEnvError as exc:
+            raise ConfigurationError(
+                f"{exc} (the embedded default runs the model in this process; "
+                "set the DG_DEEPGEN_* variables or run `diffgentor demo` for a tiny test model)"
+            ) from None
+        if not skip_requested(os.environ):
+            try:
+                run_preflight(os.environ)
+            except PreflightError as exc:
+                raise ConfigurationError(str(exc)) from None
+        self._passed = variables
+
+
 class EmbeddedRunner:
-    def __init__(self, store: Any, publisher: Any, *, lease_seconds: float) -> None:
+    """A `worker.publish.Publisher` that runs the published jobs on one background thread."""
+
+    def __init__(self, store: Any, publisher: Any, *, lease_seconds: float,
+                 engine_check: Callable[[], None] | None = None) -> None:
         self._store = store
-        self._publisher = publisher
+        self._publisher = publisher  # runs one job inside publish(): worker.embedded.InProcessPublisher
         self._lease_seconds = lease_seconds
+        self._engine_check = engine_check
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._known: set[str] = set()
@@ -68,29 +137,64 @@ class EmbeddedRunner:
         self._stopping = threading.Event()
         self._current: Any = None  # the target being run, while one is
 
+    @classmethod
+    def for_client(cls, settings: Settings, store: Any, artifact_store: Any, *,
+              engine_check: Callable[[], None] | None = None) -> EmbeddedRunner:
+        """The runner of a client: its database and storage (no second engine, migration run or
+        S3 client), the library progress bars off, `stop` registered to run at interpreter exit."""
+        check_model_runtime()
+        from worker.embedded import InProcessPublisher
+
+        # The engine loads in this process on the first job: keep library bars off our progress bar.
+        quiet_library_progress_bars()
+        publisher = InProcessPublisher.from_settings(settings, store=store, artifact_store=artifact_store)
+        runner = cls(store, publisher, lease_seconds=settings.lease_seconds, engine_check=engine_check)
+        # A script that ends without close(): stop the runner thread before the interpreter tears
+        # down (a thread still inside torch then aborts the process). Unregistered by finish().
+        atexit.register(runner.stop)
+        return runner
+
     def error_for(self, job_ids: Iterable[str]) -> BaseException | None:
         """The error that stopped the run of one of these jobs, if any."""
         return next((self._errors[job_id] for job_id in job_ids if job_id in self._errors), None)
 
-    def enqueue(self, jobs: Iterable[JobView]) -> None:
-        from worker.jobstore import publish_target
-
+    def publish(self, targets: Sequence[PublishTarget]) -> None:
+        """Queue the jobs for the runner thread (started when needed); returns at once."""
         # Most urgent first, then submission order, as the worker queue would; each job once.
         if self._stopping.is_set():
             return  # the interpreter is exiting: the jobs stay queued for a later wait
-        for job in sorted(jobs, key=lambda job: -job.priority):
-            if job.id not in self._known:
-                self._known.add(job.id)
-                self._errors.pop(job.id, None)
-                self._queue.put(publish_target(job))
+        for target in sorted(targets, key=lambda target: -target.priority):
+            if target.job_id not in self._known:
+                self._known.add(target.job_id)
+                self._errors.pop(target.job_id, None)
+                self._queue.put(target)
         if self._thread is None or not self._thread.is_alive():
             # Daemon: on Ctrl-C the process may exit; unfinished jobs stay in the table for a rerun.
             self._thread = threading.Thread(target=self._loop, name=THREAD_NAME, daemon=True)
             self._thread.start()
 
+    def enqueue(self, jobs: Iterable[JobView]) -> None:
+        from worker.jobstore import publish_target
+
+        self.publish([publish_target(job) for job in jobs])
+
+    def resume(self, jobs: Iterable[JobView]) -> None:
+        """Run unfinished jobs of an earlier, interrupted run here (the DeepGen variables checked first).
+
+        A job this runner already has (queued, running or done) is not run again.
+        """
+        if self._engine_check is not None:
+            self._engine_check()
+        self.enqueue(jobs)
+
     def join(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             self._queue.join()
+
+    def finish(self) -> None:
+        """Run every queued job to its end; then nothing is left for the exit hook to stop."""
+        self.join()
+        atexit.unregister(self.stop)
 
     def stop(self) -> None:
         """Stop at interpreter exit: jobs not started stay queued, the running one is cancelled.
@@ -118,7 +222,7 @@ class EmbeddedRunner:
             thread.join(_STOP_POLL_SECONDS)
 
     def _drain(self) -> list[str]:
-        left = []
+        left: list[str] = []
         while True:
             try:
                 target = self._queue.get_nowait()
@@ -168,6 +272,8 @@ class EmbeddedRunner:
                 self._queue.task_done()
 
     def _run(self, target: Any) -> None:
+        # Marked again when it starts (a resumed job may never have been): an embedded
+        # `diffgentor sweep` then leaves it alone until it is stale.
         self._store.mark_published([target.job_id])
         # A job left `running` by a killed earlier process is refused until its lease expires;
         # try again until then so a rerun still completes it.

@@ -1,7 +1,10 @@
-"""Embedded mode: no broker; a publish runs the job right away in this process.
+"""Embedded mode, the worker side: no broker; a publish runs the job right away in this process.
 
 The same `JobRunner` as a Celery worker does the work, against an SQLite job database and
 `file://DG_HOME/artifacts` by default, so a single machine needs no services at all.
+`publish()` returns when the jobs are finished. Used by the embedded `diffgentor sweep`
+(`worker.sweeper.default_publisher`) and, on a background thread, by the client
+(`api_client.embedded.EmbeddedRunner`, which holds every client-side part of embedded mode).
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from worker.settings import Settings
 
 
 class InProcessPublisher:
-    runs_jobs_in_process = True  # submit_jobs reads the finished rows back after publish
-
     def __init__(self, runner: JobRunner, worker_id: str | None = None) -> None:
         self.runner = runner
         self.worker_id = worker_id or f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

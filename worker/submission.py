@@ -33,11 +33,8 @@ def submit_jobs(
     published_at = _publish(store, publisher, fresh)
     if not fresh:
         return submitted
-    if getattr(publisher, "runs_jobs_in_process", False):
-        # Embedded mode: the jobs already ran during publish, read their final state back.
-        latest = {job.id: job for job in store.get_many([job.id for job in fresh])}
-        return [Submitted(latest.get(s.job.id, s.job), s.created) for s in submitted]
-    # A broker publisher: the rows are as inserted plus published_at; no read back (bulk speed).
+    # The rows as inserted plus published_at; no read back (bulk speed). A job a publisher ran
+    # at once (worker.embedded.InProcessPublisher) is read with store.get / get_many.
     return [Submitted(s.job.model_copy(update={"published_at": published_at}) if s.created else s.job, s.created)
             for s in submitted]
 

@@ -50,7 +50,7 @@ def test_idempotent_submit_publishes_only_new_jobs(store: JobStore) -> None:
     assert [t.job_id for t in publisher.sent] == [first[0].job.id]
 
 
-def test_embedded_mode_runs_jobs_in_process(tmp_path: Path) -> None:
+def test_in_process_publisher_runs_jobs_during_publish(tmp_path: Path) -> None:
     from worker.embedded import InProcessPublisher
     from worker.jobstore import open_job_store
 
@@ -58,14 +58,17 @@ def test_embedded_mode_runs_jobs_in_process(tmp_path: Path) -> None:
     engine = FakeEngine()
     store = open_job_store(settings)  # creates and migrates DG_HOME/jobs.sqlite3
     publisher = InProcessPublisher.from_settings(settings, engine_provider=lambda: engine)
-    [done] = submit_jobs(store, publisher, [T2I])
-    assert done.job.status == JobStatus.SUCCEEDED
-    assert done.job.artifacts[0].uri.startswith((tmp_path / "artifacts").as_uri())
-    store.cancel(done.job.id)  # no effect on a finished job
+    [submitted] = submit_jobs(store, publisher, [T2I])
+    assert submitted.job.status == JobStatus.QUEUED  # submit_jobs returns the rows as inserted
+    done = store.get(submitted.job.id)  # ... the job itself ran inside publish()
+    assert done.status == JobStatus.SUCCEEDED
+    assert done.artifacts[0].uri.startswith((tmp_path / "artifacts").as_uri())
+    store.cancel(done.id)  # no effect on a finished job
     engine.error = ValueError("boom")
-    [failed] = submit_jobs(store, publisher, [T2I])
-    assert failed.job.status == JobStatus.FAILED and failed.job.error_message == "boom"
+    [submitted] = submit_jobs(store, publisher, [T2I])
+    failed = store.get(submitted.job.id)
+    assert failed.status == JobStatus.FAILED and failed.error_message == "boom"
     engine.error = None
-    retried = retry_job(store, publisher, failed.job.id)
-    assert retried.status == JobStatus.SUCCEEDED and retried.retry_of == failed.job.id
-    assert retried.seed == failed.job.seed
+    retried = retry_job(store, publisher, failed.id)
+    assert retried.status == JobStatus.SUCCEEDED and retried.retry_of == failed.id
+    assert retried.seed == failed.seed
