@@ -11,6 +11,8 @@ import os
 from enum import IntEnum
 from pathlib import Path
 
+from worker.settings import DEFAULT_HOME
+
 
 class ExitCode(IntEnum):
     OK = 0
@@ -158,7 +160,7 @@ def path_problem(exc: OSError, what: str = "") -> str:
     reason = exc.strerror or type(exc).__name__
     hint = _PATH_HINTS.get(exc.errno or 0)
     message = f"cannot use {what + ' ' if what else ''}{path}: {reason}{f' ({hint})' if hint else ''}"
-    home = Path(os.environ.get("DG_HOME", "").strip() or "~/.diffgentor").expanduser()
+    home = Path(os.environ.get("DG_HOME", "").strip() or DEFAULT_HOME).expanduser()
     try:
         where = Path(os.fspath(path)).expanduser().absolute()
     except (TypeError, ValueError):
