@@ -14,6 +14,8 @@ resuming unfinished jobs, the model checks).
 
 from __future__ import annotations
 
+import builtins
+import functools
 import io
 import os
 import time
@@ -440,7 +442,7 @@ class DiffgentorClient:
         created_before: datetime | None = None,
         limit: int = 50,
         offset: int = 0,
-    ) -> list[JobView]:
+    ) -> builtins.list[JobView]:
         """Jobs newest first, filtered by status, model and creation time; page with limit/offset.
 
         A naive ``created_after`` / ``created_before`` is taken as UTC (the table stores UTC).
@@ -499,12 +501,14 @@ class DiffgentorClient:
     # ------------------------------------------------------------------------------------ wait
 
     @overload
-    def wait(self, jobs: JobRef, *, timeout: float | None = ..., progress: bool = ...,
-             on_update: Callable[[list[JobView]], None] | None = ...) -> JobView: ...
+    def wait(  # type: ignore[overload-overlap]  # a str is a Sequence too; one job in -> one view out wins
+        self, jobs: JobRef, *, timeout: float | None = ..., progress: bool = ...,
+        on_update: Callable[[builtins.list[JobView]], None] | None = ...,
+    ) -> JobView: ...
 
     @overload
     def wait(self, jobs: Sequence[JobRef], *, timeout: float | None = ..., progress: bool = ...,
-             on_update: Callable[[list[JobView]], None] | None = ...) -> list[JobView]: ...
+             on_update: Callable[[builtins.list[JobView]], None] | None = ...) -> builtins.list[JobView]: ...
 
     def wait(
         self,
@@ -512,14 +516,16 @@ class DiffgentorClient:
         *,
         timeout: float | None = None,
         progress: bool = False,
-        on_update: Callable[[list[JobView]], None] | None = None,
+        on_update: Callable[[builtins.list[JobView]], None] | None = None,
     ) -> Any:
         """Poll until every job is finished; returns the final view(s) (one job in, one view out).
 
         Raises `WaitTimeout` (naming the unfinished jobs) when ``timeout`` seconds pass first.
         """
-        single = isinstance(jobs, str | JobView)
-        ids = [self.resolve_job_id(jobs)] if single else [self.resolve_job_id(job) for job in jobs]  # type: ignore[union-attr]
+        if isinstance(jobs, str | JobView):
+            single, ids = True, [self.resolve_job_id(jobs)]
+        else:
+            single, ids = False, [self.resolve_job_id(job) for job in jobs]
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = WaitProgressBar(len(ids)) if progress else None
         stall = _StallWatch(self) if bar is not None and not self.embedded else None
@@ -550,14 +556,14 @@ class DiffgentorClient:
 
     # ------------------------------------------------------------------------------------ results
 
-    def artifact_uris(self, job: JobRef) -> list[str]:
+    def artifact_uris(self, job: JobRef) -> builtins.list[str]:
         view = job if isinstance(job, JobView) and job.is_terminal else self.get(job)
         return [artifact.uri for artifact in sorted(view.artifacts, key=lambda a: a.index)]
 
-    def presigned_urls(self, job: JobRef, expires_seconds: int = 3600) -> list[str]:
+    def presigned_urls(self, job: JobRef, expires_seconds: int = 3600) -> builtins.list[str]:
         return [self.artifacts.presigned_url(uri, expires_seconds) for uri in self.artifact_uris(job)]
 
-    def download(self, job: JobRef, folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    def download(self, job: JobRef, folder: str | os.PathLike[str], name: str | None = None) -> builtins.list[Path]:
         """Copy a job's PNGs into ``folder`` as ``<job_id>-<index>.png`` (or ``name`` for one image)."""
         view = self.get(job)
         if view.status != JobStatus.SUCCEEDED:
@@ -572,14 +578,14 @@ class DiffgentorClient:
             file_name = name if name and len(view.artifacts) == 1 else f"{view.id}-{artifact.index}.png"
             path = target / file_name
             # Written whole, with the umask's mode (worker.files.atomic_file).
-            self._storage_call(lambda uri=artifact.uri, path=path: self.artifacts.download(uri, path))
+            self._storage_call(functools.partial(self.artifacts.download, artifact.uri, path))
             paths.append(path)
         return paths
 
-    def open_images(self, job: JobRef) -> list[Image.Image]:
-        images = []
+    def open_images(self, job: JobRef) -> builtins.list[Image.Image]:
+        images: builtins.list[Image.Image] = []
         for uri in self.artifact_uris(job):
-            data = self._storage_call(lambda uri=uri: self.artifacts.get_bytes(uri))
+            data = self._storage_call(functools.partial(self.artifacts.get_bytes, uri))
             image = Image.open(io.BytesIO(data))
             image.load()
             images.append(image)
@@ -689,7 +695,7 @@ def _refuse_finished(view: JobView) -> None:
         raise JobStateError(f"job {view.id} already {view.status.value}: there is nothing to cancel{again}")
 
 
-def _statuses(status: Any) -> list[JobStatus] | None:
+def _statuses(status: Any) -> builtins.list[JobStatus] | None:
     if status is None:
         return None
     items = [status] if isinstance(status, str | JobStatus) else list(status)
