@@ -69,10 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(reference_spellings(parser, sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(
+        reference_spellings(parser, sys.argv[1:] if argv is None else argv)
+    )
     if unknown:  # reported by the subcommand's parser, so its usage line is the one shown
         command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
-        command_parser.error(f"unrecognized arguments: {' '.join(unknown)} (see `{command_parser.prog} --help`)")
+        command_parser.error(
+            f"unrecognized arguments: {' '.join(unknown)} (see `{command_parser.prog} --help`)"
+        )
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
@@ -85,7 +89,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except DiffgentorError as exc:
         return _report(exc, exc.exit_code)
     except KeyboardInterrupt:
-        print("interrupted; jobs already submitted stay queued (`diffgentor list` shows them)", file=sys.stderr)
+        print(
+            "interrupted; jobs already submitted stay queued (`diffgentor list` shows them)", file=sys.stderr
+        )
         _exit_now_if_model_running(ExitCode.INTERRUPTED)
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
@@ -180,9 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     t2i = commands.add_parser(
-        "t2i", help="text-to-image: one job per prompt, PNGs into --output_dir",
+        "t2i",
+        help="text-to-image: one job per prompt, PNGs into --output_dir",
         description="Text-to-image: one job per prompt; writes OUTPUT_DIR/{index:06d}.png as each job succeeds.",
-        epilog=_T2I_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_T2I_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     prompt_source = t2i.add_mutually_exclusive_group(required=True)
     prompt_source.add_argument("--prompt", help="one prompt (index 0)")
@@ -191,12 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.set_defaults(handler=_cmd_t2i)
 
     edit = commands.add_parser(
-        "edit", help="image editing: one job per CSV row, PNGs and results.csv",
+        "edit",
+        help="image editing: one job per CSV row, PNGs and results.csv",
         description="Image editing: one job per CSV row; writes OUTPUT_DIR/{index:06d}.png and results.csv.",
-        epilog=_EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EDIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    edit.add_argument("--input", required=True, type=Path, help="CSV with input_images and instruction columns")
-    edit.add_argument("--instruction_key", default="instruction", help="instruction column (default: instruction)")
+    edit.add_argument(
+        "--input", required=True, type=Path, help="CSV with input_images and instruction columns"
+    )
+    edit.add_argument(
+        "--instruction_key", default="instruction", help="instruction column (default: instruction)"
+    )
     edit.add_argument("--output_csv", type=Path, help="results CSV (default: OUTPUT_DIR/results.csv)")
     _add_generation_options(edit, edit=True)
     edit.set_defaults(handler=_cmd_edit)
@@ -230,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--expires", type=int, default=3600, help="presigned URL lifetime in seconds")
     fetch.set_defaults(handler=_cmd_fetch)
 
-    cancel = commands.add_parser("cancel", help="cancel jobs (queued: never start; running: stop at next step)")
+    cancel = commands.add_parser(
+        "cancel", help="cancel jobs (queued: never start; running: stop at next step)"
+    )
     cancel.add_argument("job_ids", nargs="+", metavar="JOB", help=_JOB_HELP)
     cancel.set_defaults(handler=_cmd_cancel)
 
@@ -239,10 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     retry.set_defaults(handler=_cmd_retry)
 
     worker = commands.add_parser("worker", help="run a GPU worker for one model queue (needs DG_DEEPGEN_*)")
-    worker.add_argument("--model_name", default=DEFAULT_MODEL_NAME,
-                        help=f"queue / model to serve (default {DEFAULT_MODEL_NAME})")
-    worker.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork",
-                        help="Celery pool (default prefork: the parent never touches CUDA)")
+    worker.add_argument(
+        "--model_name",
+        default=DEFAULT_MODEL_NAME,
+        help=f"queue / model to serve (default {DEFAULT_MODEL_NAME})",
+    )
+    worker.add_argument(
+        "--pool",
+        choices=("prefork", "solo", "threads"),
+        default="prefork",
+        help="Celery pool (default prefork: the parent never touches CUDA)",
+    )
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--sweeper", action="store_true", help="also consume the sweep queue")
     worker.add_argument("--beat", action="store_true", help="also run the beat that schedules sweeps")
@@ -258,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="re-publish unpublished and lease-expired jobs")
     sweep.add_argument("--loop", action="store_true", help="keep sweeping every --interval seconds")
-    sweep.add_argument("--interval", type=float, help="seconds between sweeps (default DG_SWEEP_INTERVAL_SECONDS)")
+    sweep.add_argument(
+        "--interval", type=float, help="seconds between sweeps (default DG_SWEEP_INTERVAL_SECONDS)"
+    )
     sweep.set_defaults(handler=_cmd_sweep)
 
     from worker import health as worker_health  # torch-free: registry rows and the job table
@@ -299,8 +324,12 @@ def reference_spellings(parser: argparse.ArgumentParser, argv: Sequence[str]) ->
     with argparse, so help shows it alone and abbreviations stay unambiguous. Arguments after a bare
     `--` (passed on to Celery by `worker`) are left alone.
     """
-    known = {option for each in (parser, *_all_subparsers(parser)) for option in each._option_string_actions
-             if option.startswith("--")}
+    known = {
+        option
+        for each in (parser, *_all_subparsers(parser))
+        for option in each._option_string_actions
+        if option.startswith("--")
+    }
     result: list[str] = []
     for position, arg in enumerate(argv):
         if arg == "--":
@@ -330,19 +359,34 @@ def _add_generation_options(parser: argparse.ArgumentParser, *, edit: bool) -> N
     default_side = None if edit else DEFAULT_T2I_SIDE
     side_help = "default: the first input image's size" if edit else f"default {DEFAULT_T2I_SIDE}"
     parser.add_argument("--backend", default="deepgen", help="model backend (supported: deepgen)")
-    parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME,
-                        help=f"model / worker queue (default {DEFAULT_MODEL_NAME})")
+    parser.add_argument(
+        "--model_name",
+        default=DEFAULT_MODEL_NAME,
+        help=f"model / worker queue (default {DEFAULT_MODEL_NAME})",
+    )
     parser.add_argument("--output_dir", required=True, type=Path, help="where {index:06d}.png files go")
-    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
-                        help=f"CFG scale (default {DEFAULT_GUIDANCE_SCALE})")
-    parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS,
-                        help=f"denoising steps (default {DEFAULT_STEPS})")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=DEFAULT_GUIDANCE_SCALE,
+        help=f"CFG scale (default {DEFAULT_GUIDANCE_SCALE})",
+    )
+    parser.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"denoising steps (default {DEFAULT_STEPS})",
+    )
     parser.add_argument("--height", type=int, default=default_side, help=f"output height, {side_help}")
     parser.add_argument("--width", type=int, default=default_side, help=f"output width, {side_help}")
     parser.add_argument("--negative_prompt", default="", help='negative prompt (default "")')
     parser.add_argument("--seed", type=int, help="seed for every job (default: a random seed per job)")
-    parser.add_argument("--priority", type=int, default=MIN_PRIORITY,
-                        help=f"{MIN_PRIORITY} (normal, the default) to {MAX_PRIORITY} (most urgent)")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=MIN_PRIORITY,
+        help=f"{MIN_PRIORITY} (normal, the default) to {MAX_PRIORITY} (most urgent)",
+    )
     parser.add_argument("--no-wait", dest="no_wait", action="store_true", help="submit, print job ids, exit")
     parser.add_argument("--timeout", type=_seconds, help="stop waiting after this many seconds (exit 7)")
     parser.add_argument("--no_resume", action="store_true", help="regenerate indices whose PNG exists")
@@ -358,7 +402,9 @@ def _add_generation_options(parser: argparse.ArgumentParser, *, edit: bool) -> N
             compat.add_argument(flag, metavar="X", help=argparse.SUPPRESS)
         else:
             compat.add_argument(flag, action="store_true", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--prompt_enhance_type", help=argparse.SUPPRESS)  # refused: it would change the output
+    parser.add_argument(
+        "--prompt_enhance_type", help=argparse.SUPPRESS
+    )  # refused: it would change the output
 
 
 _JOB_HELP = "job id, or a unique prefix of one (at least 4 characters)"
@@ -367,9 +413,15 @@ _MODEL_HOST = "where the model runs (each `diffgentor worker`; this process in e
 IGNORED_FLAGS: dict[str, tuple[bool, str]] = {
     "--device": (True, f"set DG_DEEPGEN_DEVICE {_MODEL_HOST}"),
     "--torch_dtype": (True, f"set DG_DEEPGEN_DTYPE {_MODEL_HOST}"),
-    "--num_gpus": (True, "run one `diffgentor worker` per GPU (CUDA_VISIBLE_DEVICES=N); they share the queue"),
+    "--num_gpus": (
+        True,
+        "run one `diffgentor worker` per GPU (CUDA_VISIBLE_DEVICES=N); they share the queue",
+    ),
     "--batch_size": (True, "each worker runs one job at a time; add workers for throughput"),
-    "--max_retries": (True, "a job is attempted up to DG_MAX_ATTEMPTS times; `diffgentor retry JOB` resubmits"),
+    "--max_retries": (
+        True,
+        "a job is attempted up to DG_MAX_ATTEMPTS times; `diffgentor retry JOB` resubmits",
+    ),
     "--resume": (False, "resuming is already the default (--no_resume turns it off)"),
     "--model_type": (True, "the deepgen backend handles both t2i and edit"),
     "--enable_cpu_offload": (False, f"set DG_DEEPGEN_OFFLOAD {_MODEL_HOST}"),
@@ -466,13 +518,17 @@ def _client() -> Any:
 
 def _generation_options(args: argparse.Namespace, kind: str) -> GenerationOptions:
     if args.backend not in SUPPORTED_BACKENDS:
-        raise UsageError(f"unsupported backend {args.backend!r}; supported backends: {', '.join(SUPPORTED_BACKENDS)}")
+        raise UsageError(
+            f"unsupported backend {args.backend!r}; supported backends: {', '.join(SUPPORTED_BACKENDS)}"
+        )
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width, or neither (edit then uses the first image's size)")
     if args.num_images_per_prompt != 1:
         raise UsageError("--num_images_per_prompt must be 1 for the deepgen backend (one image per job)")
     if args.prompt_enhance_type is not None:
-        raise UsageError("--prompt_enhance_type is not supported: write the enhanced instructions into the CSV")
+        raise UsageError(
+            "--prompt_enhance_type is not supported: write the enhanced instructions into the CSV"
+        )
     if "/" in args.model_name or "\\" in args.model_name or args.model_name.endswith(_CHECKPOINT_SUFFIXES):
         raise UsageError(
             f"--model_name {args.model_name!r} looks like a checkpoint path or repo id; here --model_name names the model "
@@ -629,8 +685,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     client.settings = replace(client.settings, broker_url=client.settings.worker_broker_url)
     _wait_for_services(client)
     extra = [arg for arg in args.celery_args if arg != "--"]
-    start_worker(args.model_name, client.settings, pool=args.pool, loglevel=args.loglevel,
-                 sweeper=args.sweeper, beat=args.beat, node_name=args.hostname, extra_args=extra)
+    start_worker(
+        args.model_name,
+        client.settings,
+        pool=args.pool,
+        loglevel=args.loglevel,
+        sweeper=args.sweeper,
+        beat=args.beat,
+        node_name=args.hostname,
+        extra_args=extra,
+    )
     return int(ExitCode.OK)
 
 
@@ -659,10 +723,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     def show(report: SweepReport) -> None:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         lost = " (the broker had lost its data: queued jobs published again)" if report.broker_lost else ""
-        print(f"{stamp} re-published {report.republished} job(s): {len(report.unpublished)} unpublished, "
-              f"{len(report.stale)} stale, {len(report.expired)} lease-expired{lost}", flush=True)
+        print(
+            f"{stamp} re-published {report.republished} job(s): {len(report.unpublished)} unpublished, "
+            f"{len(report.stale)} stale, {len(report.expired)} lease-expired{lost}",
+            flush=True,
+        )
         if report.error:
-            print(f"warning: publishing failed, the jobs stay for the next sweep: {report.error}", file=sys.stderr)
+            print(
+                f"warning: publishing failed, the jobs stay for the next sweep: {report.error}",
+                file=sys.stderr,
+            )
 
     try:
         if args.loop:
@@ -709,8 +779,10 @@ def _print_jobs(jobs: Sequence[Any], *, as_json: bool) -> None:
         progress = f"{job.progress_step}/{job.progress_total}"
         error = f"  {job.error_type}: {job.error_message}" if job.error_type else ""
         created = job.created_at.isoformat(timespec="seconds")
-        print(f"{job.id}  {job.kind.value:<4}  {job.model_name}  {job.status.value:<9}  {progress:>7}  "
-              f"seed={job.seed}  {created}{error}")
+        print(
+            f"{job.id}  {job.kind.value:<4}  {job.model_name}  {job.status.value:<9}  {progress:>7}  "
+            f"seed={job.seed}  {created}{error}"
+        )
 
 
 def _outcome_code(jobs: Sequence[Any]) -> int:

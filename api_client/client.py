@@ -162,8 +162,9 @@ class DiffgentorClient:
             )
             store.check_reachable()
         except StorageError as exc:
-            raise ServiceUnreachable("S3", _storage_where(settings), str(exc),
-                                     transient=isinstance(exc, StorageUnavailable)) from None
+            raise ServiceUnreachable(
+                "S3", _storage_where(settings), str(exc), transient=isinstance(exc, StorageUnavailable)
+            ) from None
         return store
 
     @cached_property
@@ -181,7 +182,9 @@ class DiffgentorClient:
     @cached_property
     def _embedded_runner(self) -> EmbeddedRunner:
         # Reuses this client's database and storage; registers its exit hook (api_client/embedded.py).
-        return EmbeddedRunner.for_client(self.settings, self.store, self.artifacts, engine_check=self._engine_check)
+        return EmbeddedRunner.for_client(
+            self.settings, self.store, self.artifacts, engine_check=self._engine_check
+        )
 
     def check_database_reachable(self) -> None:
         """Connect once; an unreachable database raises `ServiceUnreachable` naming the (redacted) URL."""
@@ -340,8 +343,10 @@ class DiffgentorClient:
             return image
         if isinstance(image, Image.Image):
             if image.width * image.height > self.settings.input_max_pixels:
-                raise InputFileError(f"the PIL image given to submit_edit has {image.width}x{image.height} pixels, "
-                                     f"over DG_INPUT_MAX_PIXELS={self.settings.input_max_pixels}")
+                raise InputFileError(
+                    f"the PIL image given to submit_edit has {image.width}x{image.height} pixels, "
+                    f"over DG_INPUT_MAX_PIXELS={self.settings.input_max_pixels}"
+                )
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             return self._upload_input(buffer.getvalue(), "png")
@@ -374,7 +379,9 @@ class DiffgentorClient:
         from worker.storage import StorageError, content_addressed_key, file_uri_to_path
 
         try:
-            uri = self.artifacts.put_bytes(content_addressed_key(data, suffix), data, content_type=f"image/{suffix}")
+            uri = self.artifacts.put_bytes(
+                content_addressed_key(data, suffix), data, content_type=f"image/{suffix}"
+            )
         except StorageError as exc:
             raise ServiceUnreachable("S3", _storage_where(self.settings), str(exc)) from None
         if uri.startswith("file://"):
@@ -414,15 +421,19 @@ class DiffgentorClient:
         if len(text) >= JOB_ID_LENGTH:
             return text
         if len(text) < MIN_JOB_ID_PREFIX:
-            raise UsageError(f"job id {text!r} is too short: give the full id or at least "
-                             f"{MIN_JOB_ID_PREFIX} characters of it (`diffgentor list` shows the ids)")
+            raise UsageError(
+                f"job id {text!r} is too short: give the full id or at least "
+                f"{MIN_JOB_ID_PREFIX} characters of it (`diffgentor list` shows the ids)"
+            )
         matches = self._store_call(lambda: self.store.resolve_prefix(text, limit=_SHOWN_CANDIDATES + 1))
         if not matches:
             raise JobNotFound(text)
         if len(matches) > 1:
             shown = ", ".join(matches[:_SHOWN_CANDIDATES])
             more = " and more" if len(matches) > _SHOWN_CANDIDATES else ""
-            raise UsageError(f"job id prefix {text} is ambiguous: it matches {shown}{more}; give more characters")
+            raise UsageError(
+                f"job id prefix {text} is ambiguous: it matches {shown}{more}; give more characters"
+            )
         return str(matches[0])
 
     def get(self, job: JobRef) -> JobView:
@@ -502,13 +513,23 @@ class DiffgentorClient:
 
     @overload
     def wait(  # type: ignore[overload-overlap]  # a str is a Sequence too; one job in -> one view out wins
-        self, jobs: JobRef, *, timeout: float | None = ..., progress: bool = ...,
+        self,
+        jobs: JobRef,
+        *,
+        timeout: float | None = ...,
+        progress: bool = ...,
         on_update: Callable[[builtins.list[JobView]], None] | None = ...,
     ) -> JobView: ...
 
     @overload
-    def wait(self, jobs: Sequence[JobRef], *, timeout: float | None = ..., progress: bool = ...,
-             on_update: Callable[[builtins.list[JobView]], None] | None = ...) -> builtins.list[JobView]: ...
+    def wait(
+        self,
+        jobs: Sequence[JobRef],
+        *,
+        timeout: float | None = ...,
+        progress: bool = ...,
+        on_update: Callable[[builtins.list[JobView]], None] | None = ...,
+    ) -> builtins.list[JobView]: ...
 
     def wait(
         self,
@@ -535,8 +556,10 @@ class DiffgentorClient:
             while True:
                 current = [views[job_id] for job_id in ids]
                 if bar is not None:
-                    bar.update([_progress_of(view) for view in current],
-                               notice=stall.notice(current) if stall is not None else None)
+                    bar.update(
+                        [_progress_of(view) for view in current],
+                        notice=stall.notice(current) if stall is not None else None,
+                    )
                 if on_update is not None:
                     on_update(current)
                 pending = [view.id for view in current if not view.is_terminal]
@@ -563,7 +586,9 @@ class DiffgentorClient:
     def presigned_urls(self, job: JobRef, expires_seconds: int = 3600) -> builtins.list[str]:
         return [self.artifacts.presigned_url(uri, expires_seconds) for uri in self.artifact_uris(job)]
 
-    def download(self, job: JobRef, folder: str | os.PathLike[str], name: str | None = None) -> builtins.list[Path]:
+    def download(
+        self, job: JobRef, folder: str | os.PathLike[str], name: str | None = None
+    ) -> builtins.list[Path]:
         """Copy a job's PNGs into ``folder`` as ``<job_id>-<index>.png`` (or ``name`` for one image)."""
         view = self.get(job)
         if view.status != JobStatus.SUCCEEDED:
@@ -635,9 +660,14 @@ class _StallWatch:
             registry = WorkerRegistry(session_factory(self._client._engine))
             fresh = stale_after(self._client.settings.heartbeat_seconds)
             now = utcnow()
-            idle = [model for model in models
-                    if not any((now - worker.heartbeat_at).total_seconds() <= fresh
-                               for worker in registry.list(model_name=model))]
+            idle = [
+                model
+                for model in models
+                if not any(
+                    (now - worker.heartbeat_at).total_seconds() <= fresh
+                    for worker in registry.list(model_name=model)
+                )
+            ]
         except Exception:  # only a hint: never let it break the wait
             return None
         if not idle:
@@ -667,7 +697,9 @@ def _replace_settings(settings: Settings, overrides: Mapping[str, str | None]) -
         "DG_S3_ENDPOINT_URL": "s3_endpoint_url",
         "DG_S3_PUBLIC_ENDPOINT_URL": "s3_public_endpoint_url",
     }
-    changes: dict[str, Any] = {names[key]: value for key, value in overrides.items() if value and key in names}
+    changes: dict[str, Any] = {
+        names[key]: value for key, value in overrides.items() if value and key in names
+    }
     if overrides.get("DG_HOME"):
         changes["home"] = Path(str(overrides["DG_HOME"])).expanduser()
     return replace(settings, **changes)
@@ -680,7 +712,8 @@ def _validated(build: Callable[[], Any]) -> Any:
         return build()
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: {error['msg']}" for error in exc.errors()
+            f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: {error['msg']}"
+            for error in exc.errors()
         )
         raise ConfigurationError(f"invalid job parameters: {problems}") from None
 
@@ -742,5 +775,3 @@ def _storage_where(settings: Settings) -> str:
     endpoint = settings.s3_endpoint_url
     where = redact_url(settings.storage_url)
     return f"{where} (endpoint {redact_url(endpoint)})" if endpoint else where
-
-

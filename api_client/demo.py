@@ -31,24 +31,39 @@ def run_demo(output_dir: Path | None = None, num_inference_steps: int | None = N
     output_dir = output_dir or settings.home / "demo"
     t2i_dir, edit_dir = output_dir / "t2i", output_dir / "edit"
     t2i = GenerationOptions(
-        model_name=DEFAULT_MODEL_NAME, output_dir=t2i_dir, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-        num_inference_steps=num_inference_steps or DEFAULT_STEPS, height=DEFAULT_T2I_SIDE, width=DEFAULT_T2I_SIDE,
-        negative_prompt="", seed=None, priority=0, resume=False,
+        model_name=DEFAULT_MODEL_NAME,
+        output_dir=t2i_dir,
+        guidance_scale=DEFAULT_GUIDANCE_SCALE,
+        num_inference_steps=num_inference_steps or DEFAULT_STEPS,
+        height=DEFAULT_T2I_SIDE,
+        width=DEFAULT_T2I_SIDE,
+        negative_prompt="",
+        seed=None,
+        priority=0,
+        resume=False,
     )
     edit = replace(t2i, output_dir=edit_dir, height=None, width=None)  # edit: size of the input image
     with DiffgentorClient(settings) as client:
-        print(f"embedded default: jobs in {settings.database_url}, artifacts in {settings.storage_url}",
-              file=sys.stderr)
+        print(
+            f"embedded default: jobs in {settings.database_url}, artifacts in {settings.storage_url}",
+            file=sys.stderr,
+        )
         code = run_t2i(client, [PromptRow(0, DEMO_PROMPT)], t2i)
         if code != ExitCode.OK:
             return code
         source = str((t2i_dir / "000000.png").resolve())
-        row = EditRow(0, DEMO_INSTRUCTION, (source,), {"input_images": source, "instruction": DEMO_INSTRUCTION})
+        row = EditRow(
+            0, DEMO_INSTRUCTION, (source,), {"input_images": source, "instruction": DEMO_INSTRUCTION}
+        )
         code = run_edit(client, [row], edit, edit_dir / "results.csv")
     print(f"t2i image:  {t2i_dir / '000000.png'}  ({DEMO_PROMPT!r})")
-    print(f"edit image: {edit_dir / '000000.png'}  ({DEMO_INSTRUCTION!r}; results: {edit_dir / 'results.csv'})")
+    print(
+        f"edit image: {edit_dir / '000000.png'}  ({DEMO_INSTRUCTION!r}; results: {edit_dir / 'results.csv'})"
+    )
     if tiny:
-        print(f"these images are noise: they come from the tiny random-weight model in {settings.home / 'tiny-model'}.")
+        print(
+            f"these images are noise: they come from the tiny random-weight model in {settings.home / 'tiny-model'}."
+        )
         print(REAL_WEIGHTS_HINT)
     return code
 
@@ -71,8 +86,9 @@ def _ensure_demo_model(home: Path) -> bool:
     from worker.deepgen.tiny import TinyModelPaths, tiny_env, write_tiny_model
 
     root = home / "tiny-model"
-    paths = TinyModelPaths(root, root / "ar", root / "diffusion", root / "checkpoint.safetensors",
-                           root / "checkpoint.pt")
+    paths = TinyModelPaths(
+        root, root / "ar", root / "diffusion", root / "checkpoint.safetensors", root / "checkpoint.pt"
+    )
     if not (paths.checkpoint_safetensors.is_file() and (paths.ar / "config.json").is_file()):
         print(f"building the tiny random-weight DeepGen model in {root} ...", file=sys.stderr)
         quiet_library_progress_bars()

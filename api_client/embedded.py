@@ -121,8 +121,14 @@ class EngineCheck:
 class EmbeddedRunner:
     """A `worker.publish.Publisher` that runs the published jobs on one background thread."""
 
-    def __init__(self, store: Any, publisher: Any, *, lease_seconds: float,
-                 engine_check: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Any,
+        publisher: Any,
+        *,
+        lease_seconds: float,
+        engine_check: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._publisher = publisher  # runs one job inside publish(): worker.embedded.InProcessPublisher
         self._lease_seconds = lease_seconds
@@ -138,8 +144,14 @@ class EmbeddedRunner:
         self._current: Any = None  # the target being run, while one is
 
     @classmethod
-    def for_client(cls, settings: Settings, store: Any, artifact_store: Any, *,
-              engine_check: Callable[[], None] | None = None) -> EmbeddedRunner:
+    def for_client(
+        cls,
+        settings: Settings,
+        store: Any,
+        artifact_store: Any,
+        *,
+        engine_check: Callable[[], None] | None = None,
+    ) -> EmbeddedRunner:
         """The runner of a client: its database and storage (no second engine, migration run or
         S3 client), the library progress bars off, `stop` registered to run at interpreter exit."""
         check_model_runtime()
@@ -211,9 +223,14 @@ class EmbeddedRunner:
             return
         if current is not None or left:
             running = f"cancelling job {current.job_id} at its next step" if current is not None else ""
-            queued = f"{len(left)} job(s) not started stay queued (`diffgentor wait` runs them)" if left else ""
-            print(f"diffgentor: interpreter exit: {'; '.join(part for part in (running, queued) if part)}",
-                  file=sys.stderr, flush=True)
+            queued = (
+                f"{len(left)} job(s) not started stay queued (`diffgentor wait` runs them)" if left else ""
+            )
+            print(
+                f"diffgentor: interpreter exit: {'; '.join(part for part in (running, queued) if part)}",
+                file=sys.stderr,
+                flush=True,
+            )
         self._queue.put(None)  # ends the loop once the current job is over
         cancelled = False
         while thread.is_alive():

@@ -18,7 +18,9 @@ class ExitCode(IntEnum):
     OK = 0
     JOBS_FAILED = 1  # every job finished, but at least one ended failed or cancelled
     USAGE = 2  # bad command line (argparse uses 2 as well)
-    INPUT_FILE = 3  # prompts file / edit CSV / input image problems; unusable user paths (output folder, DG_HOME)
+    INPUT_FILE = (
+        3  # prompts file / edit CSV / input image problems; unusable user paths (output folder, DG_HOME)
+    )
     CONFIGURATION = 4  # DG_* settings, DG_DEEPGEN_* variables, unknown config, bad job parameters
     UNREACHABLE = 5  # Redis, the job database or the S3 endpoint cannot be reached
     NOT_FOUND = 6  # a job id that does not exist
@@ -105,9 +107,17 @@ class WaitTimeout(DiffgentorError):
 
 # A module of an optional extra that is not installed -> (extra, what it is needed for, by context).
 _EXTRA_OF_MODULE = {
-    "torch": "deepgen", "transformers": "deepgen", "diffusers": "deepgen", "peft": "deepgen",
-    "safetensors": "deepgen", "accelerate": "deepgen", "einops": "deepgen", "numpy": "deepgen",
-    "psycopg": "postgres", "psycopg2": "postgres", "psycopg_binary": "postgres",
+    "torch": "deepgen",
+    "transformers": "deepgen",
+    "diffusers": "deepgen",
+    "peft": "deepgen",
+    "safetensors": "deepgen",
+    "accelerate": "deepgen",
+    "einops": "deepgen",
+    "numpy": "deepgen",
+    "psycopg": "postgres",
+    "psycopg2": "postgres",
+    "psycopg_binary": "postgres",
     "prometheus_client": "metrics",
 }
 MODEL_EXTRA_MODULES = ("torch", "transformers", "diffusers")
@@ -128,10 +138,14 @@ def missing_extra_message(module: str | None, command: str | None = None) -> str
     install = f"install `diffgentor[{extra}]`"
     if extra == "deepgen":
         if command in _MODEL_CONTEXT:
-            return (f"{_MODEL_CONTEXT[command]}, but {root} is not installed: {install} "
-                    "(on a GPU host, the CUDA build of torch first)")
-        return (f"embedded mode runs the model in this process, but {root} is not installed: {install}, "
-                "or set DG_BROKER_URL (and DG_DATABASE_URL) to submit to workers")
+            return (
+                f"{_MODEL_CONTEXT[command]}, but {root} is not installed: {install} "
+                "(on a GPU host, the CUDA build of torch first)"
+            )
+        return (
+            f"embedded mode runs the model in this process, but {root} is not installed: {install}, "
+            "or set DG_BROKER_URL (and DG_DATABASE_URL) to submit to workers"
+        )
     if extra == "postgres":
         return f"DG_DATABASE_URL is a PostgreSQL URL, but the psycopg driver is not installed: {install}"
     return f"{root} is not installed: {install}"

@@ -77,7 +77,9 @@ def run_edit(client: Any, rows: Sequence[EditRow], options: GenerationOptions, r
     return _run(client, "edit", rows, options, results_csv=results_csv)
 
 
-def _run(client: Any, kind: str, rows: Sequence[Row], options: GenerationOptions, results_csv: Path | None) -> int:
+def _run(
+    client: Any, kind: str, rows: Sequence[Row], options: GenerationOptions, results_csv: Path | None
+) -> int:
     output_dir = options.output_dir
     _check_writable(output_dir, results_csv)  # before anything is submitted
     todo = pending_rows(rows, output_dir) if options.resume else list(rows)
@@ -100,13 +102,17 @@ def _run(client: Any, kind: str, rows: Sequence[Row], options: GenerationOptions
             print(job_id)
         if client.embedded:
             print("embedded mode runs the jobs in this process: exiting once they are done", file=sys.stderr)
-        print(f"collect the images by rerunning this command, or follow with: diffgentor wait {' '.join(job_ids)}",
-              file=sys.stderr)
+        print(
+            f"collect the images by rerunning this command, or follow with: diffgentor wait {' '.join(job_ids)}",
+            file=sys.stderr,
+        )
         return int(ExitCode.OK)
 
     collector = _Collector(client, todo, output_dir)
     try:
-        final = client.wait(job_ids, timeout=options.timeout, progress=options.progress, on_update=collector.collect)
+        final = client.wait(
+            job_ids, timeout=options.timeout, progress=options.progress, on_update=collector.collect
+        )
     except KeyboardInterrupt:
         client.detach()
         unfinished = [job_id for job_id in job_ids if job_id not in collector.finished]
@@ -196,7 +202,9 @@ class _Collector:
                 image = output_name(row.index)
             error = f"{job.error_type}: {job.error_message}" if job.error_type else ""
             fields = row.fields if isinstance(row, EditRow) else {"prompt": row.prompt}
-            self.records.append(ResultRecord(row.index, fields, image, job.id, job.seed, job.status.value, error))
+            self.records.append(
+                ResultRecord(row.index, fields, image, job.id, job.seed, job.status.value, error)
+            )
             self.finished.add(job.id)
 
 
@@ -205,7 +213,9 @@ def _write_results(results_csv: Path | None, records: list[ResultRecord]) -> Non
         write_results_csv(results_csv, records)
 
 
-def _summarise(jobs: Sequence[JobView], rows: Sequence[Row], output_dir: Path, results_csv: Path | None) -> int:
+def _summarise(
+    jobs: Sequence[JobView], rows: Sequence[Row], output_dir: Path, results_csv: Path | None
+) -> int:
     failed = [(row, job) for row, job in zip(rows, jobs, strict=True) if job.status != JobStatus.SUCCEEDED]
     for row, job in failed:
         reason = f": {job.error_type}: {job.error_message}" if job.error_type else ""

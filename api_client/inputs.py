@@ -131,7 +131,9 @@ def _json_entries(path: Path, text: str) -> list[tuple[str, Any]]:
 def _csv_prompt_entries(path: Path, text: str) -> list[tuple[str, Any]]:
     header, rows = _read_csv(path, text)
     if not header:
-        raise InputFileError(f"prompts file {path} is empty: its first line must be a header with a 'prompt' column")
+        raise InputFileError(
+            f"prompts file {path} is empty: its first line must be a header with a 'prompt' column"
+        )
     _require_columns(path, header, ["prompt"])
     return [(f"row {n} (line {line})", fields) for n, (line, fields) in enumerate(rows)]
 
@@ -172,7 +174,9 @@ def load_edit_rows(
             f"input_images and {instruction_key}"
         )
     _require_columns(path, header, ["input_images"])
-    hint = "; pass --instruction_key to name the instruction column" if instruction_key == "instruction" else ""
+    hint = (
+        "; pass --instruction_key to name the instruction column" if instruction_key == "instruction" else ""
+    )
     _require_columns(path, header, [instruction_key], hint=hint)
     rows: list[EditRow] = []
     for number, (line, fields) in enumerate(csv_rows):
@@ -262,12 +266,14 @@ def _read_csv(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[st
         if header is None:
             header = values
             continue
-        if any(value.strip() for value in values[len(header):]):  # empty trailing cells are harmless
+        if any(value.strip() for value in values[len(header) :]):  # empty trailing cells are harmless
             raise InputFileError(
                 f"{path} line {first_line} has {len(values)} values but the header has {len(header)} "
                 "columns; put a value that contains commas in double quotes"
             )
-        rows.append((first_line, {name: (values[i] if i < len(values) else "") for i, name in enumerate(header)}))
+        rows.append(
+            (first_line, {name: (values[i] if i < len(values) else "") for i, name in enumerate(header)})
+        )
     return header or [], rows
 
 

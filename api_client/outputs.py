@@ -105,4 +105,3 @@ def _index_sort_key(value: str) -> tuple[int, str]:
         return (int(value), "")
     except ValueError:
         return (1 << 62, value)
-

@@ -30,10 +30,18 @@ def main(argv: list[str] | None = None) -> int:
         failed = [job.id for job in jobs if job.status != "succeeded"]
     share = min(by_worker.values()) / args.n if len(by_worker) == 2 else 0.0
     ok = not twice and not failed and share >= 0.4
-    Report("e burst on two workers", args.n, {
-        "split": "/".join(str(c) for c in sorted(by_worker.values())), "smaller_share": share,
-        "ran_twice": len(twice), "failed": len(failed),
-    }, "even (>= 40 % each), none twice", ok).emit()
+    Report(
+        "e burst on two workers",
+        args.n,
+        {
+            "split": "/".join(str(c) for c in sorted(by_worker.values())),
+            "smaller_share": share,
+            "ran_twice": len(twice),
+            "failed": len(failed),
+        },
+        "even (>= 40 % each), none twice",
+        ok,
+    ).emit()
     return 0
 
 

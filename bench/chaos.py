@@ -72,14 +72,21 @@ from worker.testing import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("DG_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PARAMS: dict[str, Any] = {"num_inference_steps": 2, "height": 64, "width": 64}
-SHORT_SETTINGS = {"DG_LEASE_SECONDS": "6", "DG_HEARTBEAT_SECONDS": "1", "DG_PUBLISH_GRACE_SECONDS": "3",
-                  "DG_SWEEP_INTERVAL_SECONDS": "1"}
+SHORT_SETTINGS = {
+    "DG_LEASE_SECONDS": "6",
+    "DG_HEARTBEAT_SECONDS": "1",
+    "DG_PUBLISH_GRACE_SECONDS": "3",
+    "DG_SWEEP_INTERVAL_SECONDS": "1",
+}
 TERMINAL = ("succeeded", "failed", "cancelled")
 STORAGE_PREFIX = "chaos"
 FAULT_SECONDS = 10.0
 # An infrastructure fault, by the words of the stored error (until rows carry error_class).
-INFRA_ERROR = re.compile(r"StorageError|unreachable|OperationalError|DBAPIError|InterfaceError|connection|"
-                         r"timed? ?out|EndpointConnectionError|ReadTimeout|AttemptsExhausted", re.IGNORECASE)
+INFRA_ERROR = re.compile(
+    r"StorageError|unreachable|OperationalError|DBAPIError|InterfaceError|connection|"
+    r"timed? ?out|EndpointConnectionError|ReadTimeout|AttemptsExhausted",
+    re.IGNORECASE,
+)
 
 
 def log(message: str) -> None:
@@ -108,8 +115,23 @@ class RedisServer:
         self.starts += 1
         log_file = open(self.workdir / f"redis.{self.starts}.log", "wb")  # noqa: SIM115 - the child keeps it
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log_file.close()
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         try:
@@ -160,9 +182,14 @@ def s3_client(endpoint: str) -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                        aws_secret_access_key="testing",
-                        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    )
 
 
 # ----------------------------------------------------------------------------------- supervision
@@ -229,7 +256,9 @@ class Supervisor:
                         rc = proc.process.returncode
                         why = "killed by the bench" if slot.expected_exit else "EXITED ON ITS OWN"
                         tail = "" if slot.expected_exit else f"; log tail: {_tail(proc.log_text())}"
-                        slot.exits.append(f"{slot.name} #{slot.incarnation} rc={rc} ({why}){_normalized(tail)}")
+                        slot.exits.append(
+                            f"{slot.name} #{slot.incarnation} rc={rc} ({why}){_normalized(tail)}"
+                        )
                         slot.dead_groups.append(proc.pid)
                         proc._close_log()
                         log(f"{slot.name} #{slot.incarnation} exited rc={rc} ({why}); restarting")
@@ -271,8 +300,10 @@ class Supervisor:
                 slot.proc.stop(timeout=10)
             for group in slot.dead_groups:
                 if _group_alive(group):
-                    notes.append(f"{slot.name}: processes of the killed incarnation (group {group}) were still "
-                                 "alive at the end (orphaned pool child)")
+                    notes.append(
+                        f"{slot.name}: processes of the killed incarnation (group {group}) were still "
+                        "alive at the end (orphaned pool child)"
+                    )
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(group, signal.SIGKILL)
         return notes
@@ -324,7 +355,12 @@ class Stack:
             self.straggler_notes = self.supervisor.stop()
 
     def spec_t2i(self, i: int) -> dict[str, Any]:
-        return {"kind": "t2i", "prompt": f"chaos {self.name} {i}", "model_name": self.model, "params": dict(PARAMS)}
+        return {
+            "kind": "t2i",
+            "prompt": f"chaos {self.name} {i}",
+            "model_name": self.model,
+            "params": dict(PARAMS),
+        }
 
     def submit(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
         """The producer path (insert+commit, publish, mark published); a publish error is kept as a note.
@@ -344,17 +380,28 @@ class Stack:
         import sqlalchemy as sa
 
         with self.engine.connect() as conn:
-            return conn.execute(sa.text("SELECT id FROM jobs WHERE model_name = :m AND status = 'running' "
-                                        "AND worker_id LIKE :w LIMIT 1"),
-                                {"m": self.model, "w": f"%:{pid}:%"}).scalar()
+            return conn.execute(
+                sa.text(
+                    "SELECT id FROM jobs WHERE model_name = :m AND status = 'running' "
+                    "AND worker_id LIKE :w LIMIT 1"
+                ),
+                {"m": self.model, "w": f"%:{pid}:%"},
+            ).scalar()
 
     def not_terminal(self) -> int:
         import sqlalchemy as sa
 
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.text("SELECT count(*) FROM jobs WHERE model_name = :m "
-                                            "AND status NOT IN ('succeeded', 'failed', 'cancelled')"),
-                                    {"m": self.model}).scalar() or 0)
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM jobs WHERE model_name = :m "
+                        "AND status NOT IN ('succeeded', 'failed', 'cancelled')"
+                    ),
+                    {"m": self.model},
+                ).scalar()
+                or 0
+            )
 
     def waiting_messages(self) -> int:
         """Messages in this model's Redis queue (kombu's priority sub-lists included)."""
@@ -369,8 +416,13 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(name: str, workdir: Path, model_env: Mapping[str, str], settings: Mapping[str, str],
-          sweep_interval: float | None) -> Iterator[Stack]:
+def stack(
+    name: str,
+    workdir: Path,
+    model_env: Mapping[str, str],
+    settings: Mapping[str, str],
+    sweep_interval: float | None,
+) -> Iterator[Stack]:
     import sqlalchemy as sa
 
     from worker.db import make_engine, session_factory, upgrade
@@ -390,13 +442,20 @@ def stack(name: str, workdir: Path, model_env: Mapping[str, str], settings: Mapp
         bucket = f"chaos-{uuid.uuid4().hex[:10]}"
         s3.create_bucket(Bucket=bucket)
         s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-        db_proxy = exit_stack.enter_context(FaultProxy(pg.host or "127.0.0.1", pg.port or 5432, name="postgres"))
+        db_proxy = exit_stack.enter_context(
+            FaultProxy(pg.host or "127.0.0.1", pg.port or 5432, name="postgres")
+        )
         s3_proxy = exit_stack.enter_context(FaultProxy("127.0.0.1", moto_port, name="s3"))
         proxied_db = sa.engine.make_url(db_url).set(host="127.0.0.1", port=db_proxy.port)
         env = worker_environ(
-            database_url=proxied_db.render_as_string(hide_password=False), broker_url=redis_server.url,
-            storage_url=f"s3://{bucket}/{STORAGE_PREFIX}", home=workdir / "home",
-            s3_endpoint_url=f"http://127.0.0.1:{s3_proxy.port}", model_env=model_env, **settings)
+            database_url=proxied_db.render_as_string(hide_password=False),
+            broker_url=redis_server.url,
+            storage_url=f"s3://{bucket}/{STORAGE_PREFIX}",
+            home=workdir / "home",
+            s3_endpoint_url=f"http://127.0.0.1:{s3_proxy.port}",
+            model_env=model_env,
+            **settings,
+        )
         engine = make_engine(db_url)
         exit_stack.callback(engine.dispose)
         publisher = CeleryPublisher(redis_server.url)
@@ -408,8 +467,23 @@ def stack(name: str, workdir: Path, model_env: Mapping[str, str], settings: Mapp
             sweep_argv += ["--interval", f"{sweep_interval:g}"]
         workers = [supervisor.add(f"worker-{letter}", celery_worker_argv(model), "worker") for letter in "AB"]
         supervisor.add("sweeper", sweep_argv, "sweeper")
-        result = Stack(name, workdir, model, db_url, engine, JobStore(session_factory(engine)), publisher,
-                       redis_server, db_proxy, s3_proxy, s3, bucket, supervisor, workers, set())
+        result = Stack(
+            name,
+            workdir,
+            model,
+            db_url,
+            engine,
+            JobStore(session_factory(engine)),
+            publisher,
+            redis_server,
+            db_proxy,
+            s3_proxy,
+            s3,
+            bucket,
+            supervisor,
+            workers,
+            set(),
+        )
         supervisor.run()
         warm_up(result)
         yield result
@@ -418,8 +492,11 @@ def stack(name: str, workdir: Path, model_env: Mapping[str, str], settings: Mapp
 def warm_up(s: Stack, timeout: float = 180) -> None:
     """Both workers consuming, each child with its model loaded (one finished job per child)."""
     deadline = time.monotonic() + timeout
-    wait_for(lambda: all(w.ready() for w in s.workers), timeout,
-             lambda: "workers not ready: " + "; ".join(_tail(w.proc.log_text()) for w in s.workers if w.proc))
+    wait_for(
+        lambda: all(w.ready() for w in s.workers),
+        timeout,
+        lambda: "workers not ready: " + "; ".join(_tail(w.proc.log_text()) for w in s.workers if w.proc),
+    )
     seen: set[int] = set()
     while True:
         pids = {pid for w in s.workers if w.proc for pid in w.proc.child_pids()}
@@ -429,8 +506,11 @@ def warm_up(s: Stack, timeout: float = 180) -> None:
             raise TimeoutError(f"warm-up: children {sorted(pids)} never all ran a job (seen {sorted(seen)})")
         ids = s.submit([{**s.spec_t2i(i), "prompt": f"warm-up {i}"} for i in range(2)])
         s.warm_ids.update(ids)
-        wait_for(lambda ids=ids: all(j.status.value in TERMINAL for j in s.store.get_many(ids)), 120,
-                 "warm-up jobs")
+        wait_for(
+            lambda ids=ids: all(j.status.value in TERMINAL for j in s.store.get_many(ids)),
+            120,
+            "warm-up jobs",
+        )
         for job in s.store.get_many(ids):
             if job.worker_id:
                 seen.add(int(job.worker_id.split(":")[1]))
@@ -442,8 +522,14 @@ def warm_up(s: Stack, timeout: float = 180) -> None:
 class Feeder:
     """Submits specs `batch` at a time (one producer call each), evenly over `duration` seconds, on a thread."""
 
-    def __init__(self, s: Stack, specs: Sequence[Mapping[str, Any]], duration: float,
-                 on_submit: Callable[[int, str], None] | None = None, batch: int = 1) -> None:
+    def __init__(
+        self,
+        s: Stack,
+        specs: Sequence[Mapping[str, Any]],
+        duration: float,
+        on_submit: Callable[[int, str], None] | None = None,
+        batch: int = 1,
+    ) -> None:
         self.s = s
         self.specs = list(specs)
         self.duration = duration
@@ -463,7 +549,7 @@ class Feeder:
         step = self.duration / max(1, len(starts))
         for k, first in enumerate(starts):
             time.sleep(max(0.0, started + k * step - time.monotonic()))
-            ids = self.s.submit(self.specs[first:first + self.batch])
+            ids = self.s.submit(self.specs[first : first + self.batch])
             self.last_submit = time.monotonic()
             self.ids.extend(ids)
             if self.on_submit is not None:
@@ -532,8 +618,10 @@ def scenario_kill_storm(s: Stack, o: Options, rng: Random) -> Run:
         except RuntimeError as exc:
             notes.append(f"kill {k + 1} ({what} of {slot.name}) skipped: {exc}")
             continue
-        notes.append(f"kill {k + 1}: {what} of {slot.name} (pid {pid}) "
-                     + (f"during job {job[:8]}" if job else "while idle"))
+        notes.append(
+            f"kill {k + 1}: {what} of {slot.name} (pid {pid}) "
+            + (f"during job {job[:8]}" if job else "while idle")
+        )
         log(notes[-1])
     last = feeder.join()
     return Run(reference=last, drain_timeout=o.drain_timeout, notes=notes, fault_window=(began, _utcnow()))
@@ -554,10 +642,16 @@ def scenario_redis_restart(s: Stack, o: Options, rng: Random) -> Run:
     restarted = time.monotonic()
     log(f"redis-server restarted empty after {restarted - killed_at:.1f} s")
     last = Feeder(s, [s.spec_t2i(2000 + i) for i in range(o.n(10, 6))], 3).start().join()
-    notes = [f"{waiting} message(s) waiting in Redis at the kill (burst of {burst}); restarted empty "
-             f"{restarted - killed_at:.1f} s later; {o.n(10, 6)} jobs submitted after the restart"]
-    return Run(reference=max(last, restarted), drain_timeout=min(o.drain_timeout, 90.0), notes=notes,
-               fault_window=(began, _utcnow()))
+    notes = [
+        f"{waiting} message(s) waiting in Redis at the kill (burst of {burst}); restarted empty "
+        f"{restarted - killed_at:.1f} s later; {o.n(10, 6)} jobs submitted after the restart"
+    ]
+    return Run(
+        reference=max(last, restarted),
+        drain_timeout=min(o.drain_timeout, 90.0),
+        notes=notes,
+        fault_window=(began, _utcnow()),
+    )
 
 
 def _proxy_fault(s: Stack, o: Options, proxy: FaultProxy, mode: str) -> Run:
@@ -569,8 +663,12 @@ def _proxy_fault(s: Stack, o: Options, proxy: FaultProxy, mode: str) -> Run:
         log(f"{proxy.name} {mode} for {FAULT_SECONDS:g} s")
     ended = time.monotonic()
     last = feeder.join()
-    return Run(reference=max(last, ended), drain_timeout=o.drain_timeout, fault_window=(began, _utcnow()),
-               notes=[f"{proxy.name} proxy in {mode} mode for {ended - started:.1f} s"])
+    return Run(
+        reference=max(last, ended),
+        drain_timeout=o.drain_timeout,
+        fault_window=(began, _utcnow()),
+        notes=[f"{proxy.name} proxy in {mode} mode for {ended - started:.1f} s"],
+    )
 
 
 def _utcnow() -> datetime:
@@ -622,13 +720,21 @@ def scenario_cancels(s: Stack, o: Options, rng: Random) -> Run:
     note = f"{len(requested)} cancels; status right after the cancel call: {summary}"
 
     def checks(jobs: list[dict[str, Any]], artifacts: dict[str, list[dict[str, Any]]]) -> list[str]:
-        problems = [f"cancelled job {job['id'][:8]} has artifact rows" for job in jobs
-                    if job["status"] == "cancelled" and artifacts.get(job["id"])]
-        problems += [f"job {job['id'][:8]} was cancelled while queued but ended {job['status']}" for job in jobs
-                     if at_cancel.get(job["id"]) == "cancelled" and job["status"] != "cancelled"]
+        problems = [
+            f"cancelled job {job['id'][:8]} has artifact rows"
+            for job in jobs
+            if job["status"] == "cancelled" and artifacts.get(job["id"])
+        ]
+        problems += [
+            f"job {job['id'][:8]} was cancelled while queued but ended {job['status']}"
+            for job in jobs
+            if at_cancel.get(job["id"]) == "cancelled" and job["status"] != "cancelled"
+        ]
         return problems
 
-    return Run(reference=last, drain_timeout=o.drain_timeout, cancel_requested=requested, notes=[note], checks=checks)
+    return Run(
+        reference=last, drain_timeout=o.drain_timeout, cancel_requested=requested, notes=[note], checks=checks
+    )
 
 
 def scenario_poison(s: Stack, o: Options, rng: Random) -> Run:
@@ -638,14 +744,22 @@ def scenario_poison(s: Stack, o: Options, rng: Random) -> Run:
     good = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 40, 40)).save(good, format="PNG")
     real_png = good.getvalue()
-    inputs = {"good.png": real_png, "garbage.png": b"this is not an image at all" * 10,
-              "truncated.png": real_png[: len(real_png) // 2]}
+    inputs = {
+        "good.png": real_png,
+        "garbage.png": b"this is not an image at all" * 10,
+        "truncated.png": real_png[: len(real_png) // 2],
+    }
     for key, data in inputs.items():
         s.s3.put_object(Bucket=s.bucket, Key=f"inputs/{key}", Body=data, ContentType="image/png")
 
     def edit(i: int, key: str) -> dict[str, Any]:
-        return {"kind": "edit", "instruction": f"chaos poison {i}", "model_name": s.model, "params": dict(PARAMS),
-                "images": [f"s3://{s.bucket}/inputs/{key}"]}
+        return {
+            "kind": "edit",
+            "instruction": f"chaos poison {i}",
+            "model_name": s.model,
+            "params": dict(PARAMS),
+            "images": [f"s3://{s.bucket}/inputs/{key}"],
+        }
 
     n = o.n(20, 10)
     specs: list[dict[str, Any]] = [s.spec_t2i(i) for i in range(n)]
@@ -668,14 +782,21 @@ def scenario_poison(s: Stack, o: Options, rng: Random) -> Run:
                 if job["status"] != "failed":
                     problems.append(f"poison job {job['id'][:8]} ended {job['status']}, not failed")
                 elif "input image" not in message or _is_infra(job):
-                    problems.append(f"poison job {job['id'][:8]} failed without a readable input reason: "
-                                    f"{job['error_type']}: {message[:200]}")
+                    problems.append(
+                        f"poison job {job['id'][:8]} failed without a readable input reason: "
+                        f"{job['error_type']}: {message[:200]}"
+                    )
                 elif job["attempts"] != 1:
                     problems.append(f"poison job {job['id'][:8]} ran {job['attempts']} times")
         return problems
 
-    return Run(reference=last, drain_timeout=o.drain_timeout, expected_failures=poison, checks=checks,
-               notes=[f"{len(poison)} poison edits (garbage bytes, truncated PNG) and one good edit among {n} t2i"])
+    return Run(
+        reference=last,
+        drain_timeout=o.drain_timeout,
+        expected_failures=poison,
+        checks=checks,
+        notes=[f"{len(poison)} poison edits (garbage bytes, truncated PNG) and one good edit among {n} t2i"],
+    )
 
 
 SCENARIOS: dict[str, tuple[str, Callable[[Stack, Options, Random], Run]]] = {
@@ -715,13 +836,17 @@ class Census:
 
     def row(self) -> str:
         drain = f"{self.drain_s:.1f}" if self.drain_s is not None else f"> {self.drain_timeout:g} (timeout)"
-        return (f"| {self.scenario} | {self.submitted} | {self.succeeded} | {self.failed} | {self.failed_infra} | "
-                f"{self.cancelled} | {self.lost} | {self.duplicated} | {drain} | {'met' if self.met else 'MISSED'}"
-                f"{f' ({len(self.warnings)} warnings)' if self.warnings else ''} |")
+        return (
+            f"| {self.scenario} | {self.submitted} | {self.succeeded} | {self.failed} | {self.failed_infra} | "
+            f"{self.cancelled} | {self.lost} | {self.duplicated} | {drain} | {'met' if self.met else 'MISSED'}"
+            f"{f' ({len(self.warnings)} warnings)' if self.warnings else ''} |"
+        )
 
 
-HEADER = ("| scenario | submitted | succeeded | failed | failed_infra | cancelled | lost | duplicated | drain_s | "
-          "targets |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| scenario | submitted | succeeded | failed | failed_infra | cancelled | lost | duplicated | drain_s | "
+    "targets |\n|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def _is_infra(job: Mapping[str, Any]) -> bool:
@@ -758,7 +883,7 @@ def bucket_objects(s: Stack) -> dict[str, dict[str, KeyInfo]]:
     prefix = f"{STORAGE_PREFIX}/jobs/"
     for page in s.s3.get_paginator("list_object_versions").paginate(Bucket=s.bucket, Prefix=prefix):
         for version in page.get("Versions", []):
-            job_id = version["Key"][len(prefix):].split("/", 1)[0]
+            job_id = version["Key"][len(prefix) :].split("/", 1)[0]
             info = found.setdefault(job_id, {}).setdefault(version["Key"], KeyInfo())
             info.puts += 1
             info.etags.add(version["ETag"])
@@ -770,11 +895,22 @@ def take_census(s: Stack, name: str, run: Run, drain_s: float | None) -> Census:
     import sqlalchemy as sa
 
     with s.engine.connect() as conn:
-        jobs = [dict(r) for r in conn.execute(sa.text("SELECT * FROM jobs WHERE model_name = :m"),
-                                              {"m": s.model}).mappings()]
-        rows = [dict(r) for r in conn.execute(sa.text(
-            'SELECT a.job_id, a."index", a.uri, a.sha256 FROM artifacts a JOIN jobs j ON j.id = a.job_id '
-            "WHERE j.model_name = :m"), {"m": s.model}).mappings()]
+        jobs = [
+            dict(r)
+            for r in conn.execute(
+                sa.text("SELECT * FROM jobs WHERE model_name = :m"), {"m": s.model}
+            ).mappings()
+        ]
+        rows = [
+            dict(r)
+            for r in conn.execute(
+                sa.text(
+                    'SELECT a.job_id, a."index", a.uri, a.sha256 FROM artifacts a JOIN jobs j ON j.id = a.job_id '
+                    "WHERE j.model_name = :m"
+                ),
+                {"m": s.model},
+            ).mappings()
+        ]
     jobs = [j for j in jobs if j["id"] not in s.warm_ids]
     ids = {j["id"] for j in jobs}
     artifacts: dict[str, list[dict[str, Any]]] = {}
@@ -790,9 +926,14 @@ def take_census(s: Stack, name: str, run: Run, drain_s: float | None) -> Census:
     c.succeeded, c.failed, c.cancelled = by_status["succeeded"], by_status["failed"], by_status["cancelled"]
     lost = [j for j in jobs if j["status"] not in TERMINAL]
     c.lost = len(lost)
-    infra = [j for j in jobs if j["status"] == "failed" and j["id"] not in run.expected_failures and _is_infra(j)]
-    other_failed = [j for j in jobs if j["status"] == "failed" and j["id"] not in run.expected_failures
-                    and not _is_infra(j)]
+    infra = [
+        j for j in jobs if j["status"] == "failed" and j["id"] not in run.expected_failures and _is_infra(j)
+    ]
+    other_failed = [
+        j
+        for j in jobs
+        if j["status"] == "failed" and j["id"] not in run.expected_failures and not _is_infra(j)
+    ]
     c.failed_infra = len(infra)
     for job in jobs:
         if job["status"] in ("failed", "cancelled") and (job["error_type"] or job["error_message"]):
@@ -811,8 +952,10 @@ def take_census(s: Stack, name: str, run: Run, drain_s: float | None) -> Census:
             why.append("more than one artifact row per index")
         for key, info in keys.items():
             if len(info.etags) > 1:
-                why.append(f"{len(info.etags)} distinct objects PUT for key {key.rsplit('/', 2)[-2]}/"
-                           f"{key.rsplit('/', 1)[-1]}")
+                why.append(
+                    f"{len(info.etags)} distinct objects PUT for key {key.rsplit('/', 2)[-2]}/"
+                    f"{key.rsplit('/', 1)[-1]}"
+                )
             if info.live and key not in named:
                 leftovers += 1
         extra_puts += max(0, sum(info.puts for info in keys.values()) - 1)
@@ -838,16 +981,27 @@ def take_census(s: Stack, name: str, run: Run, drain_s: float | None) -> Census:
 
     if run.fault_window is not None:
         began, ended = run.fault_window
-        met = [j for j in jobs if j["created_at"] < ended and (j["finished_at"] is None or j["finished_at"] > began)]
+        met = [
+            j
+            for j in jobs
+            if j["created_at"] < ended and (j["finished_at"] is None or j["finished_at"] > began)
+        ]
         c.notes.append(f"jobs unfinished at some point of the fault window: {len(met)} of {len(jobs)}")
     reruns = sum(1 for j in jobs if (j["attempts"] or 0) > 1)
-    c.notes.append(f"jobs that ran more than once: {reruns} (max attempts {max((j['attempts'] or 0) for j in jobs)})"
-                   if jobs else "no jobs")
+    c.notes.append(
+        f"jobs that ran more than once: {reruns} (max attempts {max((j['attempts'] or 0) for j in jobs)})"
+        if jobs
+        else "no jobs"
+    )
     if extra_puts:
-        c.notes.append(f"PUTs beyond one per job (re-runs): {extra_puts}; jobs whose PUTs differ in bytes across "
-                       f"attempt keys: {differing}")
+        c.notes.append(
+            f"PUTs beyond one per job (re-runs): {extra_puts}; jobs whose PUTs differ in bytes across "
+            f"attempt keys: {differing}"
+        )
     if leftovers:
-        c.notes.append(f"live objects of succeeded jobs that no artifact row names (not cleaned up): {leftovers}")
+        c.notes.append(
+            f"live objects of succeeded jobs that no artifact row names (not cleaned up): {leftovers}"
+        )
     if orphans:
         c.notes.append(f"jobs that did not succeed but left live objects in the bucket: {orphans}")
     if "requeues" in (jobs[0] if jobs else {}):
@@ -856,18 +1010,26 @@ def take_census(s: Stack, name: str, run: Run, drain_s: float | None) -> Census:
             c.notes.append(f"jobs requeued after an infrastructure fault (requeues > 0): {requeued}")
 
     if c.lost:
-        states = Counter(f"{j['status']}{' published' if j['published_at'] else ' unpublished'}" for j in lost)
-        c.reasons.append(f"{c.lost} job(s) lost (not terminal {run.drain_timeout:g} s after the fault/last submit): "
-                         + ", ".join(f"{k} {v}" for k, v in states.most_common()))
+        states = Counter(
+            f"{j['status']}{' published' if j['published_at'] else ' unpublished'}" for j in lost
+        )
+        c.reasons.append(
+            f"{c.lost} job(s) lost (not terminal {run.drain_timeout:g} s after the fault/last submit): "
+            + ", ".join(f"{k} {v}" for k, v in states.most_common())
+        )
     if duplicated:
         c.reasons.append(f"{len(duplicated)} duplicated: " + "; ".join(duplicated[:5]))
     if missing:
-        c.reasons.append(f"{len(missing)} succeeded job(s) without a readable artifact: " + "; ".join(missing[:5]))
+        c.reasons.append(
+            f"{len(missing)} succeeded job(s) without a readable artifact: " + "; ".join(missing[:5])
+        )
     if infra:
         c.reasons.append(f"{len(infra)} job(s) failed by an infrastructure fault: " + _examples(infra))
     if other_failed:
         c.reasons.append(f"{len(other_failed)} job(s) failed unexpectedly: " + _examples(other_failed))
-    cancelled_unasked = [j for j in jobs if j["status"] == "cancelled" and j["id"] not in run.cancel_requested]
+    cancelled_unasked = [
+        j for j in jobs if j["status"] == "cancelled" and j["id"] not in run.cancel_requested
+    ]
     if cancelled_unasked:
         c.reasons.append(f"{len(cancelled_unasked)} job(s) cancelled that nobody cancelled")
     if run.checks is not None:
@@ -916,57 +1078,102 @@ def run_scenario(name: str, options: Options, root: Path, model_env: Mapping[str
         log(f"scenario {name}: services and 2 workers ready in {time.monotonic() - started:.1f} s")
         run = body(s, options, rng)
         drain_s = drain(s, run)
-        log(f"scenario {name}: " + (f"drained in {drain_s:.1f} s" if drain_s is not None else
-                                    f"NOT drained after {run.drain_timeout:g} s ({s.not_terminal()} left)"))
+        log(
+            f"scenario {name}: "
+            + (
+                f"drained in {drain_s:.1f} s"
+                if drain_s is not None
+                else f"NOT drained after {run.drain_timeout:g} s ({s.not_terminal()} left)"
+            )
+        )
         s.stop_processes()
         census = take_census(s, name, run, drain_s)
         census.notes.extend(s.straggler_notes or [])
         for proxy in (s.db_proxy, s.s3_proxy):
             st = proxy.stats()
-            census.notes.append(f"{proxy.name} proxy: {st.accepted} connections accepted, {st.forwarded} forwarded, "
-                                f"{st.cut} cut, {st.bytes_up + st.bytes_down} bytes")
+            census.notes.append(
+                f"{proxy.name} proxy: {st.accepted} connections accepted, {st.forwarded} forwarded, "
+                f"{st.cut} cut, {st.bytes_up + st.bytes_down} bytes"
+            )
         for exit_note in s.supervisor.exits():
-            (census.notes if "killed by the bench" in exit_note else census.warnings).append(f"process exit: {exit_note}")
+            (census.notes if "killed by the bench" in exit_note else census.warnings).append(
+                f"process exit: {exit_note}"
+            )
         if s.submit_errors:
-            census.notes.append(f"producer publish errors: {len(s.submit_errors)} (first: {s.submit_errors[0]})")
+            census.notes.append(
+                f"producer publish errors: {len(s.submit_errors)} (first: {s.submit_errors[0]})"
+            )
         census.notes.extend(f"log: {line}" for line in worker_log_findings(s))
     census.notes.append(f"scenario wall time {time.monotonic() - started:.0f} s")
     return census
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
-                        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
-    parser.add_argument("--quick", action="store_true", help="fewer jobs per scenario (the faults are the same)")
-    parser.add_argument("--defaults", action="store_true",
-                        help="production DG_* defaults (lease 60 s, heartbeat 10 s, sweep every 30 s) instead of short ones")
-    parser.add_argument("--drain-timeout", type=float, default=None,
-                        help="seconds to wait for every job to finish after the fault (default 120, 180 with "
-                             "--defaults; the Redis scenario waits at most 90)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=sorted(SCENARIOS),
+        metavar="NAME",
+        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer jobs per scenario (the faults are the same)"
+    )
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="production DG_* defaults (lease 60 s, heartbeat 10 s, sweep every 30 s) instead of short ones",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for every job to finish after the fault (default 120, 180 with "
+        "--defaults; the Redis scenario waits at most 90)",
+    )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) even when every target is met")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs) even when every target is met"
+    )
     args = parser.parse_args(argv)
     names = args.scenario or list(SCENARIOS)
-    options = Options(quick=args.quick, defaults=args.defaults, seed=args.seed,
-                      drain_timeout=args.drain_timeout or (180.0 if args.defaults else 120.0))
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+    options = Options(
+        quick=args.quick,
+        defaults=args.defaults,
+        seed=args.seed,
+        drain_timeout=args.drain_timeout or (180.0 if args.defaults else 120.0),
+    )
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     root = Path(tempfile.mkdtemp(prefix="dg-chaos-"))
     began = time.monotonic()
     from worker.deepgen.tiny import tiny_env, write_tiny_model
 
     model_env = tiny_env(write_tiny_model(root / "tiny"))
-    print(f"settings: {'production defaults' if args.defaults else SHORT_SETTINGS}; jobs {PARAMS}; "
-          f"scenarios: {', '.join(names)}{' (quick)' if args.quick else ''}", flush=True)
+    print(
+        f"settings: {'production defaults' if args.defaults else SHORT_SETTINGS}; jobs {PARAMS}; "
+        f"scenarios: {', '.join(names)}{' (quick)' if args.quick else ''}",
+        flush=True,
+    )
     print(HEADER, flush=True)
     results: list[Census] = []
     for name in names:
         try:
             census = run_scenario(name, options, root, model_env)
         except Exception as exc:  # a bench failure: reported as a miss, the other scenarios still run
-            census = Census(scenario=name, drain_timeout=options.drain_timeout,
-                            reasons=[f"BENCH ERROR: {type(exc).__name__}: {exc}"])
+            census = Census(
+                scenario=name,
+                drain_timeout=options.drain_timeout,
+                reasons=[f"BENCH ERROR: {type(exc).__name__}: {exc}"],
+            )
             log(f"scenario {name} crashed: {type(exc).__name__}: {exc}")
         results.append(census)
         print(census.row(), flush=True)
@@ -982,14 +1189,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- row error ({count}x): {text}")
         for note in census.notes:
             print(f"- {note}")
-        print(json.dumps({"bench": "chaos", "scenario": census.scenario, "submitted": census.submitted,
-                          "succeeded": census.succeeded, "failed": census.failed,
-                          "failed_infra": census.failed_infra, "cancelled": census.cancelled, "lost": census.lost,
-                          "duplicated": census.duplicated, "drain_s": census.drain_s, "met": census.met,
-                          "warnings": len(census.warnings)}))
+        print(
+            json.dumps(
+                {
+                    "bench": "chaos",
+                    "scenario": census.scenario,
+                    "submitted": census.submitted,
+                    "succeeded": census.succeeded,
+                    "failed": census.failed,
+                    "failed_infra": census.failed_infra,
+                    "cancelled": census.cancelled,
+                    "lost": census.lost,
+                    "duplicated": census.duplicated,
+                    "drain_s": census.drain_s,
+                    "met": census.met,
+                    "warnings": len(census.warnings),
+                }
+            )
+        )
         print()
     missed = [c.scenario for c in results if not c.met]
-    print(f"wall time {wall:.0f} s; " + (f"targets MISSED in: {', '.join(missed)}" if missed else "every target met"))
+    print(
+        f"wall time {wall:.0f} s; "
+        + (f"targets MISSED in: {', '.join(missed)}" if missed else "every target met")
+    )
     if missed or args.keep:
         print(f"logs kept in {root}")
     else:

@@ -34,14 +34,34 @@ from diffusers import SD3Transformer2DModel
 TRANSFORMER_PY = Path(__file__).resolve().parent.parent / "worker" / "deepgen" / "transformer.py"
 
 SD35_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
 )
 TINY = dict(
-    sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-    num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-    pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm",
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=32,
+    pos_embed_max_size=96,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,10 +97,14 @@ def time_call(call: Callable[[], Any], device: torch.device, warmup: int, repeat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--full-size", action="store_true", help="SD3.5-Medium geometry (default: tiny)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, else float32")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, else float32"
+    )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (multiple of 16)")
     parser.add_argument("--context-tokens", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=3)
@@ -123,17 +147,27 @@ def main(argv: list[str] | None = None) -> int:
         ("stock SD3 t2i", latent * latent // 4, lambda: stock(hidden_states=hidden, **common)),
         ("ours t2i", latent * latent // 4, lambda: ours(hidden_states=hidden, **common)),
         ("stock SD3, edit token count", latent * latent // 2, lambda: stock(hidden_states=wide, **common)),
-        ("ours edit, 1 reference", latent * latent // 2,
-         lambda: ours(hidden_states=hidden, reference_latents=[[reference]] * batch, **common)),
-        ("ours edit, padded batch (masked)", latent * latent // 2,
-         lambda: ours(hidden_states=hidden, reference_latents=[[reference], [small_reference]], **common)),
+        (
+            "ours edit, 1 reference",
+            latent * latent // 2,
+            lambda: ours(hidden_states=hidden, reference_latents=[[reference]] * batch, **common),
+        ),
+        (
+            "ours edit, padded batch (masked)",
+            latent * latent // 2,
+            lambda: ours(hidden_states=hidden, reference_latents=[[reference], [small_reference]], **common),
+        ),
     ]
 
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
-          f", torch {torch.__version__}, diffusers {sys.modules['diffusers'].__version__}, dtype {dtype}")
-    print(f"geometry: {'SD3.5-Medium' if args.full_size else 'tiny'} ({parameters / 1e9:.3f} B parameters), "
-          f"{args.size}x{args.size}, batch {batch}, {args.context_tokens} context tokens, "
-          f"{args.warmup} warm-up + {args.repeats} timed calls per case\n")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
+        f", torch {torch.__version__}, diffusers {sys.modules['diffusers'].__version__}, dtype {dtype}"
+    )
+    print(
+        f"geometry: {'SD3.5-Medium' if args.full_size else 'tiny'} ({parameters / 1e9:.3f} B parameters), "
+        f"{args.size}x{args.size}, batch {batch}, {args.context_tokens} context tokens, "
+        f"{args.warmup} warm-up + {args.repeats} timed calls per case\n"
+    )
 
     with torch.inference_mode():
         stock_out = stock(hidden_states=hidden, **common)[0]

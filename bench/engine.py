@@ -51,22 +51,38 @@ NUM_QUERIES = DEFAULT_NUM_QUERIES
 
 
 def machine_description(device: torch.device) -> str:
-    parts = [f"{platform.platform()}", f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"{os.cpu_count()} CPUs", f"threads {torch.get_num_threads()}"]
+    parts = [
+        f"{platform.platform()}",
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"{os.cpu_count()} CPUs",
+        f"threads {torch.get_num_threads()}",
+    ]
     if device.type == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name(device)}")
     return ", ".join(parts)
 
 
 def run_request(engine: DeepGenEngine, size: int, steps: int, seed: int = 0) -> dict[str, Any]:
-    request = GenerationRequest(kind="t2i", prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
-                               guidance_scale=4.0, seed=seed)
+    request = GenerationRequest(
+        kind="t2i",
+        prompt=PROMPT,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        seed=seed,
+    )
     started = time.perf_counter()
     result = engine.generate(request)
     wall = time.perf_counter() - started
-    return {"size": size, "steps": steps, "seconds_per_image": wall,
-            "peak_memory_mib": result.peak_memory_bytes / 2**20,
-            **{f"{stage}_s": value for stage, value in result.timings.items()}}
+    return {
+        "size": size,
+        "steps": steps,
+        "seconds_per_image": wall,
+        "peak_memory_mib": result.peak_memory_bytes / 2**20,
+        **{f"{stage}_s": value for stage, value in result.timings.items()},
+    }
 
 
 def measure(engine: DeepGenEngine, size: int, steps: int, repeats: int) -> dict[str, Any]:
@@ -83,10 +99,14 @@ def tiny_rows(steps: int, repeats: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as folder:
         paths = tiny.write_tiny_model(Path(folder))
         engine = DeepGenEngine.from_env(tiny.tiny_env(paths))
-        return [dict(model="tiny", offload=False, **measure(engine, size, steps, repeats)) for size in (64, 512)]
+        return [
+            dict(model="tiny", offload=False, **measure(engine, size, steps, repeats)) for size in (64, 512)
+        ]
 
 
-def build_full_size_loaded(device: torch.device, dtype: torch.dtype, offload: bool, geometry: dict[str, Any]) -> Any:
+def build_full_size_loaded(
+    device: torch.device, dtype: torch.dtype, offload: bool, geometry: dict[str, Any]
+) -> Any:
     """A LoadedDeepGen with the real geometry and random weights, created directly on `device`."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -100,12 +120,17 @@ def build_full_size_loaded(device: torch.device, dtype: torch.dtype, offload: bo
     from worker.deepgen.transformer import DeepGenSD3Transformer
 
     tokenizer = build_tokenizer()  # local BPE with Qwen's special tokens (ids read, never hard-coded)
-    special = {name: tokenizer.convert_tokens_to_ids(name) for name in
-               ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    special = {
+        name: tokenizer.convert_tokens_to_ids(name)
+        for name in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    }
     lmm_config = Qwen2_5_VLConfig(
-        text_config=geometry["text"], vision_config=geometry["vision"],
-        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
-        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        text_config=geometry["text"],
+        vision_config=geometry["vision"],
+        image_token_id=special["<|image_pad|>"],
+        video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"],
+        vision_end_token_id=special["<|vision_end|>"],
         tie_word_embeddings=True,
     )
     lmm_config._attn_implementation = "sdpa"
@@ -116,39 +141,88 @@ def build_full_size_loaded(device: torch.device, dtype: torch.dtype, offload: bo
         lmm = Qwen2_5_VLForConditionalGeneration(lmm_config).to(dtype)
         transformer = DeepGenSD3Transformer.from_config(geometry["dit"]).to(dtype)
         vae = AutoencoderKL.from_config(geometry["vae"]).to(dtype)
-        model = DeepGenModel(lmm=lmm, transformer=transformer,
-                             connector=ConnectorConfig(**geometry["connector"]),
-                             num_queries=geometry["num_queries"]).to(dtype)
+        model = DeepGenModel(
+            lmm=lmm,
+            transformer=transformer,
+            connector=ConnectorConfig(**geometry["connector"]),
+            num_queries=geometry["num_queries"],
+        ).to(dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     config = load_config("deepgen")
-    env = DeepGenEnv(config=config, config_name="deepgen", diffusion_model_path=Path("/random-weights"),
-                     ar_model_path=Path("/random-weights"), device=str(device), dtype=str(dtype).removeprefix("torch."),
-                     offload=offload, attention="sdpa")
-    return LoadedDeepGen(model=model.eval(), vae=vae.eval(), scheduler=scheduler, tokenizer=tokenizer, env=env,
-                         report=None, device=device, dtype=dtype,
-                         provenance={"weights": "random (benchmark)", "geometry": geometry["name"]})
+    env = DeepGenEnv(
+        config=config,
+        config_name="deepgen",
+        diffusion_model_path=Path("/random-weights"),
+        ar_model_path=Path("/random-weights"),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        offload=offload,
+        attention="sdpa",
+    )
+    return LoadedDeepGen(
+        model=model.eval(),
+        vae=vae.eval(),
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        env=env,
+        report=None,
+        device=device,
+        dtype=dtype,
+        provenance={"weights": "random (benchmark)", "geometry": geometry["name"]},
+    )
 
 
-FULL_GEOMETRY = dict(name="DeepGen 1.0 (Qwen2.5-VL-3B + SD3.5-M)", text=QWEN25_VL_3B_TEXT, vision=QWEN25_VL_3B_VISION,
-                     dit=SD35_MEDIUM_TRANSFORMER, vae=SD35_MEDIUM_VAE, connector=CONNECTOR, num_queries=NUM_QUERIES)
+FULL_GEOMETRY = dict(
+    name="DeepGen 1.0 (Qwen2.5-VL-3B + SD3.5-M)",
+    text=QWEN25_VL_3B_TEXT,
+    vision=QWEN25_VL_3B_VISION,
+    dit=SD35_MEDIUM_TRANSFORMER,
+    vae=SD35_MEDIUM_VAE,
+    connector=CONNECTOR,
+    num_queries=NUM_QUERIES,
+)
 # Same code path at toy sizes, to check the full-size mode on a CPU before spending GPU time.
 SMOKE_GEOMETRY = dict(
     name="smoke (toy sizes)",
-    text={**QWEN25_VL_3B_TEXT, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 8,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-          "rope_parameters": dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])},
-    vision={**QWEN25_VL_3B_VISION, "depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2,
-            "fullatt_block_indexes": [0], "out_hidden_size": 64},
-    dit={**SD35_MEDIUM_TRANSFORMER, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
-         "joint_attention_dim": 32, "caption_projection_dim": 16, "pooled_projection_dim": 32,
-         "pos_embed_max_size": 64, "dual_attention_layers": (0,)},
+    text={
+        **QWEN25_VL_3B_TEXT,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "rope_parameters": dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
+    },
+    vision={
+        **QWEN25_VL_3B_VISION,
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "fullatt_block_indexes": [0],
+        "out_hidden_size": 64,
+    },
+    dit={
+        **SD35_MEDIUM_TRANSFORMER,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "caption_projection_dim": 16,
+        "pooled_projection_dim": 32,
+        "pos_embed_max_size": 64,
+        "dual_attention_layers": (0,),
+    },
     vae={**SD35_MEDIUM_VAE, "block_out_channels": (8, 8, 8, 8), "norm_num_groups": 4, "layers_per_block": 1},
     connector=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
     num_queries=8,
 )
 
 
-def full_size_rows(device: torch.device, size: int, steps: int, repeats: int, smoke: bool) -> list[dict[str, Any]]:
+def full_size_rows(
+    device: torch.device, size: int, steps: int, repeats: int, smoke: bool
+) -> list[dict[str, Any]]:
     geometry = SMOKE_GEOMETRY if smoke else FULL_GEOMETRY
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
@@ -164,10 +238,20 @@ def full_size_rows(device: torch.device, size: int, steps: int, repeats: int, sm
             before = dict(cuda_graphs.graph_counts)
             row = measure(engine, size, steps, repeats)
             # Proof that the graph path ran (a silent eager fallback would show fell_back > 0).
-            graph_stats = {f"graphs_{key}": cuda_graphs.graph_counts[key] - before.get(key, 0)
-                           for key in ("captured", "replayed", "fell_back")}
-            rows.append(dict(model=geometry["name"], dtype=str(dtype), offload=offload, cuda_graphs=graphs,
-                             **row, **graph_stats))
+            graph_stats = {
+                f"graphs_{key}": cuda_graphs.graph_counts[key] - before.get(key, 0)
+                for key in ("captured", "replayed", "fell_back")
+            }
+            rows.append(
+                dict(
+                    model=geometry["name"],
+                    dtype=str(dtype),
+                    offload=offload,
+                    cuda_graphs=graphs,
+                    **row,
+                    **graph_stats,
+                )
+            )
             print(json.dumps(rows[-1]), f"[{time.perf_counter() - started:.1f} s]", flush=True)
             del engine
     del loaded
@@ -176,23 +260,45 @@ def full_size_rows(device: torch.device, size: int, steps: int, repeats: int, sm
 
 
 def write_markdown(path: Path, command: str, machine: str, rows: list[dict[str, Any]]) -> None:
-    columns = ["model", "offload", "cuda_graphs", "size", "steps", "seconds_per_image", "encode_s",
-               "denoise_per_step_s", "decode_s", "peak_memory_mib", "graphs_fell_back"]
-    lines = ["# DeepGen engine benchmark\n", f"Command: `{command}`\n", f"Machine: {machine}\n",
-             "Seconds are the best of the repeats after one warm-up call; peak memory is CUDA "
-             "`max_memory_allocated` on a GPU, else the call's peak RSS growth.\n",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    columns = [
+        "model",
+        "offload",
+        "cuda_graphs",
+        "size",
+        "steps",
+        "seconds_per_image",
+        "encode_s",
+        "denoise_per_step_s",
+        "decode_s",
+        "peak_memory_mib",
+        "graphs_fell_back",
+    ]
+    lines = [
+        "# DeepGen engine benchmark\n",
+        f"Command: `{command}`\n",
+        f"Machine: {machine}\n",
+        "Seconds are the best of the repeats after one warm-up call; peak memory is CUDA "
+        "`max_memory_allocated` on a GPU, else the call's peak RSS growth.\n",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for row in rows:
-        cells = [f"{row.get(column, ''):.4f}" if isinstance(row.get(column), float) else str(row.get(column, ""))
-                 for column in columns]
+        cells = [
+            f"{row.get(column, ''):.4f}" if isinstance(row.get(column), float) else str(row.get(column, ""))
+            for column in columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\nRaw rows:\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")
     path.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full-size-random", action="store_true", help="real geometry, random weights, on device")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--full-size-random", action="store_true", help="real geometry, random weights, on device"
+    )
     parser.add_argument("--smoke", action="store_true", help="with --full-size-random: toy sizes (CPU check)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--steps", type=int, default=None, help="default 4 (tiny) / 50 (full size)")
@@ -205,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.full_size_random:
         rows = full_size_rows(device, args.size, args.steps or 50, args.repeats or 1, args.smoke)
-        output = args.output or RESULTS / ("engine_full_size_smoke.md" if args.smoke else "engine_full_size.md")
+        output = args.output or RESULTS / (
+            "engine_full_size_smoke.md" if args.smoke else "engine_full_size.md"
+        )
     else:
         rows = tiny_rows(args.steps or 4, args.repeats or 3)
         output = args.output or RESULTS / "engine.md"

@@ -40,16 +40,32 @@ def striped(width: int, height: int, colours: tuple[tuple[int, int, int], ...]) 
 
 
 REQUESTS = {
-    "t2i": GenerationRequest(kind="t2i", prompt="a red fox in snow", width=256, height=192,
-                             num_inference_steps=8, guidance_scale=4.0, seed=7),
+    "t2i": GenerationRequest(
+        kind="t2i",
+        prompt="a red fox in snow",
+        width=256,
+        height=192,
+        num_inference_steps=8,
+        guidance_scale=4.0,
+        seed=7,
+    ),
     "edit (2 images)": GenerationRequest(
-        kind="edit", prompt="make the sky purple",
-        images=(striped(200, 144, ((220, 20, 20), (20, 20, 220))),
-                striped(120, 256, ((20, 200, 20), (250, 250, 250), (20, 200, 20)))),
-        num_inference_steps=8, guidance_scale=4.0, seed=11),
+        kind="edit",
+        prompt="make the sky purple",
+        images=(
+            striped(200, 144, ((220, 20, 20), (20, 20, 220))),
+            striped(120, 256, ((20, 200, 20), (250, 250, 250), (20, 200, 20))),
+        ),
+        num_inference_steps=8,
+        guidance_scale=4.0,
+        seed=11,
+    ),
 }
-VARIANTS = {"graphs off": {}, "graphs on": {"CUDA_GRAPHS": "1"},
-            "graphs on + offload": {"CUDA_GRAPHS": "1", "OFFLOAD": "1"}}
+VARIANTS = {
+    "graphs off": {},
+    "graphs on": {"CUDA_GRAPHS": "1"},
+    "graphs on + offload": {"CUDA_GRAPHS": "1", "OFFLOAD": "1"},
+}
 
 
 def png(image: Image.Image) -> bytes:
@@ -77,15 +93,23 @@ def main() -> int:
                 before = dict(cuda_graphs.graph_counts)
                 result = engine.generate(request)
                 images[variant][name] = result.image
-                counts = {key: cuda_graphs.graph_counts[key] - before.get(key, 0)
-                          for key in ("captured", "replayed", "fell_back")}
-                expected = ({"captured": 1, "replayed": request.num_inference_steps, "fell_back": 0}
-                            if "CUDA_GRAPHS" in overrides else {"captured": 0, "replayed": 0, "fell_back": 0})
+                counts = {
+                    key: cuda_graphs.graph_counts[key] - before.get(key, 0)
+                    for key in ("captured", "replayed", "fell_back")
+                }
+                expected = (
+                    {"captured": 1, "replayed": request.num_inference_steps, "fell_back": 0}
+                    if "CUDA_GRAPHS" in overrides
+                    else {"captured": 0, "replayed": 0, "fell_back": 0}
+                )
                 digest = hashlib.sha256(png(result.image)).hexdigest()[:16]
                 status = "ok" if counts == expected else f"FAIL: graph counts {counts}, expected {expected}"
                 failures += counts != expected
-                print(f"  {variant:20s} {name:16s} {result.width}x{result.height} png {digest} "
-                      f"denoise/step {result.timings['denoise_per_step'] * 1000:.2f} ms  {status}", flush=True)
+                print(
+                    f"  {variant:20s} {name:16s} {result.width}x{result.height} png {digest} "
+                    f"denoise/step {result.timings['denoise_per_step'] * 1000:.2f} ms  {status}",
+                    flush=True,
+                )
             del engine
             torch.cuda.empty_cache()
     for variant in VARIANTS:
@@ -98,8 +122,11 @@ def main() -> int:
                 continue
             failures += 1
             difference = np.abs(np.asarray(reference, dtype=np.int16) - np.asarray(candidate, dtype=np.int16))
-            print(f"MISMATCH: {variant} vs graphs off, {name}: max abs pixel difference {int(difference.max())}, "
-                  f"{int((difference > 0).any(axis=-1).sum())} pixels differ", flush=True)
+            print(
+                f"MISMATCH: {variant} vs graphs off, {name}: max abs pixel difference {int(difference.max())}, "
+                f"{int((difference > 0).any(axis=-1).sum())} pixels differ",
+                flush=True,
+            )
     print("gpu_check: " + ("PASSED" if failures == 0 else f"FAILED ({failures} problems)"), flush=True)
     return 0 if failures == 0 else 1
 

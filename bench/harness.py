@@ -61,16 +61,23 @@ def s3_bucket() -> Iterator[tuple[str, str]]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(key, value)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     bucket = "bench"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                 config=Config(s3={"addressing_style": "path"}, signature_version="s3v4")).create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    ).create_bucket(Bucket=bucket)
     try:
         yield endpoint, bucket
     finally:
@@ -83,10 +90,24 @@ def tiny_model(directory: Path) -> dict[str, str]:
     return tiny_env(write_tiny_model(directory))
 
 
-def worker_env(database_url: str, broker_url: str, endpoint: str, bucket: str, model_env: Mapping[str, str],
-               home: Path, **extra: str) -> dict[str, str]:
-    return worker_environ(database_url=database_url, broker_url=broker_url, storage_url=f"s3://{bucket}/bench",
-                          home=home, s3_endpoint_url=endpoint, model_env=model_env, **extra)
+def worker_env(
+    database_url: str,
+    broker_url: str,
+    endpoint: str,
+    bucket: str,
+    model_env: Mapping[str, str],
+    home: Path,
+    **extra: str,
+) -> dict[str, str]:
+    return worker_environ(
+        database_url=database_url,
+        broker_url=broker_url,
+        storage_url=f"s3://{bucket}/bench",
+        home=home,
+        s3_endpoint_url=endpoint,
+        model_env=model_env,
+        **extra,
+    )
 
 
 def start_worker(env: Mapping[str, str], model: str, log_path: Path) -> WorkerProcess:
@@ -124,23 +145,50 @@ class Report:
     met: bool
 
     def emit(self) -> None:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.figures.items())
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.figures.items()
+        )
         print(f"| {self.name} | N={self.n} | {shown} | {self.target} | {'met' if self.met else 'MISSED'} |")
-        print(json.dumps({"bench": self.name, "n": self.n, **self.figures, "target": self.target, "met": self.met,
-                          "machine": machine()}))
+        print(
+            json.dumps(
+                {
+                    "bench": self.name,
+                    "n": self.n,
+                    **self.figures,
+                    "target": self.target,
+                    "met": self.met,
+                    "machine": machine(),
+                }
+            )
+        )
 
 
 def machine() -> dict[str, str]:
     import sqlalchemy
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal"))
-    return {"nproc": str(os.cpu_count()), "ram_gib": f"{int(mem) / 2**20:.1f}", "cpu": cpu,
-            "python": platform.python_version(), "torch": torch.__version__, "sqlalchemy": sqlalchemy.__version__,
-            "load1": f"{os.getloadavg()[0]:.2f}"}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        line.split()[1]
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    return {
+        "nproc": str(os.cpu_count()),
+        "ram_gib": f"{int(mem) / 2**20:.1f}",
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sqlalchemy": sqlalchemy.__version__,
+        "load1": f"{os.getloadavg()[0]:.2f}",
+    }
 
 
 @dataclass
@@ -155,8 +203,10 @@ class Stack:
     def submit(self, params: Mapping[str, Any], count: int = 1, prompt: str = "a red fox") -> list[str]:
         from worker.submission import submit_jobs
 
-        specs = [{"kind": "t2i", "prompt": f"{prompt} {i}", "model_name": self.model, "params": dict(params)}
-                 for i in range(count)]
+        specs = [
+            {"kind": "t2i", "prompt": f"{prompt} {i}", "model_name": self.model, "params": dict(params)}
+            for i in range(count)
+        ]
         return [s.job.id for s in submit_jobs(self.store, self.publisher, specs)]
 
     def wait_done(self, job_ids: Sequence[str], timeout: float = 600, interval: float = 0.005) -> list[Any]:
@@ -190,12 +240,16 @@ def stack(workdir: Path, workers: int = 1, **worker_extra: str) -> Iterator[Stac
             from worker.registry import WorkerRegistry
 
             registry = WorkerRegistry(session_factory(engine))
-            wait_until(lambda: len(registry.list(model_name=model)) == workers, 120, "workers to register", 0.1)
+            wait_until(
+                lambda: len(registry.list(model_name=model)) == workers, 120, "workers to register", 0.1
+            )
             deadline = time.monotonic() + 300
             while not all(w.jobs_done > 0 for w in registry.list(model_name=model)):
                 if time.monotonic() > deadline:
                     raise TimeoutError("a worker never took a warm-up job")
-                warm = result.submit({"num_inference_steps": 1, "height": 64, "width": 64}, workers, "warm-up")
+                warm = result.submit(
+                    {"num_inference_steps": 1, "height": 64, "width": 64}, workers, "warm-up"
+                )
                 result.wait_done(warm, 300)
                 time.sleep(0.2)  # the registry row is written just after the job ends
             yield result
@@ -219,5 +273,6 @@ def direct_engine(model_env: Mapping[str, str]) -> Any:
 def direct_request(params: Mapping[str, Any], seed: int = 1) -> Any:
     from worker.deepgen.types import GenerationRequest
 
-    return GenerationRequest(kind="t2i", prompt="a red fox 0", negative_prompt="", guidance_scale=4.0, seed=seed,
-                             **dict(params))
+    return GenerationRequest(
+        kind="t2i", prompt="a red fox 0", negative_prompt="", guidance_scale=4.0, seed=seed, **dict(params)
+    )

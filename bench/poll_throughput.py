@@ -1,6 +1,6 @@
 """(d) Status polling: `JobStore.get` (row + artifacts, as `diffgentor status` reads it).
 
-    .venv/bin/python -m bench.poll_throughput --n 5000 --jobs 1000
+.venv/bin/python -m bench.poll_throughput --n 5000 --jobs 1000
 """
 
 from __future__ import annotations
@@ -34,12 +34,19 @@ def main(argv: list[str] | None = None) -> int:
         # What a client waiting on many jobs should do: one query for a page of ids.
         started = time.perf_counter()
         for offset in range(0, args.n, 50):
-            store.get_many(picks[offset:offset + 50])
+            store.get_many(picks[offset : offset + 50])
         batched = args.n / (time.perf_counter() - started)
         engine.dispose()
-    Report("d status poll", args.n, {"polls_per_s": rate, "jobs_in_table": args.jobs}, ">= 2000 polls/s",
-           rate >= 2000).emit()
-    Report("d status poll, get_many x50", args.n, {"jobs_per_s": batched}, ">= 2000 polls/s", batched >= 2000).emit()
+    Report(
+        "d status poll",
+        args.n,
+        {"polls_per_s": rate, "jobs_in_table": args.jobs},
+        ">= 2000 polls/s",
+        rate >= 2000,
+    ).emit()
+    Report(
+        "d status poll, get_many x50", args.n, {"jobs_per_s": batched}, ">= 2000 polls/s", batched >= 2000
+    ).emit()
     return 0
 
 

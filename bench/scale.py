@@ -163,8 +163,9 @@ class Capture:
         self.sent: list[tuple[str, Any]] = []
         sa.event.listen(engine, "before_cursor_execute", self._record)
 
-    def _record(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any,
-                executemany: bool) -> None:
+    def _record(
+        self, _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
+    ) -> None:
         if self.recording:
             self.sent.append((statement, parameters[0] if executemany and parameters else parameters))
 
@@ -185,8 +186,14 @@ def fill(engine: sa.Engine, rows: int, spec: Any) -> dict[str, float]:
     """The realistic mix, `rows` jobs, every row's spec `spec` with its own prompt; returns the
     seconds each step took. One `now` for every row (the statements take it as :now)."""
     spent: dict[str, float] = {}
-    params = {"n": rows, "queued": round(rows * 0.05), "running": RUNNING, "recent": RECENT_SECONDS,
-              "model": spec.model_name, "spec": json.dumps(spec.model_dump(mode="json"))}
+    params = {
+        "n": rows,
+        "queued": round(rows * 0.05),
+        "running": RUNNING,
+        "recent": RECENT_SECONDS,
+        "model": spec.model_name,
+        "spec": json.dumps(spec.model_dump(mode="json")),
+    }
     with engine.begin() as conn:
         conn.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
         conn.execute(sa.text("SET LOCAL maintenance_work_mem TO '256MB'"))
@@ -231,8 +238,12 @@ def table_facts(engine: sa.Engine) -> dict[str, Any]:
         counts = dict(conn.execute(sa.text("SELECT status, count(*) FROM jobs GROUP BY status")).all())
         size = conn.execute(sa.text("SELECT pg_size_pretty(pg_total_relation_size('jobs'))")).scalar_one()
         artifacts = conn.execute(sa.text("SELECT count(*) FROM artifacts")).scalar_one()
-    return {"jobs": sum(counts.values()), **{f"status_{k}": v for k, v in sorted(counts.items())},
-            "artifacts": artifacts, "jobs_total_size": size}
+    return {
+        "jobs": sum(counts.values()),
+        **{f"status_{k}": v for k, v in sorted(counts.items())},
+        "artifacts": artifacts,
+        "jobs_total_size": size,
+    }
 
 
 def sweep_scan(store: Any) -> tuple[str, Callable[[], Any]]:
@@ -246,13 +257,19 @@ def sweep_scan(store: Any) -> tuple[str, Callable[[], Any]]:
     if not names:
         raise SystemExit(f"JobStore has none of {[*called, *SWEEP_SCANS]}: update bench/scale.py")
     if called and called[0] != names[0]:
-        print(f"# NOTE: worker/sweeper.py calls JobStore.{called[0]}, which JobStore lacks; timing {names[0]}")
+        print(
+            f"# NOTE: worker/sweeper.py calls JobStore.{called[0]}, which JobStore lacks; timing {names[0]}"
+        )
     method = getattr(store, names[0])
     parameters = inspect.signature(method).parameters
     kwargs = {name: value for name, value in SWEEP_KWARGS.items() if name in parameters}
-    required = [name for name, p in parameters.items()
-                if p.default is inspect.Parameter.empty and name not in kwargs
-                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    required = [
+        name
+        for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty
+        and name not in kwargs
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
     if required:
         raise SystemExit(f"JobStore.{names[0]} now requires {required}: update bench/scale.py")
     return f"{names[0]}({', '.join(f'{k}={v}' for k, v in kwargs.items())})", lambda: method(**kwargs)
@@ -261,17 +278,22 @@ def sweep_scan(store: Any) -> tuple[str, Callable[[], Any]]:
 def statements(engine: sa.Engine, store: Any, spec: Any) -> list[Statement]:
     with engine.connect() as conn:
         ids = list(conn.execute(sa.text("SELECT id FROM jobs ORDER BY random() LIMIT 5000")).scalars())
-        queued = list(conn.execute(sa.text(
-            "SELECT id FROM jobs WHERE status = 'queued' AND published_at IS NOT NULL ORDER BY random() LIMIT 1000"
-        )).scalars())
+        queued = list(
+            conn.execute(
+                sa.text(
+                    "SELECT id FROM jobs WHERE status = 'queued' AND published_at IS NOT NULL ORDER BY random() LIMIT 1000"
+                )
+            ).scalars()
+        )
     rng = random.Random(7)
     sweep_name, sweep = sweep_scan(store)
     pid = os.getpid()
     from schemas.views import ArtifactView
     from worker.claims import ClaimedJob
 
-    artifact = ArtifactView(index=0, uri="s3://bench/deepgen/jobs/x/0.png", width=512, height=512, bytes=390000,
-                            sha256="0" * 64)
+    artifact = ArtifactView(
+        index=0, uri="s3://bench/deepgen/jobs/x/0.png", width=512, height=512, bytes=390000, sha256="0" * 64
+    )
 
     def claim(i: int) -> tuple[str, str]:
         job_id, worker = rng.choice(queued), f"bench:{pid}:{i}"
@@ -281,8 +303,15 @@ def statements(engine: sa.Engine, store: Any, spec: Any) -> list[Statement]:
 
     def finish(owned: tuple[str, str]) -> str:
         job_id, worker = owned
-        assert store.finish_succeeded(job_id, worker, artifacts=[artifact], seed=1, width=512, height=512,
-                                      provenance={"config": "deepgen"})
+        assert store.finish_succeeded(
+            job_id,
+            worker,
+            artifacts=[artifact],
+            seed=1,
+            width=512,
+            height=512,
+            provenance={"config": "deepgen"},
+        )
         return job_id
 
     def requeue(job_id: str) -> None:
@@ -360,16 +389,28 @@ def explain(engine: sa.Engine, capture: Capture, statement: Statement) -> list[s
         with engine.connect() as conn:
             transaction = conn.begin()
             try:
-                plan = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", parameters or None).scalars().all()
+                plan = (
+                    conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", parameters or None)
+                    .scalars()
+                    .all()
+                )
             finally:
                 transaction.rollback()
-        lines.append("-- " + " ".join(sql.split())[:160] + (" ..." if len(" ".join(sql.split())) > 160 else ""))
+        lines.append(
+            "-- " + " ".join(sql.split())[:160] + (" ..." if len(" ".join(sql.split())) > 160 else "")
+        )
         lines.extend(plan)
     return lines
 
 
-def run_table(label: str, rows: int, args: argparse.Namespace, results: dict[str, dict[str, Timing]],
-              plans: dict[tuple[str, str], list[str]], facts: dict[str, Any]) -> None:
+def run_table(
+    label: str,
+    rows: int,
+    args: argparse.Namespace,
+    results: dict[str, dict[str, Timing]],
+    plans: dict[tuple[str, str], list[str]],
+    facts: dict[str, Any],
+) -> None:
     from worker.db import make_engine, session_factory
     from worker.jobstore import JobStore
 
@@ -396,9 +437,14 @@ def run_table(label: str, rows: int, args: argparse.Namespace, results: dict[str
                 base = results.get(args.small_label, {}).get(statement.name)
                 ratio = timing.median_ms / base.median_ms if base and name != args.small_label else None
                 is_sweep = statement.name.startswith("sweep")
-                print(f"#   {statement.name}: median {timing.median_ms:.3f} ms, p95 {timing.p95_ms:.3f} ms"
-                      + (f", {ratio:.2f}x 1k" if ratio else ""), flush=True)
-                flagged = ratio is not None and ratio > RATIO_FLAG and not statement.name.startswith(REFERENCE)
+                print(
+                    f"#   {statement.name}: median {timing.median_ms:.3f} ms, p95 {timing.p95_ms:.3f} ms"
+                    + (f", {ratio:.2f}x 1k" if ratio else ""),
+                    flush=True,
+                )
+                flagged = (
+                    ratio is not None and ratio > RATIO_FLAG and not statement.name.startswith(REFERENCE)
+                )
                 if args.explain and (is_sweep or flagged):
                     plans[(name, statement.name)] = explain(engine, capture, statement)
         engine.dispose()
@@ -414,13 +460,20 @@ def mark(ratio: float, name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=200, help="timed calls per statement and table")
-    parser.add_argument("--max-seconds", type=float, default=10.0, help="stop a statement after this (>= 20 calls)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=10.0, help="stop a statement after this (>= 20 calls)"
+    )
     parser.add_argument("--small", type=int, default=1_000, help="jobs in the small table")
     parser.add_argument("--large", type=int, default=1_000_000, help="jobs in the large table")
-    parser.add_argument("--explain", action="store_true",
-                        help="EXPLAIN (ANALYZE, BUFFERS) of statements over 2x and of every sweep scan")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="EXPLAIN (ANALYZE, BUFFERS) of statements over 2x and of every sweep scan",
+    )
     args = parser.parse_args(argv)
     args.small_label = "1k" if args.small == 1000 else f"{args.small}"
     large_label = "1M" if args.large == 1_000_000 else f"{args.large}"
@@ -437,8 +490,10 @@ def main(argv: list[str] | None = None) -> int:
 
     small, large, backlog = results[args.small_label], results[large_label], results[backlog_label]
     print()
-    print(f"| statement | {args.small_label} median / p95 ms | {large_label} median / p95 ms | "
-          f"{large_label} / {args.small_label} | {backlog_label} median / p95 ms | backlog / {args.small_label} |")
+    print(
+        f"| statement | {args.small_label} median / p95 ms | {large_label} median / p95 ms | "
+        f"{large_label} / {args.small_label} | {backlog_label} median / p95 ms | backlog / {args.small_label} |"
+    )
     print("|---|---|---|---|---|---|")
     flagged: list[str] = []
     for name, base in small.items():
@@ -448,13 +503,17 @@ def main(argv: list[str] | None = None) -> int:
         if over and not name.startswith(REFERENCE):
             flagged.append(f"{name} ({', '.join(over)})")
         label = f"**{name}**" if name.startswith("sweep") else name
-        print(f"| {label} | {fmt(base.median_ms)} / {fmt(base.p95_ms)} | {fmt(big.median_ms)} / {fmt(big.p95_ms)} | "
-              f"{mark(ratio, name)} | {fmt(burst.median_ms)} / {fmt(burst.p95_ms)} | {mark(burst_ratio, name)} |")
+        print(
+            f"| {label} | {fmt(base.median_ms)} / {fmt(base.p95_ms)} | {fmt(big.median_ms)} / {fmt(big.p95_ms)} | "
+            f"{mark(ratio, name)} | {fmt(burst.median_ms)} / {fmt(burst.p95_ms)} | {mark(burst_ratio, name)} |"
+        )
     print()
     sweep_name = next(name for name in small if name.startswith("sweep"))
     sweep_ms = backlog[sweep_name].median_ms
-    print(f"Sweep scan at {backlog_label}: median {sweep_ms:.2f} ms, p95 {backlog[sweep_name].p95_ms:.2f} ms "
-          f"(target <= {SWEEP_TARGET_MS:g} ms): {'met' if sweep_ms <= SWEEP_TARGET_MS else 'MISSED'}")
+    print(
+        f"Sweep scan at {backlog_label}: median {sweep_ms:.2f} ms, p95 {backlog[sweep_name].p95_ms:.2f} ms "
+        f"(target <= {SWEEP_TARGET_MS:g} ms): {'met' if sweep_ms <= SWEEP_TARGET_MS else 'MISSED'}"
+    )
     print(f"Over {RATIO_FLAG:.0f}x: {'; '.join(flagged) if flagged else 'none'}")
     for (table, name), lines in plans.items():
         print(f"\nEXPLAIN (ANALYZE, BUFFERS), {table}, {name}:")
@@ -472,11 +531,21 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith(REFERENCE):
             Report(f"g scale, {name}", len(large[name].samples), figures, "none (the floor)", True).emit()
         elif name == sweep_name:
-            Report(f"g scale, {name}", len(backlog[name].samples), figures,
-                   f"<= {SWEEP_TARGET_MS:g} ms at {backlog_label}", sweep_ms <= SWEEP_TARGET_MS).emit()
+            Report(
+                f"g scale, {name}",
+                len(backlog[name].samples),
+                figures,
+                f"<= {SWEEP_TARGET_MS:g} ms at {backlog_label}",
+                sweep_ms <= SWEEP_TARGET_MS,
+            ).emit()
         else:
-            Report(f"g scale, {name}", len(large[name].samples), figures, f"{large_label} / 1k <= {RATIO_FLAG:g}x",
-                   max(figures["ratio"], figures["backlog_ratio"]) <= RATIO_FLAG).emit()
+            Report(
+                f"g scale, {name}",
+                len(large[name].samples),
+                figures,
+                f"{large_label} / 1k <= {RATIO_FLAG:g}x",
+                max(figures["ratio"], figures["backlog_ratio"]) <= RATIO_FLAG,
+            ).emit()
     return 0
 
 

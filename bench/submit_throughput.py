@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=2000, help="jobs per mode")
     parser.add_argument("--batch", type=int, default=1000, help="jobs per bulk call")
-    parser.add_argument("--producers", type=int, default=8, help="concurrent producer threads (single mode, 2nd run)")
+    parser.add_argument(
+        "--producers", type=int, default=8, help="concurrent producer threads (single mode, 2nd run)"
+    )
     args = parser.parse_args(argv)
 
     from worker.db import make_engine, session_factory
@@ -45,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         per_thread = args.n // args.producers
         started = time.perf_counter()
         with ThreadPoolExecutor(args.producers) as pool:
-            list(pool.map(lambda _: [submit_jobs(store, publisher, [spec]) for _ in range(per_thread)],
-                          range(args.producers)))
+            list(
+                pool.map(
+                    lambda _: [submit_jobs(store, publisher, [spec]) for _ in range(per_thread)],
+                    range(args.producers),
+                )
+            )
         concurrent = per_thread * args.producers / (time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -62,10 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         publisher.close()
         engine.dispose()
     Report("c submit single", args.n, {"jobs_per_s": single}, ">= 500 jobs/s", single >= 500).emit()
-    Report(f"c submit single x{args.producers} producers", per_thread * args.producers,
-           {"jobs_per_s": concurrent}, ">= 500 jobs/s", concurrent >= 500).emit()
-    Report("c submit bulk", args.n, {"jobs_per_s": bulk, "batch": args.batch}, ">= 5000 jobs/s",
-           bulk >= 5000).emit()
+    Report(
+        f"c submit single x{args.producers} producers",
+        per_thread * args.producers,
+        {"jobs_per_s": concurrent},
+        ">= 500 jobs/s",
+        concurrent >= 500,
+    ).emit()
+    Report(
+        "c submit bulk", args.n, {"jobs_per_s": bulk, "batch": args.batch}, ">= 5000 jobs/s", bulk >= 5000
+    ).emit()
     return 0
 
 

@@ -36,10 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         assert s.workers[0].child_pids() == [child], "the child was replaced: RSS would not be comparable"
     growth = (samples[-1] - baseline) / baseline
     mib = 2**20
-    Report("f worker memory", args.n, {
-        "rss_after_warmup_mib": baseline / mib, "rss_end_mib": samples[-1] / mib, "growth_pct": growth * 100,
-        "samples_mib": " ".join(f"{x / mib:.0f}" for x in samples),
-    }, "growth < 5 %", growth < 0.05).emit()
+    Report(
+        "f worker memory",
+        args.n,
+        {
+            "rss_after_warmup_mib": baseline / mib,
+            "rss_end_mib": samples[-1] / mib,
+            "growth_pct": growth * 100,
+            "samples_mib": " ".join(f"{x / mib:.0f}" for x in samples),
+        },
+        "growth < 5 %",
+        growth < 0.05,
+    ).emit()
     return 0
 
 

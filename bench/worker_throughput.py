@@ -36,10 +36,18 @@ def main(argv: list[str] | None = None) -> int:
             engine.generate(direct_request(params, seed=i))
         direct_seconds = time.perf_counter() - t0
     ratio = direct_seconds / worker_seconds
-    Report(f"b worker throughput (20 steps, {args.size}px)", args.n, {
-        "worker_jobs_per_s": args.n / worker_seconds, "direct_jobs_per_s": args.n / direct_seconds,
-        "ratio": ratio, "direct_ms_per_job": direct_seconds / args.n * 1000,
-    }, "ratio >= 0.95", ratio >= 0.95).emit()
+    Report(
+        f"b worker throughput (20 steps, {args.size}px)",
+        args.n,
+        {
+            "worker_jobs_per_s": args.n / worker_seconds,
+            "direct_jobs_per_s": args.n / direct_seconds,
+            "ratio": ratio,
+            "direct_ms_per_job": direct_seconds / args.n * 1000,
+        },
+        "ratio >= 0.95",
+        ratio >= 0.95,
+    ).emit()
     return 0
 
 

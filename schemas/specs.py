@@ -76,7 +76,9 @@ def _finite_number(name: str, value: Any) -> Any:
             return value
         if not math.isfinite(number):
             raise PydanticCustomError(
-                "finite_number", "{field} must be a finite number, got {value}", {"field": name, "value": str(value)}
+                "finite_number",
+                "{field} must be a finite number, got {value}",
+                {"field": name, "value": str(value)},
             )
     return value
 

@@ -107,10 +107,15 @@ class Job(Base):
         sa.Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         sa.Index("ix_jobs_retry_of", "retry_of"),
         # The sweeper's scans, each on a small partial index so a sweep is flat with table size.
-        sa.Index("ix_jobs_unpublished_created_at", "created_at",
-                 postgresql_where=_UNPUBLISHED, sqlite_where=_UNPUBLISHED),
-        sa.Index("ix_jobs_queued_published_at", "published_at",
-                 postgresql_where=_QUEUED, sqlite_where=_QUEUED),
+        sa.Index(
+            "ix_jobs_unpublished_created_at",
+            "created_at",
+            postgresql_where=_UNPUBLISHED,
+            sqlite_where=_UNPUBLISHED,
+        ),
+        sa.Index(
+            "ix_jobs_queued_published_at", "published_at", postgresql_where=_QUEUED, sqlite_where=_QUEUED
+        ),
     )
 
 
@@ -142,8 +147,12 @@ class WorkerRecord(Base):
     # The Celery node (`name@host`) the process serves: a prefork child replaced by Celery is a
     # new row of the same node, so health judges nodes, not child pids.
     node: Mapped[str | None] = mapped_column(sa.String(255))
-    role: Mapped[str] = mapped_column(sa.String(16), default="worker", server_default="worker")  # or "sweeper"
-    sweep_interval_seconds: Mapped[float | None] = mapped_column(sa.Float())  # sweepers: health expects a sweep within a few of these
+    role: Mapped[str] = mapped_column(
+        sa.String(16), default="worker", server_default="worker"
+    )  # or "sweeper"
+    sweep_interval_seconds: Mapped[float | None] = mapped_column(
+        sa.Float()
+    )  # sweepers: health expects a sweep within a few of these
     hostname: Mapped[str] = mapped_column(sa.String(255))
     pid: Mapped[int]
     model_name: Mapped[str] = mapped_column(sa.String(64))

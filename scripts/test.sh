@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the project with its test tools into .venv (CPU torch from this machine's wheel) and runs the whole suite.
+# Installs the project with its test tools into .venv (CPU torch from this machine's wheel), runs the linter,
+# the formatter check and the type checker (the same as .pre-commit-config.yaml), then the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -7,4 +8,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy  # schemas, worker, api_client (pyproject.toml [tool.mypy])
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

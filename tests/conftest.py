@@ -33,11 +33,24 @@ REDIS_PORT = int(os.environ.get("DG_TEST_REDIS_PORT", "6379"))
 # or through another fixture) is marked `integration`, so `pytest -m "not integration"` is the
 # services-free tier (README). Modules that run CLI/worker subprocesses end to end without such a
 # fixture carry their own `pytestmark = pytest.mark.integration`.
-SERVICE_FIXTURES = frozenset({
-    "pg_url", "migrated_pg_url", "db_url", "redis_db", "redis_url", "s3_endpoint", "s3_bucket",
-    # sub-conftests and test modules: an own redis-server, Celery/`diffgentor worker` subprocesses
-    "redis_server", "shared_pg_without_sweepers", "worker_env", "start_worker", "server_env", "worker_factory",
-})
+SERVICE_FIXTURES = frozenset(
+    {
+        "pg_url",
+        "migrated_pg_url",
+        "db_url",
+        "redis_db",
+        "redis_url",
+        "s3_endpoint",
+        "s3_bucket",
+        # sub-conftests and test modules: an own redis-server, Celery/`diffgentor worker` subprocesses
+        "redis_server",
+        "shared_pg_without_sweepers",
+        "worker_env",
+        "start_worker",
+        "server_env",
+        "worker_factory",
+    }
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -53,10 +53,16 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 240, cwd: Path | None = None) -> CliResult:
+def run_cli(
+    args: list[str], env: Mapping[str, str], timeout: float = 240, cwd: Path | None = None
+) -> CliResult:
     """Run the real `diffgentor` console script in a subprocess."""
     done = subprocess.run(
-        [str(DIFFGENTOR), *args], env=dict(env), capture_output=True, text=True, timeout=timeout,
+        [str(DIFFGENTOR), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         cwd=cwd or REPO_ROOT,
     )
     return CliResult(done.returncode, done.stdout, done.stderr)
@@ -65,7 +71,9 @@ def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 240, cwd: 
 # ---------------------------------------------------------------------------------------- images
 
 
-def write_png(path: Path, size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 30, 30)) -> Path:
+def write_png(
+    path: Path, size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 30, 30)
+) -> Path:
     """A flat PNG file at `path` (parent folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
@@ -237,7 +245,9 @@ class FakeEngine:
         self.on_step: Callable[[int], None] = lambda step: None
         self.error: BaseException | None = None
 
-    def generate(self, request: GenerationRequest, step_callback: StepCallback | None = None) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, step_callback: StepCallback | None = None
+    ) -> GenerationResult:
         self.calls.append(request)
         if self.error is not None:
             raise self.error
@@ -248,13 +258,17 @@ class FakeEngine:
                 raise GenerationStopped(step, total)
         width = request.width or request.images[0].width
         height = request.height or request.images[0].height
-        return GenerationResult(Image.new("RGB", (width, height), self.color), request.seed or 0,
-                                width, height, 0, {})
+        return GenerationResult(
+            Image.new("RGB", (width, height), self.color), request.seed or 0, width, height, 0, {}
+        )
 
 
 # A small t2i job spec for runs on FakeEngine.
-T2I: dict[str, Any] = {"kind": "t2i", "prompt": "a red fox", "params": {"num_inference_steps": 3, "width": 64,
-                                                                       "height": 96, "seed": 7}}
+T2I: dict[str, Any] = {
+    "kind": "t2i",
+    "prompt": "a red fox",
+    "params": {"num_inference_steps": 3, "width": 64, "height": 96, "seed": 7},
+}
 
 
 def load_tiny_engine(paths: TinyModelPaths, **overrides: str) -> DeepGenEngine:
@@ -286,8 +300,21 @@ class RedisServer:
         import redis
 
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         client = redis.Redis(port=self.port)
 
         def pings() -> bool:

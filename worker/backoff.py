@@ -21,8 +21,9 @@ class Backoff:
     the default cap), the recovery one INFO line; the traceback only at DEBUG level.
     """
 
-    def __init__(self, what: str, logger: logging.Logger | None = None, *,
-                 max_factor: int = MAX_BACKOFF_FACTOR) -> None:
+    def __init__(
+        self, what: str, logger: logging.Logger | None = None, *, max_factor: int = MAX_BACKOFF_FACTOR
+    ) -> None:
         self.what = what
         self.log = logger or log
         self.max_factor = max_factor
@@ -44,9 +45,13 @@ class Backoff:
             self._failing_since = time.monotonic()
         wait = self.delay(interval_seconds)
         if self.factor != previous:
-            self.log.warning("%s failed (%s)%s%s", self.what, one_line(exc),
-                             f"; retrying in {wait:.3g}s" if wait > 0 else "",
-                             "" if self.failures == 1 else f" ({self.failures} failures in a row)")
+            self.log.warning(
+                "%s failed (%s)%s%s",
+                self.what,
+                one_line(exc),
+                f"; retrying in {wait:.3g}s" if wait > 0 else "",
+                "" if self.failures == 1 else f" ({self.failures} failures in a row)",
+            )
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("%s failure %d", self.what, self.failures, exc_info=exc)
         return wait

@@ -185,20 +185,35 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
                     exhausted,
                     sa.literal("gave up after ")
                     + sa.cast(Job.attempts - Job.requeues, sa.String)
-                    + sa.literal(" attempts: each run ended without completing (worker killed or lease lost)"),
+                    + sa.literal(
+                        " attempts: each run ended without completing (worker killed or lease lost)"
+                    ),
                 ),
                 else_=None,
             ),
             error_class=sa.case((exhausted, ErrorClass.PERMANENT.value), else_=None),
         )
-        .returning(Job.id, Job.status, Job.kind, Job.model_name, Job.spec, Job.seed, Job.attempts,
-                   Job.max_attempts, Job.requeues, Job.worker_id, Job.lease_expires_at)
+        .returning(
+            Job.id,
+            Job.status,
+            Job.kind,
+            Job.model_name,
+            Job.spec,
+            Job.seed,
+            Job.attempts,
+            Job.max_attempts,
+            Job.requeues,
+            Job.worker_id,
+            Job.lease_expires_at,
+        )
         .execution_options(synchronize_session=False)
     )
     row = session.execute(statement).one_or_none()
     if row is None:
         current = session.execute(sa.select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
-        reason = "no such job" if current is None else f"job is {current} (finished, cancelled or owned elsewhere)"
+        reason = (
+            "no such job" if current is None else f"job is {current} (finished, cancelled or owned elsewhere)"
+        )
         return ClaimRefusal(job_id, current, reason)
     if row.status != JobStatus.RUNNING.value:
         return ClaimRefusal(job_id, row.status, f"job ended {row.status} at claim time")
@@ -256,8 +271,15 @@ def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, **v
     return rowcount(session.execute(statement)) == 1
 
 
-def requeue(session: Executor, job_id: str, worker_id: str, *, available_at: datetime, error_type: str,
-            error_message: str) -> bool:
+def requeue(
+    session: Executor,
+    job_id: str,
+    worker_id: str,
+    *,
+    available_at: datetime,
+    error_type: str,
+    error_message: str,
+) -> bool:
     """Hand an owned running job back to the queue after an infrastructure fault.
 
     Fenced like a finish. The job becomes `queued` and unpublished with `available_at` set,
@@ -268,9 +290,17 @@ def requeue(session: Executor, job_id: str, worker_id: str, *, available_at: dat
     statement = (
         sa.update(Job)
         .where(_owned_by(job_id, worker_id))
-        .values(status=JobStatus.QUEUED.value, worker_id=None, lease_expires_at=None, published_at=None,
-                available_at=available_at, requeues=Job.requeues + 1, progress_step=0,
-                error_type=error_type, error_message=error_message)
+        .values(
+            status=JobStatus.QUEUED.value,
+            worker_id=None,
+            lease_expires_at=None,
+            published_at=None,
+            available_at=available_at,
+            requeues=Job.requeues + 1,
+            progress_step=0,
+            error_type=error_type,
+            error_message=error_message,
+        )
         .execution_options(synchronize_session=False)
     )
     return rowcount(session.execute(statement)) == 1
@@ -291,17 +321,26 @@ def release_expired(session: Executor, job_ids: list[str], now: datetime) -> lis
         return []
     statement = (
         sa.update(Job)
-        .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < db_now_plus(0))
-        .values(status=JobStatus.QUEUED.value, worker_id=None, lease_expires_at=None, published_at=None,
-                available_at=now, progress_step=0)
+        .where(
+            Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < db_now_plus(0)
+        )
+        .values(
+            status=JobStatus.QUEUED.value,
+            worker_id=None,
+            lease_expires_at=None,
+            published_at=None,
+            available_at=now,
+            progress_step=0,
+        )
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
     return list(session.execute(statement).scalars())
 
 
-def fail_killed_process_job(session: Session, job_id: str, worker_id_prefix: str, *, error_type: str,
-                            error_message: str) -> bool:
+def fail_killed_process_job(
+    session: Session, job_id: str, worker_id_prefix: str, *, error_type: str, error_message: str
+) -> bool:
     """End a running job whose process was killed (hard time limit) from the supervising process.
 
     The parent does not know the child's full worker id, only its `host:pid:` prefix, so the
@@ -309,10 +348,18 @@ def fail_killed_process_job(session: Session, job_id: str, worker_id_prefix: str
     """
     statement = (
         sa.update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
-               Job.worker_id.startswith(worker_id_prefix, autoescape=True))
-        .values(status=JobStatus.FAILED.value, finished_at=utcnow(), lease_expires_at=None,
-                error_type=error_type, error_message=error_message)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.RUNNING.value,
+            Job.worker_id.startswith(worker_id_prefix, autoescape=True),
+        )
+        .values(
+            status=JobStatus.FAILED.value,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            error_type=error_type,
+            error_message=error_message,
+        )
         .execution_options(synchronize_session=False)
     )
     return rowcount(session.execute(statement)) == 1
@@ -336,8 +383,16 @@ def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactView
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
     now = utcnow()
     rows = [
-        {"job_id": job_id, "index": a.index, "uri": a.uri, "width": a.width, "height": a.height,
-         "bytes": a.bytes, "sha256": a.sha256, "created_at": now}
+        {
+            "job_id": job_id,
+            "index": a.index,
+            "uri": a.uri,
+            "width": a.width,
+            "height": a.height,
+            "bytes": a.bytes,
+            "sha256": a.sha256,
+            "created_at": now,
+        }
         for a in artifacts
     ]
     statement = statement.values(rows)

@@ -49,7 +49,9 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(
-            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, **kwargs
+            parsed,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            **kwargs,
         )
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own BEGIN handling is off (`_sqlite_pragmas`); we emit BEGIN ourselves so every
@@ -149,10 +151,13 @@ class Database:
         self.sessions = sessions
         engine: sa.Engine = sessions.kw["bind"]
         self.dialect = engine.dialect.name
-        self._autocommit = (engine.execution_options(isolation_level="AUTOCOMMIT")
-                            if self.dialect == "postgresql" else engine)
+        self._autocommit = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else engine
+        )
         self._autocommit_writes = for_writes(self._autocommit)
-        self._write_sessions: sessionmaker[Session] = sessionmaker(**{**sessions.kw, "bind": for_writes(engine)})
+        self._write_sessions: sessionmaker[Session] = sessionmaker(
+            **{**sessions.kw, "bind": for_writes(engine)}
+        )
 
     def session(self) -> Session:
         return self.sessions()

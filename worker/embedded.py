@@ -26,8 +26,14 @@ class InProcessPublisher:
         self.worker_id = worker_id or f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     @classmethod
-    def from_settings(cls, settings: Settings, engine_provider: EngineProvider | None = None, *,
-                      store: JobStore | None = None, artifact_store: Any = None) -> InProcessPublisher:
+    def from_settings(
+        cls,
+        settings: Settings,
+        engine_provider: EngineProvider | None = None,
+        *,
+        store: JobStore | None = None,
+        artifact_store: Any = None,
+    ) -> InProcessPublisher:
         provider = engine_provider or ResidentEngine(load_deepgen_engine)
         return cls(JobRunner.from_settings(settings, provider, store=store, artifact_store=artifact_store))
 

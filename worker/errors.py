@@ -40,7 +40,10 @@ def describe_error(exc: BaseException, *, soft_time_limit_seconds: float | None 
     message = str(exc).strip() or repr(exc)
     if is_soft_time_limit(exc):
         limit = f" of {soft_time_limit_seconds:g} s" if soft_time_limit_seconds else ""
-        return "TimeLimitExceeded", f"the job ran past the soft time limit{limit} (DG_SOFT_TIME_LIMIT_SECONDS)"
+        return (
+            "TimeLimitExceeded",
+            f"the job ran past the soft time limit{limit} (DG_SOFT_TIME_LIMIT_SECONDS)",
+        )
     if is_out_of_memory(exc):
         return "OutOfMemoryError", (
             f"the accelerator ran out of memory: {message[:500]} "
@@ -51,5 +54,7 @@ def describe_error(exc: BaseException, *, soft_time_limit_seconds: float | None 
 
 def hard_time_limit_message(timeout: float | None) -> str:
     limit = f" of {timeout:g} s" if timeout else ""
-    return (f"the job ran past the hard time limit{limit} (DG_HARD_TIME_LIMIT_SECONDS) and did not stop at the "
-            "soft limit; its worker process was killed and replaced")
+    return (
+        f"the job ran past the hard time limit{limit} (DG_HARD_TIME_LIMIT_SECONDS) and did not stop at the "
+        "soft limit; its worker process was killed and replaced"
+    )

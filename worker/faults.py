@@ -111,8 +111,12 @@ class _Link:
                     return
                 self.upstream = upstream
             proxy._count("forwarded")
-            down = threading.Thread(target=self._pump, args=(upstream, self.client, "bytes_down"),
-                                    name=f"faultproxy-{proxy.name}-down", daemon=True)
+            down = threading.Thread(
+                target=self._pump,
+                args=(upstream, self.client, "bytes_down"),
+                name=f"faultproxy-{proxy.name}-down",
+                daemon=True,
+            )
             down.start()
             self._pump(self.client, upstream, "bytes_up")
             down.join()
@@ -172,8 +176,16 @@ class FaultProxy:
     Thread-safe: the mode may be switched from any thread while clients use the proxy.
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, listen_host: str = "127.0.0.1",
-                 listen_port: int = 0, name: str = "", connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        name: str = "",
+        connect_timeout: float = 5.0,
+    ) -> None:
         self.upstream = (upstream_host, int(upstream_port))
         self.listen_host = listen_host
         self._port = int(listen_port)
@@ -188,8 +200,14 @@ class FaultProxy:
         self._listener_applied = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._counters = {"accepted": 0, "forwarded": 0, "upstream_failures": 0, "cut": 0,
-                          "bytes_up": 0, "bytes_down": 0}
+        self._counters = {
+            "accepted": 0,
+            "forwarded": 0,
+            "upstream_failures": 0,
+            "cut": 0,
+            "bytes_up": 0,
+            "bytes_down": 0,
+        }
 
     # ------------------------------------------------------------------------------- life cycle
 
@@ -214,8 +232,9 @@ class FaultProxy:
     def __enter__(self) -> FaultProxy:
         return self.start() if self._thread is None else self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # ------------------------------------------------------------------------------------ facts
@@ -257,7 +276,9 @@ class FaultProxy:
         if mode is FaultMode.REFUSE:
             self._cut_all()
         if changed and not self._listener_applied.wait(timeout):
-            raise RuntimeError(f"fault proxy {self.name}: the listener did not switch to {mode.value} in {timeout} s")
+            raise RuntimeError(
+                f"fault proxy {self.name}: the listener did not switch to {mode.value} in {timeout} s"
+            )
         log.info("fault proxy %s (port %d -> %s:%d): %s", self.name, self._port, *self.upstream, mode.value)
 
     def refuse(self) -> None:
@@ -305,7 +326,9 @@ class FaultProxy:
         except OSError as exc:
             listener.close()
             if exc.errno == errno.EADDRINUSE:
-                raise RuntimeError(f"fault proxy {self.name}: port {self._port} was taken while refusing") from exc
+                raise RuntimeError(
+                    f"fault proxy {self.name}: port {self._port} was taken while refusing"
+                ) from exc
             raise
         listener.listen(128)
         return listener

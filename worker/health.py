@@ -65,8 +65,9 @@ EXIT_UNHEALTHY = 1
 EXIT_UNREACHABLE = 5  # the CLI's UNREACHABLE
 EXIT_NO_WORKER = 6  # the CLI's NOT_FOUND
 DEFAULT_STUCK_SECONDS = 60.0
-NO_SWEEPER_WARNING = ("warning: no sweeper has reported; run `diffgentor sweep --loop` "
-                      "or a worker with --sweeper --beat")
+NO_SWEEPER_WARNING = (
+    "warning: no sweeper has reported; run `diffgentor sweep --loop` or a worker with --sweeper --beat"
+)
 # Leases are judged on the database's clock (worker.claims.db_now_plus); heartbeats, sweeps and
 # this report still use each host's clock, so a host this far off its database is worth a line.
 CLOCK_SKEW_WARN_SECONDS = 2.0
@@ -94,8 +95,14 @@ class Report:
         return [r for r in (*self.workers, *self.sweepers) if not r.healthy]
 
 
-def assess(worker: WorkerView, oldest_waiting: datetime | None, now: datetime, *, stale_seconds: float,
-           stuck_seconds: float) -> WorkerHealth:
+def assess(
+    worker: WorkerView,
+    oldest_waiting: datetime | None,
+    now: datetime,
+    *,
+    stale_seconds: float,
+    stuck_seconds: float,
+) -> WorkerHealth:
     silent = (now - worker.heartbeat_at).total_seconds()
     if silent > stale_seconds:
         return WorkerHealth(worker, "gone", f"no heartbeat for {silent:.0f}s (limit {stale_seconds:.0f}s)")
@@ -106,20 +113,34 @@ def assess(worker: WorkerView, oldest_waiting: datetime | None, now: datetime, *
         should_have_taken_at = max(oldest_waiting, last_activity)
         idle_with_work = (now - should_have_taken_at).total_seconds()
         if idle_with_work > stuck_seconds:
-            return WorkerHealth(worker, "stuck", (
-                f"idle for {idle_with_work:.0f}s while a job published at {oldest_waiting.isoformat()} "
-                f"is still queued for {worker.model_name!r} (limit {stuck_seconds:.0f}s): alive but not consuming"))
+            return WorkerHealth(
+                worker,
+                "stuck",
+                (
+                    f"idle for {idle_with_work:.0f}s while a job published at {oldest_waiting.isoformat()} "
+                    f"is still queued for {worker.model_name!r} (limit {stuck_seconds:.0f}s): alive but not consuming"
+                ),
+            )
     return WorkerHealth(worker, "ok", "idle" if oldest_waiting is None else "idle, work just arrived")
 
 
-def check(registry: WorkerRegistry, *, worker_id: str | None = None, model_name: str | None = None,
-          stale_seconds: float, stuck_seconds: float, now: datetime | None = None) -> list[WorkerHealth]:
+def check(
+    registry: WorkerRegistry,
+    *,
+    worker_id: str | None = None,
+    model_name: str | None = None,
+    stale_seconds: float,
+    stuck_seconds: float,
+    now: datetime | None = None,
+) -> list[WorkerHealth]:
     """The selected worker rows (never sweepers), judged; a gone row of a live node is replaced."""
     workers = registry.list(model_name=model_name, worker_id=worker_id)
     waiting = registry.oldest_waiting(sorted({w.model_name for w in workers}))
     now = now or utcnow()
-    results = [assess(w, waiting.get(w.model_name), now, stale_seconds=stale_seconds, stuck_seconds=stuck_seconds)
-               for w in workers]
+    results = [
+        assess(w, waiting.get(w.model_name), now, stale_seconds=stale_seconds, stuck_seconds=stuck_seconds)
+        for w in workers
+    ]
     gone_nodes = sorted({r.worker.node for r in results if r.state == "gone" and r.worker.node})
     if not gone_nodes:
         return results
@@ -127,10 +148,16 @@ def check(registry: WorkerRegistry, *, worker_id: str | None = None, model_name:
     for w in registry.list(nodes=gone_nodes):  # the node's other rows, whatever the selection
         if (now - w.heartbeat_at).total_seconds() <= stale_seconds:
             live.setdefault(w.node or "", w)
-    return [replace(r, state="replaced", reason=(
-                f"{r.reason}; node {r.worker.node} consumes again as {live[r.worker.node].worker_id}"))
-            if r.state == "gone" and r.worker.node in live else r
-            for r in results]
+    return [
+        replace(
+            r,
+            state="replaced",
+            reason=(f"{r.reason}; node {r.worker.node} consumes again as {live[r.worker.node].worker_id}"),
+        )
+        if r.state == "gone" and r.worker.node in live
+        else r
+        for r in results
+    ]
 
 
 def assess_sweeper(sweeper: WorkerView, now: datetime, *, live_since: datetime | None = None) -> WorkerHealth:
@@ -147,22 +174,39 @@ def assess_sweeper(sweeper: WorkerView, now: datetime, *, live_since: datetime |
     return WorkerHealth(sweeper, "stalled", reason)
 
 
-def check_sweepers(registry: WorkerRegistry, *, sweeper_id: str | None = None,
-                   now: datetime | None = None) -> list[WorkerHealth]:
+def check_sweepers(
+    registry: WorkerRegistry, *, sweeper_id: str | None = None, now: datetime | None = None
+) -> list[WorkerHealth]:
     now = now or utcnow()
     every = registry.sweepers()
     live = [s for s in every if assess_sweeper(s, now).state == "ok"]
     live_since = max((s.started_at for s in live), default=None)
-    return [assess_sweeper(s, now, live_since=live_since) for s in every
-            if sweeper_id is None or s.worker_id == sweeper_id]
+    return [
+        assess_sweeper(s, now, live_since=live_since)
+        for s in every
+        if sweeper_id is None or s.worker_id == sweeper_id
+    ]
 
 
-def report(registry: WorkerRegistry, *, worker_id: str | None = None, model_name: str | None = None,
-           stale_seconds: float, stuck_seconds: float, now: datetime | None = None) -> Report:
+def report(
+    registry: WorkerRegistry,
+    *,
+    worker_id: str | None = None,
+    model_name: str | None = None,
+    stale_seconds: float,
+    stuck_seconds: float,
+    now: datetime | None = None,
+) -> Report:
     """Workers and sweepers; `worker_id` may name either (a worker: no sweeper verdict)."""
     now = now or utcnow()
-    workers = check(registry, worker_id=worker_id, model_name=model_name, stale_seconds=stale_seconds,
-                    stuck_seconds=stuck_seconds, now=now)
+    workers = check(
+        registry,
+        worker_id=worker_id,
+        model_name=model_name,
+        stale_seconds=stale_seconds,
+        stuck_seconds=stuck_seconds,
+        now=now,
+    )
     if worker_id is None:
         return Report(workers, check_sweepers(registry, now=now), sweepers_checked=True)
     if workers:  # one worker: no sweeper verdict
@@ -192,24 +236,37 @@ def clock_skew_warning(skew_seconds: float, limit_seconds: float = CLOCK_SKEW_WA
     if abs(skew_seconds) <= limit_seconds:
         return None
     direction = "ahead of" if skew_seconds > 0 else "behind"
-    return (f"warning: this host's clock is {abs(skew_seconds):.1f}s {direction} the job database's "
-            f"(more than {limit_seconds:g}s): leases are judged on the database's clock, but heartbeats, "
-            "sweeps and this report use each host's own; keep every host in sync (NTP, chrony)")
+    return (
+        f"warning: this host's clock is {abs(skew_seconds):.1f}s {direction} the job database's "
+        f"(more than {limit_seconds:g}s): leases are judged on the database's clock, but heartbeats, "
+        "sweeps and this report use each host's own; keep every host in sync (NTP, chrony)"
+    )
 
 
 # ---- CLI ------------------------------------------------------------------------------------
+
 
 def add_arguments(workers: argparse.ArgumentParser, health: argparse.ArgumentParser) -> None:
     """Options of the two sub-commands (the parsers are created by api_client.cli)."""
     for parser in (workers, health):
         parser.add_argument("--model_name", help="only workers of this model (sweepers are listed too)")
-        parser.add_argument("--stale_seconds", type=float,
-                            help="heartbeat age that counts as gone (default 3 x DG_HEARTBEAT_SECONDS, >= 15)")
-        parser.add_argument("--stuck_seconds", type=float, default=DEFAULT_STUCK_SECONDS,
-                            help="how long an idle worker may leave a published job queued (default 60)")
+        parser.add_argument(
+            "--stale_seconds",
+            type=float,
+            help="heartbeat age that counts as gone (default 3 x DG_HEARTBEAT_SECONDS, >= 15)",
+        )
+        parser.add_argument(
+            "--stuck_seconds",
+            type=float,
+            default=DEFAULT_STUCK_SECONDS,
+            help="how long an idle worker may leave a published job queued (default 60)",
+        )
         parser.add_argument("--json", action="store_true", help="one JSON object per worker or sweeper")
-    health.add_argument("--worker", dest="worker_id",
-                        help="only this worker (or sweeper) id, as `diffgentor workers` shows it")
+    health.add_argument(
+        "--worker",
+        dest="worker_id",
+        help="only this worker (or sweeper) id, as `diffgentor workers` shows it",
+    )
 
 
 def _registry() -> tuple[WorkerRegistry, Any, Any]:
@@ -228,8 +285,13 @@ def _results(args: argparse.Namespace) -> Report | None:
     registry, settings, sessions = _registry()
     stale = args.stale_seconds or max(MIN_STALE_SECONDS, 3 * settings.heartbeat_seconds)
     try:
-        results = report(registry, worker_id=getattr(args, "worker_id", None), model_name=args.model_name,
-                         stale_seconds=stale, stuck_seconds=args.stuck_seconds)
+        results = report(
+            registry,
+            worker_id=getattr(args, "worker_id", None),
+            model_name=args.model_name,
+            stale_seconds=stale,
+            stuck_seconds=args.stuck_seconds,
+        )
         skew = clock_skew_warning(clock_skew_seconds(sessions))
         if skew is not None:
             print(skew, file=sys.stderr)
@@ -251,13 +313,17 @@ def _print(results: Report, as_json: bool) -> None:
         return
     now = utcnow()
     if results.workers:
-        print(f"{'WORKER':<44} {'NODE':<32} {'MODEL':<16} {'STATE':<8} {'BEAT':>6} {'DONE':>6} {'LAST JOB':>9}"
-              "  CURRENT / REASON")
+        print(
+            f"{'WORKER':<44} {'NODE':<32} {'MODEL':<16} {'STATE':<8} {'BEAT':>6} {'DONE':>6} {'LAST JOB':>9}"
+            "  CURRENT / REASON"
+        )
     for r in results.workers:
         w = r.worker
         detail = w.current_job_id if r.state == "busy" else r.reason
-        print(f"{w.worker_id:<44} {w.node or '-':<32} {w.model_name:<16} {r.state:<8} "
-              f"{_ago(now, w.heartbeat_at):>6} {w.jobs_done:>6} {_ago(now, w.last_job_at):>9}  {detail}")
+        print(
+            f"{w.worker_id:<44} {w.node or '-':<32} {w.model_name:<16} {r.state:<8} "
+            f"{_ago(now, w.heartbeat_at):>6} {w.jobs_done:>6} {_ago(now, w.last_job_at):>9}  {detail}"
+        )
     if results.sweepers:
         if results.workers:
             print()
@@ -265,8 +331,10 @@ def _print(results: Report, as_json: bool) -> None:
     for r in results.sweepers:
         w = r.worker
         every = f"{w.sweep_interval_seconds:g}s" if w.sweep_interval_seconds is not None else "-"
-        print(f"{w.worker_id:<44} {w.hostname:<32} {r.state:<8} {_ago(now, w.heartbeat_at):>10} {every:>6}  "
-              f"{r.reason}")
+        print(
+            f"{w.worker_id:<44} {w.hostname:<32} {r.state:<8} {_ago(now, w.heartbeat_at):>10} {every:>6}  "
+            f"{r.reason}"
+        )
 
 
 def _warn_without_sweeper(results: Report) -> None:

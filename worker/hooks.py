@@ -71,8 +71,14 @@ def install(app: Any) -> None:
         try:
             settings = process.settings()
             registry = WorkerRegistry(session_factory(make_engine(settings.database_url)))
-            presence = Presence(registry, process.worker_id(), model_name=model, queue=",".join(queues),
-                                interval_seconds=settings.heartbeat_seconds, node=node_name(sender) or _node)
+            presence = Presence(
+                registry,
+                process.worker_id(),
+                model_name=model,
+                queue=",".join(queues),
+                interval_seconds=settings.heartbeat_seconds,
+                node=node_name(sender) or _node,
+            )
             presence.start()
         except Exception:  # jobs still run; `diffgentor health` shows no worker for this model
             log.exception("could not register this worker in the workers table")
@@ -87,8 +93,9 @@ def install(app: Any) -> None:
         if _presence is not None and args:
             _presence.job_started(str(args[0]))
 
-    def on_postrun(task_id: str, task: Any, args: tuple[object, ...] = (), retval: object = None,
-                   **_: object) -> None:
+    def on_postrun(
+        task_id: str, task: Any, args: tuple[object, ...] = (), retval: object = None, **_: object
+    ) -> None:
         if getattr(task, "name", None) != RUN_JOB_TASK_NAME:
             return
         status = retval if isinstance(retval, str) else "error"

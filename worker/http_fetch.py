@@ -29,7 +29,9 @@ _CHUNK = 64 * 1024
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Cloud instance-metadata endpoints (AWS/GCP/Azure IPv4, AWS IPv6): named in refusals for clarity.
-_METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+_METADATA_ADDRESSES = frozenset(
+    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+)
 _ALLOW_HINT = "set DG_INPUT_ALLOW_PRIVATE_NETWORKS=true to allow private networks"
 # getaddrinfo entry: (family, type, proto, canonname, sockaddr)
 _AddrInfo = tuple[Any, ...]
@@ -119,7 +121,11 @@ def fetch_http(
     for _ in range(max_redirects + 1):
         try:
             location = _fetch_once(
-                current, max_bytes=max_bytes, deadline=deadline, guard=not allow_private_networks, allowed=allowed
+                current,
+                max_bytes=max_bytes,
+                deadline=deadline,
+                guard=not allow_private_networks,
+                allowed=allowed,
             )
         except TimeoutError as exc:
             raise FetchError(f"timed out after {timeout_seconds:g} s") from exc
@@ -229,8 +235,15 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """As above, with TLS: SNI and certificate verification use the host from the URL."""
 
-    def __init__(self, host: str, port: int, addresses: Sequence[_AddrInfo], *, timeout: float,
-                 context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        addresses: Sequence[_AddrInfo],
+        *,
+        timeout: float,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         self._tls = context or ssl.create_default_context()
         super().__init__(host, port, timeout=timeout, context=self._tls)
         self._addresses = list(addresses)

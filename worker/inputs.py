@@ -103,7 +103,9 @@ def load_input_image(
     """
     limits = limits or InputLimits()
     try:
-        data = _fetch_bytes(ref, store_factory, limits, allow_local, allow_private_networks, base_dir, s3_buckets)
+        data = _fetch_bytes(
+            ref, store_factory, limits, allow_local, allow_private_networks, base_dir, s3_buckets
+        )
         return decode_image(data, limits)
     except _Refused as exc:
         raise InputImageError(ref, str(exc), index) from exc.__cause__
@@ -150,12 +152,19 @@ def _fetch_bytes(
                 "local files are not allowed on this worker; pass an s3:// or http(s):// reference "
                 "(the client uploads local files for you)"
             )
-        return _read_local(_local_path(ref, parts.netloc, parts.path if scheme == "file" else None, base_dir), limits)
+        return _read_local(
+            _local_path(ref, parts.netloc, parts.path if scheme == "file" else None, base_dir), limits
+        )
     raise _Refused(f"unsupported scheme '{scheme}://'; use s3://, http:// or https://")
 
 
-def _read_s3(ref: str, bucket: str, store_factory: StoreFactory, limits: InputLimits,
-             s3_buckets: Collection[str] | None) -> bytes:
+def _read_s3(
+    ref: str,
+    bucket: str,
+    store_factory: StoreFactory,
+    limits: InputLimits,
+    s3_buckets: Collection[str] | None,
+) -> bytes:
     if not bucket:
         raise _Refused("expected s3://bucket/key")
     allowed = configured_s3_buckets() if s3_buckets is None else s3_buckets
@@ -176,7 +185,9 @@ def _read_s3(ref: str, bucket: str, store_factory: StoreFactory, limits: InputLi
         raise _Refused(str(exc)) from exc
 
 
-def _local_path(ref: str, netloc: str, file_uri_path: str | None, base_dir: str | os.PathLike[str] | None) -> Path:
+def _local_path(
+    ref: str, netloc: str, file_uri_path: str | None, base_dir: str | os.PathLike[str] | None
+) -> Path:
     if file_uri_path is not None:
         if netloc not in {"", "localhost"}:
             raise _Refused("file:// URIs must name a local path (file:///dir/image.png)")
@@ -217,7 +228,9 @@ def decode_image(data: bytes, limits: InputLimits) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _Refused(_bomb_reason(exc, limits.max_pixels)) from exc
     except UnidentifiedImageError as exc:
-        raise _Refused(f"not a readable image: unknown or unsupported format (starts with {data[:8]!r})") from exc
+        raise _Refused(
+            f"not a readable image: unknown or unsupported format (starts with {data[:8]!r})"
+        ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _Refused(f"not a readable image: {exc}") from exc
 

@@ -39,7 +39,9 @@ _JOBS_TABLE = Job.metadata.tables[Job.__tablename__]
 # The columns a JobView is built from, and its artifacts', for the Core read path.
 _VIEW_JOB_COLUMNS = [Job.__table__.c[name] for name in JobView.model_fields if name != "artifacts"]
 _VIEW_ARTIFACT_FIELDS = list(ArtifactView.model_fields)
-_VIEW_ARTIFACT_COLUMNS = [Artifact.__table__.c[name].label(f"artifact_{name}") for name in _VIEW_ARTIFACT_FIELDS]
+_VIEW_ARTIFACT_COLUMNS = [
+    Artifact.__table__.c[name].label(f"artifact_{name}") for name in _VIEW_ARTIFACT_FIELDS
+]
 
 
 class JobNotFound(LookupError):
@@ -98,16 +100,23 @@ def _views_from_rows(rows: Iterable[sa.Row[Any]]) -> dict[str, JobView]:
         data = row._mapping
         entry = grouped.get(data["id"])
         if entry is None:
-            entry = grouped[data["id"]] = ({column.name: data[column.name] for column in _VIEW_JOB_COLUMNS}, [])
+            entry = grouped[data["id"]] = (
+                {column.name: data[column.name] for column in _VIEW_JOB_COLUMNS},
+                [],
+            )
         if data["artifact_index"] is not None:
             entry[1].append({name: data[f"artifact_{name}"] for name in _VIEW_ARTIFACT_FIELDS})
-    return {job_id: JobView.model_validate({**job, "artifacts": arts}) for job_id, (job, arts) in grouped.items()}
+    return {
+        job_id: JobView.model_validate({**job, "artifacts": arts}) for job_id, (job, arts) in grouped.items()
+    }
 
 
 _MARK_PUBLISHED = (
     sa.update(Job)
-    .where(Job.id.in_(sa.bindparam("job_ids", expanding=True)),
-           Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+    .where(
+        Job.id.in_(sa.bindparam("job_ids", expanding=True)),
+        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+    )
     .values(published_at=sa.bindparam("now"))
 )
 _MARK_PUBLISHED_BY_DIALECT: dict[str, Any] = {}
@@ -121,8 +130,9 @@ def _mark_published_statement(conn: sa.Connection) -> Any:
     return _MARK_PUBLISHED_BY_DIALECT[dialect]
 
 
-def _new_values(spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None,
-                seed: int | None = None) -> dict[str, Any]:
+def _new_values(
+    spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """Every column of a new queued row (also what its JobView is built from, without a read back)."""
     params = spec.params
     return {
@@ -132,7 +142,9 @@ def _new_values(spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | Non
         "status": JobStatus.QUEUED.value,
         "spec": spec.model_dump(mode="json"),
         # Drawn now, not at run time, so a redelivered or re-run job reproduces the same image.
-        "seed": params.seed if params.seed is not None else (seed if seed is not None else secrets.randbelow(SEED_RANGE)),
+        "seed": params.seed
+        if params.seed is not None
+        else (seed if seed is not None else secrets.randbelow(SEED_RANGE)),
         "priority": spec.priority,
         "idempotency_key": spec.idempotency_key,
         "attempts": 0,
@@ -158,8 +170,9 @@ def _new_values(spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | Non
     }
 
 
-def _new_row(spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None,
-             seed: int | None = None) -> Job:
+def _new_row(
+    spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None, seed: int | None = None
+) -> Job:
     return Job(**_new_values(spec, max_attempts, retry_of, seed))
 
 
@@ -248,8 +261,11 @@ class JobStore:
     def get_many(self, job_ids: Sequence[str]) -> list[JobView]:
         """Jobs in the order asked; raises JobNotFound for the first unknown id."""
         ids = list(job_ids)
-        found = (self._db.read(lambda conn: _views_from_rows(conn.execute(_VIEW_MANY, {"job_ids": ids})))
-                 if ids else {})
+        found = (
+            self._db.read(lambda conn: _views_from_rows(conn.execute(_VIEW_MANY, {"job_ids": ids})))
+            if ids
+            else {}
+        )
         missing = [job_id for job_id in ids if job_id not in found]
         if missing:
             raise JobNotFound(missing[0])
@@ -291,12 +307,21 @@ class JobStore:
         with self._db.transaction() as session:
             session.execute(
                 sa.update(Job)
-                .where(Job.id == job_id, sa.or_(
-                    Job.status == JobStatus.QUEUED.value,
-                    sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < claims.db_now_plus()),
-                ))
-                .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now,
-                        lease_expires_at=None)
+                .where(
+                    Job.id == job_id,
+                    sa.or_(
+                        Job.status == JobStatus.QUEUED.value,
+                        sa.and_(
+                            Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < claims.db_now_plus()
+                        ),
+                    ),
+                )
+                .values(
+                    status=JobStatus.CANCELLED.value,
+                    cancel_requested=True,
+                    finished_at=now,
+                    lease_expires_at=None,
+                )
                 .execution_options(synchronize_session=False)
             )
             session.execute(
@@ -326,7 +351,9 @@ class JobStore:
             if old is None:
                 raise JobNotFound(job_id)
             if old.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
-                raise InvalidTransition(f"job {job_id} is {old.status}; only failed or cancelled jobs can be retried")
+                raise InvalidTransition(
+                    f"job {job_id} is {old.status}; only failed or cancelled jobs can be retried"
+                )
             live = _live_retry(session, old)
             if live is not None:
                 return Submitted(_view(live), False)
@@ -343,7 +370,9 @@ class JobStore:
         outcome = self.claim_or_refusal(job_id, worker_id, lease_seconds)
         return outcome if isinstance(outcome, ClaimedJob) else None
 
-    def claim_or_refusal(self, job_id: str, worker_id: str, lease_seconds: float) -> ClaimedJob | ClaimRefusal:
+    def claim_or_refusal(
+        self, job_id: str, worker_id: str, lease_seconds: float
+    ) -> ClaimedJob | ClaimRefusal:
         # Durable: the claim is one conditional UPDATE ... RETURNING, atomic in autocommit too.
         return self._db.write_one(lambda conn: claims.claim(conn, job_id, worker_id, lease_seconds))
 
@@ -374,11 +403,19 @@ class JobStore:
         commit whose reply was lost return False (the job is already succeeded), never a
         second completion.
         """
+
         def work(session: Session) -> bool:
             done = claims.finish(
-                session, job_id, worker_id, JobStatus.SUCCEEDED,
-                seed=seed, width=width, height=height, provenance=provenance,
-                error_type=None, error_message=None,
+                session,
+                job_id,
+                worker_id,
+                JobStatus.SUCCEEDED,
+                seed=seed,
+                width=width,
+                height=height,
+                provenance=provenance,
+                error_type=None,
+                error_message=None,
                 progress_step=Job.progress_total,  # the runner skips the last progress write
             )
             if done:
@@ -387,36 +424,61 @@ class JobStore:
 
         return self._db.transaction(work)
 
-    def finish_failed(self, job_id: str, worker_id: str, *, error_type: str, error_message: str,
-                      error_class: ErrorClass = ErrorClass.PERMANENT) -> bool:
-        return self._db.transaction(lambda session: claims.finish(
-            session, job_id, worker_id, JobStatus.FAILED, error_type=error_type[:255], error_message=error_message,
-            error_class=error_class.value,
-        ))
+    def finish_failed(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        error_type: str,
+        error_message: str,
+        error_class: ErrorClass = ErrorClass.PERMANENT,
+    ) -> bool:
+        return self._db.transaction(
+            lambda session: claims.finish(
+                session,
+                job_id,
+                worker_id,
+                JobStatus.FAILED,
+                error_type=error_type[:255],
+                error_message=error_message,
+                error_class=error_class.value,
+            )
+        )
 
-    def requeue(self, job_id: str, worker_id: str, *, delay_seconds: float, error_type: str,
-                error_message: str) -> bool:
+    def requeue(
+        self, job_id: str, worker_id: str, *, delay_seconds: float, error_type: str, error_message: str
+    ) -> bool:
         """Hand an owned job back to the queue after an infrastructure fault (`claims.requeue`)."""
         available_at = utcnow() + timedelta(seconds=delay_seconds)
-        return self._db.transaction(lambda session: claims.requeue(
-            session, job_id, worker_id, available_at=available_at, error_type=error_type[:255],
-            error_message=error_message,
-        ))
+        return self._db.transaction(
+            lambda session: claims.requeue(
+                session,
+                job_id,
+                worker_id,
+                available_at=available_at,
+                error_type=error_type[:255],
+                error_message=error_message,
+            )
+        )
 
-    def fail_killed_process_job(self, job_id: str, worker_id_prefix: str, *, error_type: str,
-                                error_message: str) -> bool:
+    def fail_killed_process_job(
+        self, job_id: str, worker_id_prefix: str, *, error_type: str, error_message: str
+    ) -> bool:
         with self._db.transaction() as session:
-            return claims.fail_killed_process_job(session, job_id, worker_id_prefix, error_type=error_type[:255],
-                                                  error_message=error_message)
+            return claims.fail_killed_process_job(
+                session, job_id, worker_id_prefix, error_type=error_type[:255], error_message=error_message
+            )
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
         return self._db.transaction(
-                              lambda session: claims.finish(session, job_id, worker_id, JobStatus.CANCELLED))
+            lambda session: claims.finish(session, job_id, worker_id, JobStatus.CANCELLED)
+        )
 
     # ---- sweeper side --------------------------------------------------------------------
 
-    def sweep_candidates(self, *, publish_grace_seconds: float, republish_stale_seconds: float | None = None,
-                         limit: int = 500) -> SweepCandidates:
+    def sweep_candidates(
+        self, *, publish_grace_seconds: float, republish_stale_seconds: float | None = None, limit: int = 500
+    ) -> SweepCandidates:
         """What the sweeper must publish, oldest first, at most `limit` of each kind:
 
         - unpublished: queued jobs never published past the grace (the producer died or its
@@ -432,28 +494,37 @@ class JobStore:
         now = utcnow()
         horizon = now - timedelta(seconds=publish_grace_seconds)
         unpublished = sa.and_(
-            Job.status == JobStatus.QUEUED.value, Job.published_at.is_(None),
+            Job.status == JobStatus.QUEUED.value,
+            Job.published_at.is_(None),
             sa.or_(sa.and_(Job.available_at.is_(None), Job.created_at < horizon), Job.available_at <= now),
         )
         # Leases are judged on the database's clock, as the claim judges them (docs/jobs.md, "Clocks").
         expired = sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < claims.db_now_plus())
-        stale_at = None if republish_stale_seconds is None else now - timedelta(seconds=republish_stale_seconds)
+        stale_at = (
+            None if republish_stale_seconds is None else now - timedelta(seconds=republish_stale_seconds)
+        )
 
         def scan(conn: sa.Connection) -> SweepCandidates:
             # Autocommit on PostgreSQL: three statements, no BEGIN/ROLLBACK round trips.
             return SweepCandidates(
                 unpublished=self._targets(conn, unpublished, Job.created_at, limit),
-                stale=[] if stale_at is None else self._targets(
-                    conn, sa.and_(Job.status == JobStatus.QUEUED.value, Job.published_at < stale_at),
-                    Job.published_at, limit),
+                stale=[]
+                if stale_at is None
+                else self._targets(
+                    conn,
+                    sa.and_(Job.status == JobStatus.QUEUED.value, Job.published_at < stale_at),
+                    Job.published_at,
+                    limit,
+                ),
                 expired=self._targets(conn, expired, Job.lease_expires_at, limit),
             )
 
         return self._db.read(scan)
 
     @staticmethod
-    def _targets(conn: sa.Connection, where: sa.ColumnElement[bool], order: Any,
-                 limit: int) -> builtins.list[PublishTarget]:
+    def _targets(
+        conn: sa.Connection, where: sa.ColumnElement[bool], order: Any, limit: int
+    ) -> builtins.list[PublishTarget]:
         # A job that already ran once (a crash, a fault hand-back) goes ahead of new work.
         urgent = sa.case((Job.attempts > 0, MAX_PRIORITY), else_=Job.priority)
         query = sa.select(Job.id, Job.model_name, urgent).where(where).order_by(order).limit(limit)
@@ -474,7 +545,11 @@ class JobStore:
         with self._db.transaction() as session:
             result = session.execute(
                 sa.update(Job)
-                .where(Job.status == JobStatus.QUEUED.value, Job.published_at.is_not(None), Job.published_at <= now)
+                .where(
+                    Job.status == JobStatus.QUEUED.value,
+                    Job.published_at.is_not(None),
+                    Job.published_at <= now,
+                )
                 .values(published_at=None, available_at=now)
                 .execution_options(synchronize_session=False)
             )
@@ -488,8 +563,9 @@ class JobStore:
         prefix = prefix.lower()
         if not prefix or any(char not in "0123456789abcdef-" for char in prefix):
             return []  # job ids are UUIDs: nothing else can match (and no LIKE wildcard gets in)
-        query = (sa.select(Job.id).where(Job.id >= prefix, Job.id.like(f"{prefix}%"))
-                 .order_by(Job.id).limit(limit))
+        query = (
+            sa.select(Job.id).where(Job.id >= prefix, Job.id.like(f"{prefix}%")).order_by(Job.id).limit(limit)
+        )
         return self._db.read(lambda conn: [str(job_id) for job_id in conn.scalars(query)])
 
 
@@ -517,9 +593,11 @@ def _live_retry(session: Session, job: Job) -> Job | None:
     family: list[Job] = []
     level = [root.id]
     while level:
-        children = list(session.scalars(
-            sa.select(Job).where(Job.retry_of.in_(level)).options(selectinload(Job.artifacts))
-        ))
+        children = list(
+            session.scalars(
+                sa.select(Job).where(Job.retry_of.in_(level)).options(selectinload(Job.artifacts))
+            )
+        )
         family.extend(children)
         level = [child.id for child in children]
     live = [j for j in family if j.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value)]

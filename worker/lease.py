@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
-    def __init__(self, store: JobStore, job_id: str, worker_id: str, *, lease_seconds: float,
-                 heartbeat_seconds: float) -> None:
+    def __init__(
+        self, store: JobStore, job_id: str, worker_id: str, *, lease_seconds: float, heartbeat_seconds: float
+    ) -> None:
         self._store = store
         self._job_id = job_id
         self._worker_id = worker_id
@@ -38,8 +39,9 @@ class LeaseKeeper:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._stopped.set()
         self._thread.join(timeout=self._heartbeat_seconds + 5)
 
@@ -71,8 +73,9 @@ class ProgressReporter:
     the total in the same statement. Cancel requests are still seen by the lease heartbeat.
     """
 
-    def __init__(self, store: JobStore, job_id: str, worker_id: str, lease: LeaseKeeper,
-                 interval_seconds: float) -> None:
+    def __init__(
+        self, store: JobStore, job_id: str, worker_id: str, lease: LeaseKeeper, interval_seconds: float
+    ) -> None:
         self._store = store
         self._job_id = job_id
         self._worker_id = worker_id

@@ -26,9 +26,17 @@ from worker.settings import Settings, load_settings
 Pool = Literal["prefork", "solo", "threads"]
 
 
-def worker_argv(model_name: str, *, pool: Pool = "prefork", concurrency: int = 1, loglevel: str = "INFO",
-                sweeper: bool = False, beat: bool = False, node_name: str | None = None,
-                extra_args: Sequence[str] = ()) -> list[str]:
+def worker_argv(
+    model_name: str,
+    *,
+    pool: Pool = "prefork",
+    concurrency: int = 1,
+    loglevel: str = "INFO",
+    sweeper: bool = False,
+    beat: bool = False,
+    node_name: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
     if not MODEL_NAME_PATTERN.match(model_name):
         raise ValueError(f"--model_name {model_name!r}: use letters, digits, '_', '.' and '-' only")
     if concurrency != 1:
@@ -37,18 +45,41 @@ def worker_argv(model_name: str, *, pool: Pool = "prefork", concurrency: int = 1
 
     queues = [queue_name(model_name)] + ([SWEEP_QUEUE] if sweeper else [])
     node = node_name or f"{model_name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-    argv = ["worker", "-Q", ",".join(queues), "--pool", pool, "--concurrency", str(concurrency),
-            "--prefetch-multiplier", "1", "--loglevel", loglevel, "-n", node, "--without-gossip",
-            "--without-mingle"]
+    argv = [
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        loglevel,
+        "-n",
+        node,
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if beat:
         argv.append("--beat")
     return [*argv, *extra_args]
 
 
-def start_worker(model_name: str, settings: Settings | None = None, *, pool: Pool = "prefork",
-                 concurrency: int = 1, loglevel: str = "INFO", sweeper: bool = False, beat: bool = False,
-                 node_name: str | None = None, extra_args: Sequence[str] = (),
-                 preflight: bool = True) -> None:
+def start_worker(
+    model_name: str,
+    settings: Settings | None = None,
+    *,
+    pool: Pool = "prefork",
+    concurrency: int = 1,
+    loglevel: str = "INFO",
+    sweeper: bool = False,
+    beat: bool = False,
+    node_name: str | None = None,
+    extra_args: Sequence[str] = (),
+    preflight: bool = True,
+) -> None:
     """Run a worker in this process until it is shut down (SIGTERM: warm, finishes the job).
 
     First the preflight (unless `preflight=False` or DG_SKIP_PREFLIGHT=1): `worker.preflight.PreflightError`
@@ -56,8 +87,16 @@ def start_worker(model_name: str, settings: Settings | None = None, *, pool: Poo
     """
     settings = settings or load_settings()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a worker never downloads weights
-    argv = worker_argv(model_name, pool=pool, concurrency=concurrency, loglevel=loglevel, sweeper=sweeper,
-                       beat=beat, node_name=node_name, extra_args=extra_args)
+    argv = worker_argv(
+        model_name,
+        pool=pool,
+        concurrency=concurrency,
+        loglevel=loglevel,
+        sweeper=sweeper,
+        beat=beat,
+        node_name=node_name,
+        extra_args=extra_args,
+    )
     from worker.preflight import SKIP_VARIABLE, check_in_subprocess, skip_requested
 
     if not preflight or skip_requested():

@@ -43,29 +43,47 @@ WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 JOBS_FINISHED = Counter(
-    "diffgentor_jobs_finished", "Deliveries handled, by model and outcome "
+    "diffgentor_jobs_finished",
+    "Deliveries handled, by model and outcome "
     "(succeeded, failed, cancelled, skipped = duplicate/finished/poison, lost = taken over)",
-    ["model", "status"], registry=REGISTRY,
+    ["model", "status"],
+    registry=REGISTRY,
 )
 JOB_RUN_SECONDS = Histogram(
-    "diffgentor_job_run_seconds", "Wall time of one delivery in the worker, claim to completion",
-    ["model", "status"], buckets=RUN_BUCKETS, registry=REGISTRY,
+    "diffgentor_job_run_seconds",
+    "Wall time of one delivery in the worker, claim to completion",
+    ["model", "status"],
+    buckets=RUN_BUCKETS,
+    registry=REGISTRY,
 )
 JOB_QUEUE_WAIT_SECONDS = Histogram(
-    "diffgentor_job_queue_wait_seconds", "Time from publish (or creation) to the claim by this worker",
-    ["model"], buckets=WAIT_BUCKETS, registry=REGISTRY,
+    "diffgentor_job_queue_wait_seconds",
+    "Time from publish (or creation) to the claim by this worker",
+    ["model"],
+    buckets=WAIT_BUCKETS,
+    registry=REGISTRY,
 )
 MODEL_LOAD_SECONDS = Gauge(
-    "diffgentor_model_load_seconds", "Duration of the last model load in this process", ["model"], registry=REGISTRY,
+    "diffgentor_model_load_seconds",
+    "Duration of the last model load in this process",
+    ["model"],
+    registry=REGISTRY,
 )
 MODEL_LOADS = Counter("diffgentor_model_loads", "Model loads in this process", ["model"], registry=REGISTRY)
 STEPS_PER_SECOND = Gauge(
-    "diffgentor_steps_per_second", "Denoising steps per second of the last generation", ["model"], registry=REGISTRY,
+    "diffgentor_steps_per_second",
+    "Denoising steps per second of the last generation",
+    ["model"],
+    registry=REGISTRY,
 )
-WORKER_BUSY = Gauge("diffgentor_worker_busy", "1 while a delivery is being handled", ["model"], registry=REGISTRY)
+WORKER_BUSY = Gauge(
+    "diffgentor_worker_busy", "1 while a delivery is being handled", ["model"], registry=REGISTRY
+)
 LAST_JOB_FINISHED = Gauge(
-    "diffgentor_worker_last_job_finished_timestamp_seconds", "Unix time the last delivery was handled",
-    ["model"], registry=REGISTRY,
+    "diffgentor_worker_last_job_finished_timestamp_seconds",
+    "Unix time the last delivery was handled",
+    ["model"],
+    registry=REGISTRY,
 )
 
 
@@ -76,8 +94,14 @@ class QueueDepthCollector(Collector):
     and Redis is not asked again before `retry_seconds` x 1, 2, 4 (consecutive failures).
     """
 
-    def __init__(self, broker_url: str, queues: Sequence[str], priority_steps: Iterable[int] = (0, 3, 6, 9),
-                 timeout_seconds: float = 1.0, retry_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        queues: Sequence[str],
+        priority_steps: Iterable[int] = (0, 3, 6, 9),
+        timeout_seconds: float = 1.0,
+        retry_seconds: float = 5.0,
+    ) -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -87,9 +111,12 @@ class QueueDepthCollector(Collector):
         self._priorities = [p for p in priority_steps if p]
         # A short timeout and no client-side retries: a scrape must answer even while Redis is
         # unreachable (the back-off below decides when to try again).
-        self._redis = redis.Redis.from_url(broker_url, socket_timeout=timeout_seconds,
-                                           socket_connect_timeout=timeout_seconds,
-                                           retry=Retry(NoBackoff(), 0))
+        self._redis = redis.Redis.from_url(
+            broker_url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 0),
+        )
         self._backoff = Backoff(f"queue depth read from the broker for {', '.join(self.queues) or '-'}", log)
         self._next_read = 0.0  # time.monotonic() before which Redis is not asked (back-off)
 
@@ -106,8 +133,11 @@ class QueueDepthCollector(Collector):
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        depth = GaugeMetricFamily("diffgentor_queue_depth", "Messages waiting in Redis per model queue "
-                                  "(all priority sub-lists)", labels=["queue"])
+        depth = GaugeMetricFamily(
+            "diffgentor_queue_depth",
+            "Messages waiting in Redis per model queue (all priority sub-lists)",
+            labels=["queue"],
+        )
         up = GaugeMetricFamily("diffgentor_broker_up", "1 if the broker answered the queue-depth read")
         return depth, up
 
@@ -156,10 +186,16 @@ class AcceleratorMemoryCollector(Collector):
         try:
             if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
                 return
-            allocated = GaugeMetricFamily("diffgentor_accelerator_max_allocated_bytes",
-                                          "torch.cuda.max_memory_allocated per device", labels=["device"])
-            reserved = GaugeMetricFamily("diffgentor_accelerator_max_reserved_bytes",
-                                         "torch.cuda.max_memory_reserved per device", labels=["device"])
+            allocated = GaugeMetricFamily(
+                "diffgentor_accelerator_max_allocated_bytes",
+                "torch.cuda.max_memory_allocated per device",
+                labels=["device"],
+            )
+            reserved = GaugeMetricFamily(
+                "diffgentor_accelerator_max_reserved_bytes",
+                "torch.cuda.max_memory_reserved per device",
+                labels=["device"],
+            )
             for index in range(torch.cuda.device_count()):
                 allocated.add_metric([f"cuda:{index}"], torch.cuda.max_memory_allocated(index))
                 reserved.add_metric([f"cuda:{index}"], torch.cuda.max_memory_reserved(index))
@@ -175,6 +211,7 @@ REGISTRY.register(AcceleratorMemoryCollector())
 
 
 # ---- recording ------------------------------------------------------------------------------
+
 
 def job_started(model: str) -> None:
     WORKER_BUSY.labels(model).set(1)
@@ -213,7 +250,9 @@ class InstrumentedEngine:
         return getattr(self._engine, name)
 
 
-def instrument_engine(factory: Callable[[], Any], model: str | None = None) -> Callable[[], InstrumentedEngine]:
+def instrument_engine(
+    factory: Callable[[], Any], model: str | None = None
+) -> Callable[[], InstrumentedEngine]:
     """A factory that times the model load and returns an instrumented engine."""
 
     def load() -> InstrumentedEngine:
@@ -250,8 +289,9 @@ def metrics_port(environ: dict[str, str] | None = None) -> int:
     return port
 
 
-def start_exporter(model: str, queues: Sequence[str], broker_url: str | None, port: int,
-                   addr: str = "0.0.0.0") -> Any:
+def start_exporter(
+    model: str, queues: Sequence[str], broker_url: str | None, port: int, addr: str = "0.0.0.0"
+) -> Any:
     """Serve REGISTRY on `port` from this process (call it in the process that runs jobs)."""
     global _model, _exporter
     _model = model

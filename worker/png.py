@@ -50,8 +50,14 @@ def generation_metadata(
     * ``parameters``: the A1111-style plain text other tools show (`a1111_parameters`);
     * ``prompt``, ``seed``, ``model``, ``job_id`` (and ``extra``) as plain keys, for simple readers.
     """
-    record = {"prompt": prompt, "parameters": dict(parameters), "seed": seed, "model": model,
-              "job_id": str(job_id), **extra}
+    record = {
+        "prompt": prompt,
+        "parameters": dict(parameters),
+        "seed": seed,
+        "model": model,
+        "job_id": str(job_id),
+        **extra,
+    }
     return {
         METADATA_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
         A1111_KEY: a1111_parameters(prompt, parameters, seed=seed, model=model),
@@ -146,8 +152,13 @@ def read_generation_metadata(data: bytes) -> dict[str, Any]:
     except ValueError:
         parameters = {}
     seed = text.get("seed", "")
-    return {"prompt": text.get("prompt"), "parameters": parameters if isinstance(parameters, dict) else {},
-            "seed": int(seed) if seed.isdigit() else None, "model": text.get("model"), "job_id": text.get("job_id")}
+    return {
+        "prompt": text.get("prompt"),
+        "parameters": parameters if isinstance(parameters, dict) else {},
+        "seed": int(seed) if seed.isdigit() else None,
+        "model": text.get("model"),
+        "job_id": text.get("job_id"),
+    }
 
 
 def png_info(data: bytes) -> PngSummary:

@@ -63,13 +63,23 @@ class CeleryPublisher:
             for target in targets:
                 queue = queue_name(target.model_name)
                 message = amqp.create_task_message(
-                    target.job_id, RUN_JOB_TASK_NAME, [target.job_id], {}, ignore_result=True,
+                    target.job_id,
+                    RUN_JOB_TASK_NAME,
+                    [target.job_id],
+                    {},
+                    ignore_result=True,
                 )
                 declare = None if queue in declared else [amqp.queues[queue]]
                 declared.add(queue)
                 producer.publish(
-                    message.body, exchange="", routing_key=queue, serializer="json", headers=message.headers,
-                    priority=redis_priority(target.priority), retry=False, declare=declare,
+                    message.body,
+                    exchange="",
+                    routing_key=queue,
+                    serializer="json",
+                    headers=message.headers,
+                    priority=redis_priority(target.priority),
+                    retry=False,
+                    declare=declare,
                     **message.properties,
                 )
 

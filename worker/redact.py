@@ -45,7 +45,7 @@ def redact_userinfo(url: str) -> str:
     colon = user.end() if user else start
     if colon >= len(url) or url[colon] != ":":
         return url  # no `user:` prefix, so no password
-    rest = url[colon + 1:]
+    rest = url[colon + 1 :]
     head = re.split(r"[?#]", rest, maxsplit=1)[0]
     at = head.rfind("@")
     if at < 0:
@@ -55,7 +55,7 @@ def redact_userinfo(url: str) -> str:
     first_segment = rest.split("/", 1)[0]
     if "@" not in first_segment and _PORT.fullmatch(first_segment):
         return url  # host:port followed by a path that contains an `@`
-    return f"{url[:colon + 1]}{REDACTED}{rest[at:]}"
+    return f"{url[: colon + 1]}{REDACTED}{rest[at:]}"
 
 
 def redact_url(url: str) -> str:

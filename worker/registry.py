@@ -74,9 +74,21 @@ class WorkerView:
 
 
 def _view(row: WorkerRecord) -> WorkerView:
-    return WorkerView(row.worker_id, row.hostname, row.pid, row.model_name, row.queue, row.started_at,
-                      row.heartbeat_at, row.current_job_id, row.jobs_done, row.last_job_at, row.node,
-                      row.role or WORKER_ROLE, row.sweep_interval_seconds)
+    return WorkerView(
+        row.worker_id,
+        row.hostname,
+        row.pid,
+        row.model_name,
+        row.queue,
+        row.started_at,
+        row.heartbeat_at,
+        row.current_job_id,
+        row.jobs_done,
+        row.last_job_at,
+        row.node,
+        row.role or WORKER_ROLE,
+        row.sweep_interval_seconds,
+    )
 
 
 def expire_seconds() -> float:
@@ -110,9 +122,17 @@ class WorkerRegistry:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
 
-    def register(self, worker_id: str, *, model_name: str, queue: str, hostname: str | None = None,
-                 pid: int | None = None, node: str | None = None,
-                 replace_stale_seconds: float = MIN_STALE_SECONDS) -> list[str]:
+    def register(
+        self,
+        worker_id: str,
+        *,
+        model_name: str,
+        queue: str,
+        hostname: str | None = None,
+        pid: int | None = None,
+        node: str | None = None,
+        replace_stale_seconds: float = MIN_STALE_SECONDS,
+    ) -> list[str]:
         """(Re)insert this process's row; with `node`, delete the rows of that node it replaces.
 
         Replaced = another row of the same node (role worker) whose heartbeat is older than
@@ -129,30 +149,48 @@ class WorkerRegistry:
             # Write first (no SELECT as merge() would do): on SQLite a transaction that reads
             # and then writes fails at once with "database is locked" if another writer won.
             session.execute(sa.delete(WorkerRecord).where(WorkerRecord.worker_id.in_([worker_id, *replaced])))
-            session.add(WorkerRecord(
-                worker_id=worker_id, node=node, role=WORKER_ROLE, hostname=hostname, pid=pid,
-                model_name=model_name, queue=queue, started_at=now, heartbeat_at=now,
-                current_job_id=None, jobs_done=0, last_job_at=None,
-            ))
+            session.add(
+                WorkerRecord(
+                    worker_id=worker_id,
+                    node=node,
+                    role=WORKER_ROLE,
+                    hostname=hostname,
+                    pid=pid,
+                    model_name=model_name,
+                    queue=queue,
+                    started_at=now,
+                    heartbeat_at=now,
+                    current_job_id=None,
+                    jobs_done=0,
+                    last_job_at=None,
+                )
+            )
         if replaced:
             log.info("worker %s replaces %s of node %s", worker_id, ", ".join(replaced), node)
         return replaced
 
-    def _replaced_rows(self, worker_id: str, node: str | None, hostname: str, pid: int,
-                       stale_before: datetime) -> list[str]:
+    def _replaced_rows(
+        self, worker_id: str, node: str | None, hostname: str, pid: int, stale_before: datetime
+    ) -> list[str]:
         if not node:
             return []
-        query = sa.select(WorkerRecord.worker_id, WorkerRecord.hostname, WorkerRecord.pid,
-                          WorkerRecord.heartbeat_at).where(
-            WorkerRecord.node == node, WorkerRecord.role == WORKER_ROLE, WorkerRecord.worker_id != worker_id)
+        query = sa.select(
+            WorkerRecord.worker_id, WorkerRecord.hostname, WorkerRecord.pid, WorkerRecord.heartbeat_at
+        ).where(
+            WorkerRecord.node == node, WorkerRecord.role == WORKER_ROLE, WorkerRecord.worker_id != worker_id
+        )
         with self._sessions() as session:  # read in its own transaction (see register)
             rows = session.execute(query).all()
-        return [other for other, other_host, other_pid, beat in rows
-                if beat < stale_before
-                or (other_host == hostname and (other_pid == pid or not _pid_alive(other_pid)))]
+        return [
+            other
+            for other, other_host, other_pid, beat in rows
+            if beat < stale_before
+            or (other_host == hostname and (other_pid == pid or not _pid_alive(other_pid)))
+        ]
 
-    def heartbeat(self, worker_id: str, *, current_job_id: str | None, jobs_done: int,
-                  last_job_at: datetime | None) -> bool:
+    def heartbeat(
+        self, worker_id: str, *, current_job_id: str | None, jobs_done: int, last_job_at: datetime | None
+    ) -> bool:
         """False when the row is gone (expired by another worker): the caller registers again."""
         # A delivery may carry an id with no row (malformed, deleted job): the sub-select turns
         # it into NULL instead of breaking the foreign key.
@@ -160,17 +198,25 @@ class WorkerRegistry:
         # A lost heartbeat is rewritten a beat later, so it need not wait for the WAL flush
         # (and does not queue behind the job's own durable commits on the same disk).
         with self._sessions.begin() as session:
-            result = session.execute(relaxed(
-                sa.update(WorkerRecord).where(WorkerRecord.worker_id == worker_id)
-                .values(heartbeat_at=utcnow(), current_job_id=job if current_job_id else None,
-                        jobs_done=jobs_done, last_job_at=last_job_at)
-                .execution_options(synchronize_session=False),
-                session,
-            ))
+            result = session.execute(
+                relaxed(
+                    sa.update(WorkerRecord)
+                    .where(WorkerRecord.worker_id == worker_id)
+                    .values(
+                        heartbeat_at=utcnow(),
+                        current_job_id=job if current_job_id else None,
+                        jobs_done=jobs_done,
+                        last_job_at=last_job_at,
+                    )
+                    .execution_options(synchronize_session=False),
+                    session,
+                )
+            )
             return bool(rowcount(result))
 
-    def record_sweep(self, sweeper_id: str, *, interval_seconds: float, hostname: str | None = None,
-                     pid: int | None = None) -> None:
+    def record_sweep(
+        self, sweeper_id: str, *, interval_seconds: float, hostname: str | None = None, pid: int | None = None
+    ) -> None:
         """A sweeper finished a sweep now: upsert its row (role "sweeper").
 
         `heartbeat_at` is the time of the last finished sweep and `sweep_interval_seconds` the
@@ -185,33 +231,55 @@ class WorkerRegistry:
         expired = self._expired_sweepers(sweeper_id, now)
         with self._sessions.begin() as session:
             if expired:
-                session.execute(sa.delete(WorkerRecord).where(WorkerRecord.worker_id.in_(expired),
-                                                              WorkerRecord.role == SWEEPER_ROLE))
+                session.execute(
+                    sa.delete(WorkerRecord).where(
+                        WorkerRecord.worker_id.in_(expired), WorkerRecord.role == SWEEPER_ROLE
+                    )
+                )
             result = session.execute(
                 sa.update(WorkerRecord)
                 .where(WorkerRecord.worker_id == sweeper_id, WorkerRecord.role == SWEEPER_ROLE)
-                .values(**values).execution_options(synchronize_session=False))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
             if not rowcount(result):
-                session.add(WorkerRecord(
-                    worker_id=sweeper_id, node=None, role=SWEEPER_ROLE,
-                    hostname=hostname or socket.gethostname(), pid=pid or os.getpid(),
-                    model_name=SWEEPER_MODEL, queue=SWEEPER_QUEUE, started_at=now,
-                    current_job_id=None, jobs_done=0, last_job_at=None, **values,
-                ))
+                session.add(
+                    WorkerRecord(
+                        worker_id=sweeper_id,
+                        node=None,
+                        role=SWEEPER_ROLE,
+                        hostname=hostname or socket.gethostname(),
+                        pid=pid or os.getpid(),
+                        model_name=SWEEPER_MODEL,
+                        queue=SWEEPER_QUEUE,
+                        started_at=now,
+                        current_job_id=None,
+                        jobs_done=0,
+                        last_job_at=None,
+                        **values,
+                    )
+                )
         if expired:
             log.info("expired %d silent sweeper entries: %s", len(expired), ", ".join(expired))
 
     def _expired_sweepers(self, sweeper_id: str, now: datetime) -> list[str]:
         horizon = expire_seconds()
         query = sa.select(
-            WorkerRecord.worker_id, WorkerRecord.heartbeat_at, WorkerRecord.sweep_interval_seconds,
+            WorkerRecord.worker_id,
+            WorkerRecord.heartbeat_at,
+            WorkerRecord.sweep_interval_seconds,
         ).where(
-            WorkerRecord.role == SWEEPER_ROLE, WorkerRecord.worker_id != sweeper_id,
-            WorkerRecord.heartbeat_at < now - timedelta(seconds=horizon))
+            WorkerRecord.role == SWEEPER_ROLE,
+            WorkerRecord.worker_id != sweeper_id,
+            WorkerRecord.heartbeat_at < now - timedelta(seconds=horizon),
+        )
         with self._sessions() as session:
             rows = session.execute(query).all()
-        return [other for other, beat, interval in rows
-                if (now - beat).total_seconds() > max(horizon, 3 * (interval or 0))]
+        return [
+            other
+            for other, beat, interval in rows
+            if (now - beat).total_seconds() > max(horizon, 3 * (interval or 0))
+        ]
 
     def unregister(self, worker_id: str) -> None:
         """Delete the row of this worker or sweeper (a clean stop)."""
@@ -222,15 +290,26 @@ class WorkerRegistry:
         """Delete worker rows silent for longer than this (sweeper rows are not touched)."""
         horizon = utcnow() - timedelta(seconds=older_than_seconds)
         with self._sessions.begin() as session:
-            result = session.execute(sa.delete(WorkerRecord).where(WorkerRecord.heartbeat_at < horizon,
-                                                                   WorkerRecord.role == WORKER_ROLE))
+            result = session.execute(
+                sa.delete(WorkerRecord).where(
+                    WorkerRecord.heartbeat_at < horizon, WorkerRecord.role == WORKER_ROLE
+                )
+            )
             return rowcount(result)
 
-    def list(self, *, model_name: str | None = None, worker_id: str | None = None,
-             nodes: Sequence[str] | None = None) -> list[WorkerView]:
+    def list(
+        self,
+        *,
+        model_name: str | None = None,
+        worker_id: str | None = None,
+        nodes: Sequence[str] | None = None,
+    ) -> list[WorkerView]:
         """Worker rows (never sweepers), by model and start time."""
-        query = (sa.select(WorkerRecord).where(WorkerRecord.role == WORKER_ROLE)
-                 .order_by(WorkerRecord.model_name, WorkerRecord.started_at))
+        query = (
+            sa.select(WorkerRecord)
+            .where(WorkerRecord.role == WORKER_ROLE)
+            .order_by(WorkerRecord.model_name, WorkerRecord.started_at)
+        )
         if model_name is not None:
             query = query.where(WorkerRecord.model_name == model_name)
         if worker_id is not None:
@@ -242,8 +321,11 @@ class WorkerRegistry:
 
     def sweepers(self, *, sweeper_id: str | None = None) -> builtins.list[WorkerView]:
         """Sweeper rows, by start time (`heartbeat_at` = the last finished sweep)."""
-        query = (sa.select(WorkerRecord).where(WorkerRecord.role == SWEEPER_ROLE)
-                 .order_by(WorkerRecord.started_at, WorkerRecord.worker_id))
+        query = (
+            sa.select(WorkerRecord)
+            .where(WorkerRecord.role == SWEEPER_ROLE)
+            .order_by(WorkerRecord.started_at, WorkerRecord.worker_id)
+        )
         if sweeper_id is not None:
             query = query.where(WorkerRecord.worker_id == sweeper_id)
         with self._sessions() as session:
@@ -255,8 +337,11 @@ class WorkerRegistry:
             return {}
         query = (
             sa.select(Job.model_name, sa.func.min(Job.published_at))
-            .where(Job.status == JobStatus.QUEUED.value, Job.published_at.is_not(None),
-                   Job.model_name.in_(model_names))
+            .where(
+                Job.status == JobStatus.QUEUED.value,
+                Job.published_at.is_not(None),
+                Job.model_name.in_(model_names),
+            )
             .group_by(Job.model_name)
         )
         with self._sessions() as session:
@@ -265,11 +350,15 @@ class WorkerRegistry:
     def queue_waits(self, job_ids: builtins.list[str], worker_id: str) -> builtins.list[float]:
         """Seconds from publish (or creation) to start, for those of the jobs this worker claimed."""
         query = sa.select(Job.published_at, Job.created_at, Job.started_at).where(
-            Job.id.in_(job_ids), Job.worker_id == worker_id, Job.started_at.is_not(None))
+            Job.id.in_(job_ids), Job.worker_id == worker_id, Job.started_at.is_not(None)
+        )
         with self._sessions() as session:
             # started_at IS NOT NULL in the query: the check only narrows the type.
-            return [(started - (published or created)).total_seconds()
-                    for published, created, started in session.execute(query) if started is not None]
+            return [
+                (started - (published or created)).total_seconds()
+                for published, created, started in session.execute(query)
+                if started is not None
+            ]
 
 
 class Presence:
@@ -280,9 +369,17 @@ class Presence:
     until one succeeds; a row expired meanwhile by another worker is registered again.
     """
 
-    def __init__(self, registry: WorkerRegistry, worker_id: str, *, model_name: str, queue: str,
-                 interval_seconds: float, expire_after_seconds: float | None = None,
-                 node: str | None = None) -> None:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        worker_id: str,
+        *,
+        model_name: str,
+        queue: str,
+        interval_seconds: float,
+        expire_after_seconds: float | None = None,
+        node: str | None = None,
+    ) -> None:
         self.registry = registry
         self.worker_id = worker_id
         self.model_name = model_name
@@ -318,8 +415,7 @@ class Presence:
         try:
             self.registry.unregister(self.worker_id)
         except Exception as exc:  # the row goes stale and expires
-            log.warning("could not remove worker %s from the registry (%s)", self.worker_id,
-                        one_line(exc))
+            log.warning("could not remove worker %s from the registry (%s)", self.worker_id, one_line(exc))
 
     def job_started(self, job_id: str) -> None:
         with self._lock:
@@ -340,14 +436,22 @@ class Presence:
             current, done, last = self._current, self._jobs_done, self._last_job_at
             finished, self._finished = self._finished, []
         try:
-            if not self.registry.heartbeat(self.worker_id, current_job_id=current, jobs_done=done,
-                                           last_job_at=last):
+            if not self.registry.heartbeat(
+                self.worker_id, current_job_id=current, jobs_done=done, last_job_at=last
+            ):
                 if self._registered:
                     log.warning("worker %s was expired from the registry; registering again", self.worker_id)
-                self.registry.register(self.worker_id, model_name=self.model_name, queue=self.queue,
-                                       node=self.node, replace_stale_seconds=stale_after(self.interval))
+                self.registry.register(
+                    self.worker_id,
+                    model_name=self.model_name,
+                    queue=self.queue,
+                    node=self.node,
+                    replace_stale_seconds=stale_after(self.interval),
+                )
                 self._registered = True
-                self.registry.heartbeat(self.worker_id, current_job_id=current, jobs_done=done, last_job_at=last)
+                self.registry.heartbeat(
+                    self.worker_id, current_job_id=current, jobs_done=done, last_job_at=last
+                )
             waits = self.registry.queue_waits(finished, self.worker_id) if finished else []
         except BaseException:
             with self._lock:  # their queue waits are recorded with a later beat

@@ -42,7 +42,9 @@ class Engine(Protocol):
     @property
     def provenance(self) -> Any: ...
 
-    def generate(self, request: GenerationRequest, step_callback: StepCallback | None = None) -> GenerationResult: ...
+    def generate(
+        self, request: GenerationRequest, step_callback: StepCallback | None = None
+    ) -> GenerationResult: ...
 
 
 EngineProvider = Callable[[], Engine]
@@ -83,8 +85,15 @@ def load_deepgen_engine() -> Engine:
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, engine_provider: EngineProvider, *, store: JobStore,
-                 artifact_store: Any, input_store_factory: Callable[[str], Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine_provider: EngineProvider,
+        *,
+        store: JobStore,
+        artifact_store: Any,
+        input_store_factory: Callable[[str], Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.engine_provider = engine_provider
         self.store = store
@@ -92,8 +101,14 @@ class JobRunner:
         self.input_store_factory = input_store_factory
 
     @classmethod
-    def from_settings(cls, settings: Settings, engine_provider: EngineProvider, *,
-                      store: JobStore | None = None, artifact_store: Any = None) -> JobRunner:
+    def from_settings(
+        cls,
+        settings: Settings,
+        engine_provider: EngineProvider,
+        *,
+        store: JobStore | None = None,
+        artifact_store: Any = None,
+    ) -> JobRunner:
         """A runner on the configured database and storage (or on ones the caller already opened)."""
         from worker.jobstore import open_job_store
         from worker.storage import open_store
@@ -111,8 +126,13 @@ class JobRunner:
         def input_store(storage_url: str) -> Any:
             return open_store(storage_url, endpoint_url=settings.s3_endpoint_url)
 
-        return cls(settings, engine_provider, store=store, artifact_store=artifact_store,
-                   input_store_factory=input_store)
+        return cls(
+            settings,
+            engine_provider,
+            store=store,
+            artifact_store=artifact_store,
+            input_store_factory=input_store,
+        )
 
     def run(self, job_id: str, worker_id: str) -> RunOutcome:
         outcome = self.store.claim_or_refusal(job_id, worker_id, self.settings.lease_seconds)
@@ -120,9 +140,16 @@ class JobRunner:
             log.info("dropping delivery of job %s: %s", job_id, outcome.reason)
             return RunOutcome.SKIPPED
         claimed = outcome
-        log.info("job %s claimed by %s (attempt %d/%d)", job_id, worker_id, claimed.attempts, claimed.max_attempts)
-        lease = LeaseKeeper(self.store, job_id, worker_id, lease_seconds=self.settings.lease_seconds,
-                            heartbeat_seconds=self.settings.heartbeat_seconds)
+        log.info(
+            "job %s claimed by %s (attempt %d/%d)", job_id, worker_id, claimed.attempts, claimed.max_attempts
+        )
+        lease = LeaseKeeper(
+            self.store,
+            job_id,
+            worker_id,
+            lease_seconds=self.settings.lease_seconds,
+            heartbeat_seconds=self.settings.heartbeat_seconds,
+        )
         with lease:
             try:
                 return self._execute(claimed, lease)
@@ -137,8 +164,12 @@ class JobRunner:
 
     def _retrying(self, operation: Callable[[], _T], what: str, lease: LeaseKeeper | None = None) -> _T:
         """`operation` retried in place over transient faults, while this worker still owns the job."""
-        return retry_transient(operation, what=what, budget_seconds=self.settings.transient_retry_seconds,
-                               should_stop=(lambda: lease.should_stop) if lease is not None else (lambda: False))
+        return retry_transient(
+            operation,
+            what=what,
+            budget_seconds=self.settings.transient_retry_seconds,
+            should_stop=(lambda: lease.should_stop) if lease is not None else (lambda: False),
+        )
 
     def _execute(self, claimed: ClaimedJob, lease: LeaseKeeper) -> RunOutcome:
         spec = parse_job_spec(claimed.spec)
@@ -148,8 +179,13 @@ class JobRunner:
         images: tuple[Any, ...] = ()
         prompt = spec.prompt if spec.kind == "t2i" else spec.instruction
         if spec.kind == "edit":
-            images = tuple(self._retrying(lambda: self._load_inputs(spec.images),
-                                          f"reading the input images of job {claimed.id}", lease))
+            images = tuple(
+                self._retrying(
+                    lambda: self._load_inputs(spec.images),
+                    f"reading the input images of job {claimed.id}",
+                    lease,
+                )
+            )
         params = spec.params
         request = GenerationRequest(
             kind=spec.kind,
@@ -162,18 +198,29 @@ class JobRunner:
             width=params.width,
             seed=claimed.seed,
         )
-        progress = ProgressReporter(self.store, claimed.id, claimed.worker_id, lease,
-                                    self.settings.progress_interval_seconds)
+        progress = ProgressReporter(
+            self.store, claimed.id, claimed.worker_id, lease, self.settings.progress_interval_seconds
+        )
         result = engine.generate(request, progress)
         self._check_lease(claimed, lease, params.num_inference_steps)
         provenance = _plain(engine.provenance)
         artifact = self._upload(claimed, prompt, spec.model_dump(mode="json")["params"], result, lease)
-        done = self._retrying(lambda: self.store.finish_succeeded(
-            claimed.id, claimed.worker_id, artifacts=[artifact], seed=result.seed,
-            width=result.width, height=result.height, provenance=provenance,
-        ), f"completing job {claimed.id}")
+        done = self._retrying(
+            lambda: self.store.finish_succeeded(
+                claimed.id,
+                claimed.worker_id,
+                artifacts=[artifact],
+                seed=result.seed,
+                width=result.width,
+                height=result.height,
+                provenance=provenance,
+            ),
+            f"completing job {claimed.id}",
+        )
         if not done:
-            log.warning("job %s finished here but was taken over meanwhile; result left to the owner", claimed.id)
+            log.warning(
+                "job %s finished here but was taken over meanwhile; result left to the owner", claimed.id
+            )
             self._remove_unless_recorded(claimed.id, [artifact.uri])
             return RunOutcome.LOST
         log.info("job %s succeeded -> %s", claimed.id, artifact.uri)
@@ -214,22 +261,38 @@ class JobRunner:
             kwargs["store_factory"] = self.input_store_factory
         return load_input_images(refs, **kwargs)
 
-    def _upload(self, claimed: ClaimedJob, prompt: str, params: dict[str, Any],
-                result: GenerationResult, lease: LeaseKeeper) -> ArtifactView:
+    def _upload(
+        self,
+        claimed: ClaimedJob,
+        prompt: str,
+        params: dict[str, Any],
+        result: GenerationResult,
+        lease: LeaseKeeper,
+    ) -> ArtifactView:
         from worker.png import encode_png, generation_metadata, png_info
         from worker.storage import artifact_key
 
         params = {**params, "seed": result.seed, "height": result.height, "width": result.width}
-        metadata = generation_metadata(prompt=prompt, parameters=params, seed=result.seed,
-                                       model=claimed.model_name, job_id=claimed.id)
+        metadata = generation_metadata(
+            prompt=prompt, parameters=params, seed=result.seed, model=claimed.model_name, job_id=claimed.id
+        )
         data = encode_png(result.image, metadata)
         summary = png_info(data)
         # Attempt-scoped key: a worker that lost the job meanwhile cannot touch the owner's object.
         key = artifact_key(claimed.id, 0, attempt=claimed.attempts)
-        uri = self._retrying(lambda: self.artifact_store.put_bytes(key, data, "image/png"),
-                             f"uploading the image of job {claimed.id}", lease)
-        return ArtifactView(index=0, uri=uri, width=summary.width, height=summary.height,
-                              bytes=summary.size, sha256=summary.sha256)
+        uri = self._retrying(
+            lambda: self.artifact_store.put_bytes(key, data, "image/png"),
+            f"uploading the image of job {claimed.id}",
+            lease,
+        )
+        return ArtifactView(
+            index=0,
+            uri=uri,
+            width=summary.width,
+            height=summary.height,
+            bytes=summary.size,
+            sha256=summary.sha256,
+        )
 
     def _remove_earlier_attempts(self, claimed: ClaimedJob) -> None:
         """After a win: objects that earlier runs of this job may have left (they lost the job)."""
@@ -268,37 +331,74 @@ class JobRunner:
         or, once DG_MAX_REQUEUES hand-backs are spent, `failed` with error class `transient`."""
         error_type, message = describe_error(exc)
         if claimed.requeues >= self.settings.max_requeues:
-            note = (f"gave up after {claimed.requeues} requeue(s): an infrastructure fault outlasted every retry "
-                    f"(DG_MAX_REQUEUES); last error: {message}")
+            note = (
+                f"gave up after {claimed.requeues} requeue(s): an infrastructure fault outlasted every retry "
+                f"(DG_MAX_REQUEUES); last error: {message}"
+            )
             return self._failed(claimed, exc, error_class=ErrorClass.TRANSIENT, message=note)
-        delay = min(MAX_REQUEUE_DELAY_SECONDS, self.settings.requeue_delay_seconds * 2 ** claimed.requeues)
-        note = (f"requeued after an infrastructure fault (hand-back {claimed.requeues + 1} of at most "
-                f"{self.settings.max_requeues}; runs again in {delay:.0f} s): {message}")
+        delay = min(MAX_REQUEUE_DELAY_SECONDS, self.settings.requeue_delay_seconds * 2**claimed.requeues)
+        note = (
+            f"requeued after an infrastructure fault (hand-back {claimed.requeues + 1} of at most "
+            f"{self.settings.max_requeues}; runs again in {delay:.0f} s): {message}"
+        )
         try:
-            handed_back = self._retrying(lambda: self.store.requeue(
-                claimed.id, claimed.worker_id, delay_seconds=delay, error_type=error_type, error_message=note,
-            ), f"requeueing job {claimed.id}")
+            handed_back = self._retrying(
+                lambda: self.store.requeue(
+                    claimed.id,
+                    claimed.worker_id,
+                    delay_seconds=delay,
+                    error_type=error_type,
+                    error_message=note,
+                ),
+                f"requeueing job {claimed.id}",
+            )
         except Exception as write_error:
-            log.warning("could not requeue job %s (%s); its lease will expire and the sweeper re-runs it",
-                        claimed.id, one_line(write_error))
+            log.warning(
+                "could not requeue job %s (%s); its lease will expire and the sweeper re-runs it",
+                claimed.id,
+                one_line(write_error),
+            )
             return RunOutcome.LOST
         log.warning("job %s: %s", claimed.id, note)
         return RunOutcome.REQUEUED if handed_back else RunOutcome.LOST
 
-    def _failed(self, claimed: ClaimedJob, exc: Exception, *, error_class: ErrorClass = ErrorClass.PERMANENT,
-                message: str | None = None) -> RunOutcome:
+    def _failed(
+        self,
+        claimed: ClaimedJob,
+        exc: Exception,
+        *,
+        error_class: ErrorClass = ErrorClass.PERMANENT,
+        message: str | None = None,
+    ) -> RunOutcome:
         free_accelerator_memory()
-        error_type, described = describe_error(exc, soft_time_limit_seconds=self.settings.soft_time_limit_seconds)
+        error_type, described = describe_error(
+            exc, soft_time_limit_seconds=self.settings.soft_time_limit_seconds
+        )
         message = message or described
-        log.warning("job %s failed: %s: %s", claimed.id, error_type, message,
-                    exc_info=error_class is ErrorClass.PERMANENT and _unexpected(exc))
+        log.warning(
+            "job %s failed: %s: %s",
+            claimed.id,
+            error_type,
+            message,
+            exc_info=error_class is ErrorClass.PERMANENT and _unexpected(exc),
+        )
         try:
-            recorded = self._retrying(lambda: self.store.finish_failed(
-                claimed.id, claimed.worker_id, error_type=error_type, error_message=message, error_class=error_class,
-            ), f"recording the failure of job {claimed.id}")
+            recorded = self._retrying(
+                lambda: self.store.finish_failed(
+                    claimed.id,
+                    claimed.worker_id,
+                    error_type=error_type,
+                    error_message=message,
+                    error_class=error_class,
+                ),
+                f"recording the failure of job {claimed.id}",
+            )
         except Exception as write_error:
-            log.warning("could not record the failure of job %s (%s); its lease will expire",
-                        claimed.id, one_line(write_error))
+            log.warning(
+                "could not record the failure of job %s (%s); its lease will expire",
+                claimed.id,
+                one_line(write_error),
+            )
             return RunOutcome.FAILED
         return RunOutcome.FAILED if recorded else RunOutcome.LOST
 

@@ -165,7 +165,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     home = Path(env.get("DG_HOME", "").strip() or DEFAULT_HOME).expanduser()
     broker_url = _url(env, "DG_BROKER_URL", ("redis://", "rediss://", "redis+socket://", "memory://"))
-    if broker_url is not None and not broker_url.startswith("memory://") and not env.get("DG_DATABASE_URL", "").strip():
+    if (
+        broker_url is not None
+        and not broker_url.startswith("memory://")
+        and not env.get("DG_DATABASE_URL", "").strip()
+    ):
         # The default job table is a SQLite file on this host: a producer would write jobs that
         # workers elsewhere never see, and a worker would wait on a table no producer writes.
         raise SettingsError(
@@ -177,7 +181,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         )
     database_url = env.get("DG_DATABASE_URL", "").strip() or f"sqlite:///{home / SQLITE_FILE_NAME}"
     if not database_url.startswith(("sqlite", "postgresql")):
-        raise SettingsError(f"DG_DATABASE_URL={redact_url(database_url)!r} must be a sqlite:// or postgresql:// URL")
+        raise SettingsError(
+            f"DG_DATABASE_URL={redact_url(database_url)!r} must be a sqlite:// or postgresql:// URL"
+        )
     storage_url = _url(env, "DG_STORAGE_URL", ("s3://", "file://")) or (home / ARTIFACTS_DIR_NAME).as_uri()
     pos, nonneg = "positive", "non-negative"
     visibility_timeout = _read(env, "DG_VISIBILITY_TIMEOUT_SECONDS", int, 7200, pos)
@@ -193,7 +199,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         sweep_interval_seconds=_read(env, "DG_SWEEP_INTERVAL_SECONDS", float, 30.0, pos),
         publish_grace_seconds=_read(env, "DG_PUBLISH_GRACE_SECONDS", float, 30.0, nonneg),
         visibility_timeout_seconds=visibility_timeout,
-        republish_stale_seconds=_read(env, "DG_REPUBLISH_STALE_SECONDS", float, float(visibility_timeout), pos),
+        republish_stale_seconds=_read(
+            env, "DG_REPUBLISH_STALE_SECONDS", float, float(visibility_timeout), pos
+        ),
         soft_time_limit_seconds=_read(env, "DG_SOFT_TIME_LIMIT_SECONDS", float, 3300.0, pos),
         hard_time_limit_seconds=_read(env, "DG_HARD_TIME_LIMIT_SECONDS", float, 3600.0, pos),
         unacked_restore_interval_seconds=_read(env, "DG_UNACKED_RESTORE_INTERVAL_SECONDS", float, 10.0, pos),

@@ -39,10 +39,19 @@ class StorageUnavailable(StorageError):
 
 
 # S3 error codes that mean "try again later", besides any HTTP 5xx answer.
-TRANSIENT_S3_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-    "ServiceUnavailable", "InternalError", "OperationAborted", "RequestLimitExceeded",
-})
+TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "ServiceUnavailable",
+        "InternalError",
+        "OperationAborted",
+        "RequestLimitExceeded",
+    }
+)
 
 
 def artifact_key(job_id: str, index: int, *, attempt: int) -> str:
@@ -227,7 +236,9 @@ class FileArtifactStore:
         except OSError as exc:
             raise StorageError(f"cannot create storage directory {self.root}: {exc.strerror or exc}") from exc
         if not os.access(self.root, os.W_OK):
-            raise StorageError(f"storage directory {self.root} is not writable; fix DG_STORAGE_URL or permissions")
+            raise StorageError(
+                f"storage directory {self.root} is not writable; fix DG_STORAGE_URL or permissions"
+            )
 
     def _path_of(self, uri: str) -> Path:
         path = Path(file_uri_to_path(uri)).resolve()
@@ -245,7 +256,9 @@ def file_uri_to_path(uri: str) -> str:
 
 def _check_expiry(expires_seconds: int) -> None:
     if not 1 <= expires_seconds <= MAX_PRESIGN_SECONDS:
-        raise ValueError(f"presigned URL expiry must be 1..{MAX_PRESIGN_SECONDS} seconds (7 days), got {expires_seconds}")
+        raise ValueError(
+            f"presigned URL expiry must be 1..{MAX_PRESIGN_SECONDS} seconds (7 days), got {expires_seconds}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- s3
@@ -291,7 +304,9 @@ class S3ArtifactStore:
         self.region = self._options.region or session.region_name or "us-east-1"
         self._client = self._make_client(session, endpoint_url)
         # SigV4 signs the Host header, so browser-facing URLs must be minted for the public host.
-        use_public = public_endpoint_url and public_endpoint_url.rstrip("/") != (endpoint_url or "").rstrip("/")
+        use_public = public_endpoint_url and public_endpoint_url.rstrip("/") != (endpoint_url or "").rstrip(
+            "/"
+        )
         self._presign_client = self._make_client(session, public_endpoint_url) if use_public else self._client
 
     @property

@@ -14,7 +14,9 @@ from worker.storage import S3ArtifactStore, StorageError, open_store
 DEFAULT_WAIT_SECONDS = 60.0
 
 
-def init_storage(storage_url: str, *, wait_seconds: float = DEFAULT_WAIT_SECONDS, poll_seconds: float = 1.0) -> str:
+def init_storage(
+    storage_url: str, *, wait_seconds: float = DEFAULT_WAIT_SECONDS, poll_seconds: float = 1.0
+) -> str:
     """Make ``storage_url`` usable; return a one-line report. Retries while the endpoint is starting."""
     store = open_store(storage_url)
     deadline = time.monotonic() + wait_seconds

@@ -35,8 +35,10 @@ def submit_jobs(
         return submitted
     # The rows as inserted plus published_at; no read back (bulk speed). A job a publisher ran
     # at once (worker.embedded.InProcessPublisher) is read with store.get / get_many.
-    return [Submitted(s.job.model_copy(update={"published_at": published_at}) if s.created else s.job, s.created)
-            for s in submitted]
+    return [
+        Submitted(s.job.model_copy(update={"published_at": published_at}) if s.created else s.job, s.created)
+        for s in submitted
+    ]
 
 
 def retry_job(store: JobStore, publisher: Publisher, job_id: str) -> JobView:

@@ -39,7 +39,9 @@ class SweepReport:
     unpublished: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)  # lease expired: released to `queued` and published once
     stale: list[str] = field(default_factory=list)  # queued, published long ago: the message may be gone
-    broker_lost: bool = False  # the broker lost its data and queued jobs were published again (worker.broker_epoch)
+    broker_lost: bool = (
+        False  # the broker lost its data and queued jobs were published again (worker.broker_epoch)
+    )
     error: str | None = None  # set when publishing failed; the rows stay for the next sweep
 
     @property
@@ -57,8 +59,14 @@ class Sweeper:
     notices a sweeper that stopped sweeping.
     """
 
-    def __init__(self, settings: Settings, *, store: JobStore | None = None,
-                 publisher: Publisher | None = None, interval_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: JobStore | None = None,
+        publisher: Publisher | None = None,
+        interval_seconds: float | None = None,
+    ) -> None:
         self.settings = settings
         self.interval_seconds = interval_seconds or settings.sweep_interval_seconds
         self.sweeper_id = default_sweeper_id()
@@ -107,7 +115,9 @@ class Sweeper:
     def _record_sweep(self) -> None:
         """Refresh this sweeper's row (health: "sweeper stalled"); a failure here is only logged."""
         try:
-            WorkerRegistry(self.store.sessions).record_sweep(self.sweeper_id, interval_seconds=self.interval_seconds)
+            WorkerRegistry(self.store.sessions).record_sweep(
+                self.sweeper_id, interval_seconds=self.interval_seconds
+            )
             self._registered = True
         except Exception as exc:
             log.warning("could not record the sweep in the workers table: %s", one_line(exc))
@@ -118,7 +128,9 @@ class Sweeper:
             try:
                 WorkerRegistry(self.store.sessions).unregister(self.sweeper_id)
             except Exception as exc:
-                log.warning("could not remove sweeper %s from the workers table: %s", self.sweeper_id, one_line(exc))
+                log.warning(
+                    "could not remove sweeper %s from the workers table: %s", self.sweeper_id, one_line(exc)
+                )
         close: Any = getattr(self._publisher, "close", None) if self._owns_publisher else None
         if close is not None:
             close()
@@ -130,8 +142,9 @@ class Sweeper:
         self._registered = False
 
 
-def sweep_once(settings: Settings, *, store: JobStore | None = None, publisher: Publisher | None = None,
-               limit: int = 500) -> SweepReport:
+def sweep_once(
+    settings: Settings, *, store: JobStore | None = None, publisher: Publisher | None = None, limit: int = 500
+) -> SweepReport:
     """One sweep; what it opens itself (engine, Celery app) is closed before it returns."""
     sweeper = Sweeper(settings, store=store, publisher=publisher)
     try:
@@ -140,8 +153,12 @@ def sweep_once(settings: Settings, *, store: JobStore | None = None, publisher: 
         sweeper.close()
 
 
-def run_loop(sweeper: Sweeper, *, stop: threading.Event | None = None,
-             on_report: Callable[[SweepReport], None] | None = None) -> None:
+def run_loop(
+    sweeper: Sweeper,
+    *,
+    stop: threading.Event | None = None,
+    on_report: Callable[[SweepReport], None] | None = None,
+) -> None:
     """Sweep every `sweeper.interval_seconds` until `stop` is set; never ends on a fault.
 
     A failed sweep (database, broker or store unreachable, or a publish that failed) logs one
@@ -167,8 +184,14 @@ def run_loop(sweeper: Sweeper, *, stop: threading.Event | None = None,
         stop.wait(pause)
 
 
-def _sweep(settings: Settings, store: JobStore, publisher_of: Callable[[], Publisher], epoch: BrokerEpoch | None,
-           limit: int, max_pages: int) -> SweepReport:
+def _sweep(
+    settings: Settings,
+    store: JobStore,
+    publisher_of: Callable[[], Publisher],
+    epoch: BrokerEpoch | None,
+    limit: int,
+    max_pages: int,
+) -> SweepReport:
     broker_lost = False
     if epoch is not None and epoch.lost():
         try:
@@ -178,16 +201,23 @@ def _sweep(settings: Settings, store: JobStore, publisher_of: Callable[[], Publi
             raise
         broker_lost = count > 0
         if broker_lost:
-            log.warning("the broker lost its data (sentinel key gone): %d queued job(s) will be published again",
-                        count)
+            log.warning(
+                "the broker lost its data (sentinel key gone): %d queued job(s) will be published again",
+                count,
+            )
         else:  # a new broker, or one that lost nothing still needed
-            log.info("broker sentinel key set (a new or emptied broker; no queued job needed publishing again)")
+            log.info(
+                "broker sentinel key set (a new or emptied broker; no queued job needed publishing again)"
+            )
     unpublished: list[str] = []
     stale: list[str] = []
     expired: list[str] = []
     for _ in range(max_pages):
-        found = store.sweep_candidates(publish_grace_seconds=settings.publish_grace_seconds,
-                                       republish_stale_seconds=settings.republish_stale_seconds, limit=limit)
+        found = store.sweep_candidates(
+            publish_grace_seconds=settings.publish_grace_seconds,
+            republish_stale_seconds=settings.republish_stale_seconds,
+            limit=limit,
+        )
         released = set(store.release_expired([t.job_id for t in found.expired]))
         released_targets = [t for t in found.expired if t.job_id in released]
         targets = [*found.unpublished, *found.stale, *released_targets]
@@ -205,8 +235,12 @@ def _sweep(settings: Settings, store: JobStore, publisher_of: Callable[[], Publi
         if max(len(found.unpublished), len(found.stale), len(found.expired)) < limit:
             break
     if unpublished or stale or expired:
-        log.info("sweep re-published %d unpublished, %d stale and %d lease-expired job(s)",
-                 len(unpublished), len(stale), len(expired))
+        log.info(
+            "sweep re-published %d unpublished, %d stale and %d lease-expired job(s)",
+            len(unpublished),
+            len(stale),
+            len(expired),
+        )
     return SweepReport(unpublished, expired, stale, broker_lost)
 
 

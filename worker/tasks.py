@@ -56,7 +56,9 @@ worker_id = process.worker_id
 def runner() -> JobRunner:
     global _runner
     if _runner is None:
-        _runner = JobRunner.from_settings(settings(), ResidentEngine(metrics.instrument_engine(load_deepgen_engine)))
+        _runner = JobRunner.from_settings(
+            settings(), ResidentEngine(metrics.instrument_engine(load_deepgen_engine))
+        )
     return _runner
 
 
@@ -87,7 +89,9 @@ class JobRequest(Request):
         engine = make_engine(settings().database_url, poolclass=NullPool)
         try:
             recorded = JobStore(session_factory(engine)).fail_killed_process_job(
-                job_id, f"{socket.gethostname()}:{self.worker_pid}:", error_type="TimeLimitExceeded",
+                job_id,
+                f"{socket.gethostname()}:{self.worker_pid}:",
+                error_type="TimeLimitExceeded",
                 error_message=hard_time_limit_message(timeout),
             )
         except Exception:
@@ -95,8 +99,12 @@ class JobRequest(Request):
             return
         finally:
             engine.dispose()
-        log.warning("job %s %s at the hard time limit (%ss)", job_id,
-                    "failed" if recorded else "was not owned by the killed process", timeout)
+        log.warning(
+            "job %s %s at the hard time limit (%ss)",
+            job_id,
+            "failed" if recorded else "was not owned by the killed process",
+            timeout,
+        )
 
 
 @app.task(name=RUN_JOB_TASK_NAME, ignore_result=True, Request=JobRequest)
@@ -117,8 +125,12 @@ def run_job(job_id: str) -> str:
         # that did commit is taken up again by this same worker (`claims.claim`).
         _db_failures += 1
         pause = min(DB_RETRY_MAX_SECONDS, DB_RETRY_MIN_SECONDS * 2 ** (_db_failures - 1))
-        log.warning("database error while claiming job %s (%s); requeueing it in %.0f s",
-                    job_id, type(exc).__name__, pause)
+        log.warning(
+            "database error while claiming job %s (%s); requeueing it in %.0f s",
+            job_id,
+            type(exc).__name__,
+            pause,
+        )
         time.sleep(pause)
         # `from None`: Celery logs the reject; the chain would add a full traceback per try.
         raise Reject(f"database error: {one_line(exc)}", requeue=True) from None
@@ -144,4 +156,8 @@ def sweep() -> dict[str, int | str]:
     except Exception as exc:
         log.warning("sweep failed (%s); the next beat tries again", one_line(exc))
         return {"error": one_line(exc)}
-    return {"unpublished": len(report.unpublished), "expired": len(report.expired), "stale": len(report.stale)}
+    return {
+        "unpublished": len(report.unpublished),
+        "expired": len(report.expired),
+        "stale": len(report.stale),
+    }

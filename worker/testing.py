@@ -25,8 +25,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, cast
 
-__all__ = ["WorkerNotReady", "WorkerProcess", "celery_worker_argv", "free_port", "temporary_database",
-           "wait_for", "worker_environ"]
+__all__ = [
+    "WorkerNotReady",
+    "WorkerProcess",
+    "celery_worker_argv",
+    "free_port",
+    "temporary_database",
+    "wait_for",
+    "worker_environ",
+]
 
 READY_MARKER = " ready."  # Celery logs "celery@host ready." once it consumes (INFO level)
 
@@ -35,8 +42,9 @@ class WorkerNotReady(RuntimeError):
     """The worker exited, or did not log that it is ready in time."""
 
 
-def celery_worker_argv(queue: str, *, pool: str = "prefork", loglevel: str = "INFO",
-                       node_name: str | None = None) -> list[str]:
+def celery_worker_argv(
+    queue: str, *, pool: str = "prefork", loglevel: str = "INFO", node_name: str | None = None
+) -> list[str]:
     """`python -m celery -A worker.celery_app` + the production worker arguments (`worker.main.worker_argv`:
     the model queue ``queue``, concurrency 1, prefetch 1), without `diffgentor worker`'s preflight."""
     from worker.main import Pool, worker_argv
@@ -46,9 +54,17 @@ def celery_worker_argv(queue: str, *, pool: str = "prefork", loglevel: str = "IN
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", *arguments]
 
 
-def worker_environ(*, database_url: str, broker_url: str, storage_url: str, home: Path,
-                   s3_endpoint_url: str | None = None, model_env: Mapping[str, str] | None = None,
-                   base: Mapping[str, str] | None = None, **settings: str) -> dict[str, str]:
+def worker_environ(
+    *,
+    database_url: str,
+    broker_url: str,
+    storage_url: str,
+    home: Path,
+    s3_endpoint_url: str | None = None,
+    model_env: Mapping[str, str] | None = None,
+    base: Mapping[str, str] | None = None,
+    **settings: str,
+) -> dict[str, str]:
     """A worker environment: `base` (default os.environ) without DG_*/PYTEST* variables, plus these.
 
     With `s3_endpoint_url` the AWS credentials default to moto's "testing" ones; `settings` (any
@@ -58,12 +74,25 @@ def worker_environ(*, database_url: str, broker_url: str, storage_url: str, home
     # Stray DG_* settings of the caller must not leak in; PYTEST_* would confuse a nested pytest run.
     env = {k: v for k, v in source.items() if not k.startswith(("DG_", "PYTEST"))}
     env.update(model_env or {})
-    env.update({"DG_HOME": str(home), "DG_DATABASE_URL": database_url, "DG_BROKER_URL": broker_url,
-                "DG_STORAGE_URL": storage_url, "HF_HUB_OFFLINE": "1",
-                "OMP_NUM_THREADS": "1"})  # one thread per worker: several share the test machine's cores
+    env.update(
+        {
+            "DG_HOME": str(home),
+            "DG_DATABASE_URL": database_url,
+            "DG_BROKER_URL": broker_url,
+            "DG_STORAGE_URL": storage_url,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )  # one thread per worker: several share the test machine's cores
     if s3_endpoint_url is not None:
-        env.update({"DG_S3_ENDPOINT_URL": s3_endpoint_url, "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+        env.update(
+            {
+                "DG_S3_ENDPOINT_URL": s3_endpoint_url,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
     env.update(settings)
     return env
 
@@ -75,8 +104,15 @@ class WorkerProcess:
     example `diffgentor worker --model_name M`) can be given as `argv`.
     """
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path, *,
-                 cwd: Path | None = None, append_log: bool = True) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        cwd: Path | None = None,
+        append_log: bool = True,
+    ) -> None:
         self.argv = list(argv)
         self.env = dict(env)
         self.log_path = log_path
@@ -86,11 +122,24 @@ class WorkerProcess:
         self._log: IO[bytes] | None = None
 
     @classmethod
-    def celery(cls, env: Mapping[str, str], queue: str, log_path: Path, *, pool: str = "prefork",
-               loglevel: str = "INFO", node_name: str | None = None, cwd: Path | None = None) -> WorkerProcess:
+    def celery(
+        cls,
+        env: Mapping[str, str],
+        queue: str,
+        log_path: Path,
+        *,
+        pool: str = "prefork",
+        loglevel: str = "INFO",
+        node_name: str | None = None,
+        cwd: Path | None = None,
+    ) -> WorkerProcess:
         """A worker on ``queue`` started as `celery_worker_argv` says (not started yet)."""
-        return cls(celery_worker_argv(queue, pool=pool, loglevel=loglevel, node_name=node_name), env, log_path,
-                   cwd=cwd)
+        return cls(
+            celery_worker_argv(queue, pool=pool, loglevel=loglevel, node_name=node_name),
+            env,
+            log_path,
+            cwd=cwd,
+        )
 
     @property
     def process(self) -> subprocess.Popen[bytes]:
@@ -107,8 +156,14 @@ class WorkerProcess:
             raise RuntimeError("the worker was already started")
         self._log = open(self.log_path, "ab" if self.append_log else "wb")  # noqa: SIM115 - closed in _close_log()
         # Own session: kill()/stop() reach the prefork children too, and Ctrl-C of the caller does not.
-        self._process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=self._log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self._process = subprocess.Popen(
+            self.argv,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def log_text(self) -> str:
@@ -119,7 +174,9 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while READY_MARKER not in self.log_text():
             if self.process.poll() is not None:
-                raise WorkerNotReady(f"worker exited with {self.process.returncode}; log:\n{self.log_text()[-3000:]}")
+                raise WorkerNotReady(
+                    f"worker exited with {self.process.returncode}; log:\n{self.log_text()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise WorkerNotReady(f"worker not ready after {timeout:g}s; log:\n{self.log_text()[-3000:]}")
             time.sleep(interval)
@@ -163,13 +220,15 @@ class WorkerProcess:
     def __enter__(self) -> WorkerProcess:
         return self.start() if self._process is None else self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
-def wait_for(condition: Callable[[], object], timeout: float, message: str | Callable[[], str],
-             interval: float = 0.1) -> None:
+def wait_for(
+    condition: Callable[[], object], timeout: float, message: str | Callable[[], str], interval: float = 0.1
+) -> None:
     """Poll `condition` until it is truthy; TimeoutError with `message` (or its result) otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -195,7 +254,9 @@ def temporary_database(admin_url: str, prefix: str = "dg_test_") -> Iterator[str
     import sqlalchemy as sa
 
     name = f"{prefix}{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE cannot run in a transaction
+    admin = sa.create_engine(
+        admin_url, isolation_level="AUTOCOMMIT"
+    )  # CREATE DATABASE cannot run in a transaction
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))

@@ -47,7 +47,8 @@ def _transient_here(exc: BaseException) -> bool:
         if isinstance(exc, sqlalchemy_exc.TimeoutError):  # pool exhausted or connect timeout
             return True
         if isinstance(exc, sqlalchemy_exc.DBAPIError) and (
-            exc.connection_invalidated or isinstance(exc, sqlalchemy_exc.OperationalError | sqlalchemy_exc.InterfaceError)
+            exc.connection_invalidated
+            or isinstance(exc, sqlalchemy_exc.OperationalError | sqlalchemy_exc.InterfaceError)
         ):
             # OperationalError: connection refused/lost, server shutting down, "database is locked"
             # past busy_timeout; none of them is about the job's data.
@@ -59,9 +60,14 @@ def _transient_here(exc: BaseException) -> bool:
     return kombu_exc is not None and isinstance(exc, kombu_exc.OperationalError)
 
 
-def retry_transient(operation: Callable[[], _T], *, what: str, budget_seconds: float,
-                    should_stop: Callable[[], bool] = lambda: False,
-                    sleep: Callable[[float], None] = time.sleep) -> _T:
+def retry_transient(
+    operation: Callable[[], _T],
+    *,
+    what: str,
+    budget_seconds: float,
+    should_stop: Callable[[], bool] = lambda: False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> _T:
     """Run ``operation``; on a transient fault try again with growing pauses for up to
     ``budget_seconds``. A permanent error, a fault past the budget, or ``should_stop()``
     turning true (the job was cancelled or taken over) re-raises the last error.

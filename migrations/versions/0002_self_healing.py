@@ -33,8 +33,10 @@ QUEUED = sa.text("status = 'queued'")
 
 LIST_INDEXES = {
     "ix_jobs_status_created_at": (["status", "created_at"], ["status", "created_at", "id"]),
-    "ix_jobs_model_name_status_created_at": (["model_name", "status", "created_at"],
-                                             ["model_name", "status", "created_at", "id"]),
+    "ix_jobs_model_name_status_created_at": (
+        ["model_name", "status", "created_at"],
+        ["model_name", "status", "created_at", "id"],
+    ),
     "ix_jobs_created_at": (["created_at"], ["created_at", "id"]),
 }
 
@@ -47,10 +49,22 @@ def upgrade() -> None:
         batch.add_column(sa.Column("error_class", sa.String(length=16), nullable=True))
         batch.add_column(sa.Column("requeues", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("available_at", sa.DateTime(timezone=True), nullable=True))
-    op.create_index("ix_jobs_unpublished_created_at", "jobs", ["created_at"], unique=False,
-                    postgresql_where=UNPUBLISHED, sqlite_where=UNPUBLISHED)
-    op.create_index("ix_jobs_queued_published_at", "jobs", ["published_at"], unique=False,
-                    postgresql_where=QUEUED, sqlite_where=QUEUED)
+    op.create_index(
+        "ix_jobs_unpublished_created_at",
+        "jobs",
+        ["created_at"],
+        unique=False,
+        postgresql_where=UNPUBLISHED,
+        sqlite_where=UNPUBLISHED,
+    )
+    op.create_index(
+        "ix_jobs_queued_published_at",
+        "jobs",
+        ["published_at"],
+        unique=False,
+        postgresql_where=QUEUED,
+        sqlite_where=QUEUED,
+    )
     with op.batch_alter_table("workers") as batch:
         batch.add_column(sa.Column("node", sa.String(length=255), nullable=True))
         batch.add_column(sa.Column("role", sa.String(length=16), nullable=False, server_default="worker"))

@@ -37,4 +37,3 @@ def embedded_env(tmp_path: Path, tiny_environ: dict[str, str]) -> Iterator[dict[
     env.update(tiny_environ)
     env.update(DG_LEASE_SECONDS="3", DG_HEARTBEAT_SECONDS="0.5", DG_PROGRESS_INTERVAL_SECONDS="0")
     yield env
-

@@ -27,16 +27,40 @@ def test_reference_flags_are_accepted_with_one_note_each(
     # Out-of-habit DeepGen CLI flags parse, and each says once where its equivalent lives; the command
     # then goes on (here it stops at the missing DG_DEEPGEN_CONFIG, exit 4, after the notes).
     code = main(
-        ["edit", "--input", str(clean_env), "--output_dir", "o", "--device", "cuda", "--torch_dtype", "bfloat16",
-         "--num_gpus", "2", "--batch_size", "4", "--resume", "--enable_cpu_offload", "--true_cfg_scale", "4"]
+        [
+            "edit",
+            "--input",
+            str(clean_env),
+            "--output_dir",
+            "o",
+            "--device",
+            "cuda",
+            "--torch_dtype",
+            "bfloat16",
+            "--num_gpus",
+            "2",
+            "--batch_size",
+            "4",
+            "--resume",
+            "--enable_cpu_offload",
+            "--true_cfg_scale",
+            "4",
+        ]
     )
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
     assert [note.split()[1] for note in notes] == [
-        "--device", "--torch_dtype", "--num_gpus", "--batch_size", "--resume", "--enable_cpu_offload",
+        "--device",
+        "--torch_dtype",
+        "--num_gpus",
+        "--batch_size",
+        "--resume",
+        "--enable_cpu_offload",
         "--true_cfg_scale",
     ]
-    assert "DG_DEEPGEN_DEVICE" in notes[0] and "DG_DEEPGEN_DTYPE" in notes[1] and "diffgentor worker" in notes[2]
+    assert (
+        "DG_DEEPGEN_DEVICE" in notes[0] and "DG_DEEPGEN_DTYPE" in notes[1] and "diffgentor worker" in notes[2]
+    )
     assert "DG_DEEPGEN_OFFLOAD" in notes[5] and "--guidance_scale" in notes[6]
     assert code == 3  # the notes did not stop it: it went on to read --input (no such CSV)
 
@@ -72,7 +96,7 @@ def test_reference_habits_that_would_change_the_result_are_refused(
 
 
 def test_help_texts_show_examples_and_the_ignored_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    for command, example in (("t2i", "--prompt \"A beautiful sunset"), ("edit", "--input data.csv")):
+    for command, example in (("t2i", '--prompt "A beautiful sunset'), ("edit", "--input data.csv")):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         out = capsys.readouterr().out
@@ -100,7 +124,9 @@ def test_unsupported_backend_lists_supported(capsys: pytest.CaptureFixture[str],
     assert "Traceback" not in err
 
 
-def test_num_images_per_prompt_other_than_one_is_refused(capsys: pytest.CaptureFixture[str], clean_env) -> None:
+def test_num_images_per_prompt_other_than_one_is_refused(
+    capsys: pytest.CaptureFixture[str], clean_env
+) -> None:
     code = main(["t2i", "--prompt", "x", "--output_dir", "o", "--num_images_per_prompt", "2"])
     assert code == 2 and "--num_images_per_prompt must be 1" in capsys.readouterr().err
 
@@ -132,8 +158,13 @@ def test_producer_commands_do_not_import_torch(tmp_path) -> None:
         "assert main(['list', '--json']) == 0\n"
         "assert 'torch' not in sys.modules, 'torch imported by a producer command'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=base_env(tmp_path / "home"),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=base_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -172,21 +203,57 @@ def test_every_flag_takes_both_spellings() -> None:
         assert unknown == []
         return args
 
-    underscore = parse(["t2i", "--prompt", "x", "--output_dir", "o", "--no_wait", "--no_resume",
-                        "--num_inference_steps", "3", "--guidance_scale=5"])
-    dashes = parse(["t2i", "--prompt", "x", "--output-dir", "o", "--no-wait", "--no-resume",
-                    "--num-inference-steps", "3", "--guidance-scale=5"])
+    underscore = parse(
+        [
+            "t2i",
+            "--prompt",
+            "x",
+            "--output_dir",
+            "o",
+            "--no_wait",
+            "--no_resume",
+            "--num_inference_steps",
+            "3",
+            "--guidance_scale=5",
+        ]
+    )
+    dashes = parse(
+        [
+            "t2i",
+            "--prompt",
+            "x",
+            "--output-dir",
+            "o",
+            "--no-wait",
+            "--no-resume",
+            "--num-inference-steps",
+            "3",
+            "--guidance-scale=5",
+        ]
+    )
     assert vars(underscore) == vars(dashes)
-    assert (dashes.output_dir.name, dashes.no_wait, dashes.no_resume, dashes.num_inference_steps,
-            dashes.guidance_scale) == ("o", True, True, 3, 5.0)
-    assert parse(["t2i", "--prompt", "x", "--output-d", "o", "--num-inf", "2"]).num_inference_steps == 2  # abbreviated
+    assert (
+        dashes.output_dir.name,
+        dashes.no_wait,
+        dashes.no_resume,
+        dashes.num_inference_steps,
+        dashes.guidance_scale,
+    ) == ("o", True, True, 3, 5.0)
+    assert (
+        parse(["t2i", "--prompt", "x", "--output-d", "o", "--num-inf", "2"]).num_inference_steps == 2
+    )  # abbreviated
     assert parse(["wait", "j1", "--no_progress", "--output-dir", "d"]).no_progress
     assert parse(["list", "--model-name", "m"]).model_name == "m"
     assert parse(["health", "--stale-seconds", "20", "--model-name", "m"]).stale_seconds == 20.0
-    assert parse(["edit", "--input", "d.csv", "--output-dir", "o", "--torch-dtype", "bf16"]).torch_dtype == "bf16"
+    assert (
+        parse(["edit", "--input", "d.csv", "--output-dir", "o", "--torch-dtype", "bf16"]).torch_dtype
+        == "bf16"
+    )
     # After a bare `--` the arguments belong to Celery and are passed on untouched.
     assert parse(["worker", "--model-name", "m", "--", "--max-tasks-per-child=1"]).celery_args == [
-        "--", "--max-tasks-per-child=1"]
+        "--",
+        "--max-tasks-per-child=1",
+    ]
 
 
 def test_help_shows_the_reference_spelling_only(capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,5 +268,7 @@ def test_help_shows_the_reference_spelling_only(capsys: pytest.CaptureFixture[st
 
 
 def test_a_dashed_flag_runs_the_command(capsys: pytest.CaptureFixture[str], clean_env) -> None:
-    assert main(["t2i", "--prompt", "x", "--output-dir", str(clean_env / "o"), "--no-resume"]) == 4  # (no model)
+    assert (
+        main(["t2i", "--prompt", "x", "--output-dir", str(clean_env / "o"), "--no-resume"]) == 4
+    )  # (no model)
     assert "unrecognized" not in capsys.readouterr().err

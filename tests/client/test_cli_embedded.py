@@ -33,8 +33,18 @@ def test_t2i_prompts_file_resume_and_reattach(embedded_env: dict[str, str], tmp_
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red fox", "index": 7}\n"a blue bird"\n{"prompt": "a green tree"}\n')
     out = tmp_path / "out"
-    args = ["t2i", "--backend", "deepgen", "--model_name", "deepgen", "--prompts_file", str(prompts),
-            "--output_dir", str(out), *FAST]
+    args = [
+        "t2i",
+        "--backend",
+        "deepgen",
+        "--model_name",
+        "deepgen",
+        "--prompts_file",
+        str(prompts),
+        "--output_dir",
+        str(out),
+        *FAST,
+    ]
 
     first = run_cli(args, embedded_env)
     assert first.code == 0, first.stderr
@@ -61,8 +71,21 @@ def test_t2i_csv_prompts_file_with_a_fixed_seed(embedded_env: dict[str, str], tm
     # (Every prompts-file format is parsed in test_inputs.py; this runs one more through the CLI.)
     (tmp_path / "p.csv").write_text('index,prompt\n4,"a cat, sitting"\n9,a dog\n')
     out = tmp_path / "out"
-    result = run_cli(["t2i", "--prompts_file", str(tmp_path / "p.csv"), "--output_dir", str(out), *FAST,
-                      "--seed", "11", "--negative_prompt", "blurry"], embedded_env)
+    result = run_cli(
+        [
+            "t2i",
+            "--prompts_file",
+            str(tmp_path / "p.csv"),
+            "--output_dir",
+            str(out),
+            *FAST,
+            "--seed",
+            "11",
+            "--negative_prompt",
+            "blurry",
+        ],
+        embedded_env,
+    )
     assert result.code == 0, result.stderr
     assert sorted(p.name for p in out.glob("*.png")) == ["000004.png", "000009.png"]
     jobs = listed_jobs(embedded_env)
@@ -85,13 +108,24 @@ def test_edit_csv_forms_and_results_csv(embedded_env: dict[str, str], tmp_path: 
         writer.writerow([str(absolute), "make it green", "", "absolute path"])
         writer.writerow([f"http://127.0.0.1:{free_port()}/gone.png", "make it gold", "4", "dead url"])
     out = tmp_path / "out"
-    args = ["edit", "--input", str(csv_path), "--instruction_key", "edit_prompt", "--output_dir", str(out), *FAST]
+    args = [
+        "edit",
+        "--input",
+        str(csv_path),
+        "--instruction_key",
+        "edit_prompt",
+        "--output_dir",
+        str(out),
+        *FAST,
+    ]
     result = run_cli(args, embedded_env)
     assert result.code == 1, result.stderr  # one row's job failed
     assert sorted(p.name for p in out.glob("*.png")) == ["000001.png", "000002.png", "000003.png"]
     assert Image.open(out / "000003.png").size == (64, 64)
     # The files get the umask's mode (the subprocess inherits ours), not a temporary file's 0600.
-    assert {(out / name).stat().st_mode & 0o777 for name in ("000003.png", "results.csv")} == {default_file_mode()}
+    assert {(out / name).stat().st_mode & 0o777 for name in ("000003.png", "results.csv")} == {
+        default_file_mode()
+    }
     assert "index 4 job" in result.stderr and "failed" in result.stderr
     # Reported once by the CLI's summary; the in-process worker's own log line is not repeated.
     assert result.stderr.count(" failed: ") == 1 and "Traceback" not in result.stderr
@@ -123,14 +157,33 @@ def test_ctrl_c_leaves_jobs_and_a_rerun_collects_them(embedded_env: dict[str, st
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\nthree\n")
     out = tmp_path / "out"
-    args = ["t2i", "--prompts_file", str(prompts), "--output_dir", str(out), "--num_inference_steps", "80",
-            "--height", "256", "--width", "256"]
+    args = [
+        "t2i",
+        "--prompts_file",
+        str(prompts),
+        "--output_dir",
+        str(out),
+        "--num_inference_steps",
+        "80",
+        "--height",
+        "256",
+        "--width",
+        "256",
+    ]
     log = tmp_path / "stderr.txt"
     with log.open("w") as err:
-        process = subprocess.Popen([str(DIFFGENTOR), *args], env=embedded_env, cwd=REPO_ROOT,
-                                   stdout=subprocess.PIPE, stderr=err, text=True)
+        process = subprocess.Popen(
+            [str(DIFFGENTOR), *args],
+            env=embedded_env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     deadline = time.monotonic() + 120
-    while " 1 running (" not in log.read_text() and time.monotonic() < deadline:  # stderr is a file: plain lines
+    while (
+        " 1 running (" not in log.read_text() and time.monotonic() < deadline
+    ):  # stderr is a file: plain lines
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     process.wait(60)
@@ -155,8 +208,11 @@ def test_ctrl_c_leaves_jobs_and_a_rerun_collects_them(embedded_env: dict[str, st
 def test_tiny_model_command_prints_the_variables(tmp_path: Path) -> None:
     result = run_cli(["tiny-model", str(tmp_path / "tiny")], base_env(tmp_path / "home"))
     assert result.code == 0, result.stderr
-    exports = dict(line.removeprefix("export ").split("=", 1) for line in result.stdout.splitlines()
-                   if line.startswith("export "))
+    exports = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in result.stdout.splitlines()
+        if line.startswith("export ")
+    )
     assert exports["DG_DEEPGEN_CONFIG"] == "deepgen_tiny"
     assert Path(exports["DG_DEEPGEN_AR_MODEL_PATH"], "config.json").is_file()
     assert Path(exports["DG_DEEPGEN_CHECKPOINT"]).is_file()
@@ -169,8 +225,11 @@ def test_demo_builds_the_tiny_model_and_says_the_images_are_noise(tmp_path: Path
     assert "images are noise" in result.stderr and "these images are noise" in result.stdout
     assert "export DG_DEEPGEN_CHECKPOINT=" in result.stdout  # how to use real weights
     assert (tmp_path / "home" / "tiny-model" / "checkpoint.safetensors").is_file()
-    printed = [line.split(":", 1)[1].split("(")[0].strip() for line in result.stdout.splitlines()
-               if line.startswith(("t2i image:", "edit image:"))]
+    printed = [
+        line.split(":", 1)[1].split("(")[0].strip()
+        for line in result.stdout.splitlines()
+        if line.startswith(("t2i image:", "edit image:"))
+    ]
     assert len(printed) == 2 and all(Path(path).is_file() for path in printed)
     assert os.path.commonpath(printed).startswith(str(tmp_path / "home" / "demo"))
     # stderr is a pipe here: library bars are off and our progress is plain lines, not \r redraws.

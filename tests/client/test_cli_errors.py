@@ -19,14 +19,28 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, err
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    pytest.param(None, ["DG_DEEPGEN_CONFIG: is required but not set"], id="missing-config"),
-    pytest.param("deepgen_tiny", ["DG_DEEPGEN_DIFFUSION_MODEL_PATH: is required but not set"], id="missing-path"),
-    pytest.param("deepgen_huge", ["unknown DeepGen config 'deepgen_huge'",
-                                  "available configs: deepgen, deepgen_large, deepgen_tiny"], id="unknown-config"),
-])
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        pytest.param(None, ["DG_DEEPGEN_CONFIG: is required but not set"], id="missing-config"),
+        pytest.param(
+            "deepgen_tiny", ["DG_DEEPGEN_DIFFUSION_MODEL_PATH: is required but not set"], id="missing-path"
+        ),
+        pytest.param(
+            "deepgen_huge",
+            [
+                "unknown DeepGen config 'deepgen_huge'",
+                "available configs: deepgen, deepgen_large, deepgen_tiny",
+            ],
+            id="unknown-config",
+        ),
+    ],
+)
 def test_deepgen_configuration_errors_are_named(
-    config: str | None, expected: list[str], clean_env: Path, monkeypatch: pytest.MonkeyPatch,
+    config: str | None,
+    expected: list[str],
+    clean_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     if config is not None:
@@ -44,7 +58,9 @@ def test_worker_refuses_to_start_without_deepgen_variables(
     assert code == ExitCode.CONFIGURATION and "DG_DEEPGEN_CONFIG" in err
 
 
-def test_csv_missing_column_is_named(clean_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_csv_missing_column_is_named(
+    clean_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     csv_path = tmp_path / "data.csv"
     csv_path.write_text("input_images,prompt\na.png,make it red\n")
     code, err = run_main(["edit", "--input", str(csv_path), "--output_dir", str(tmp_path / "o")], capsys)

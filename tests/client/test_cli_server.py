@@ -25,7 +25,12 @@ FAST = ["--num_inference_steps", "2", "--height", "64", "--width", "64"]
 
 @pytest.fixture
 def server_env(
-    tmp_path: Path, pg_url: str, redis_url: str, s3_endpoint: str, s3_bucket: str, tiny_environ: dict[str, str]
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tiny_environ: dict[str, str],
 ) -> dict[str, str]:
     env = base_env(tmp_path / "home")
     env.update(tiny_environ)
@@ -55,9 +60,13 @@ def worker_factory(server_env: dict[str, str], model_name: str, tmp_path: Path) 
 
     def start() -> WorkerProcess:
         # The user's command, not the Celery CLI: what `diffgentor worker` adds is under test too.
-        worker = WorkerProcess([str(DIFFGENTOR), "worker", "--model_name", model_name, "--loglevel", "INFO"],
-                               server_env, tmp_path / f"worker-{len(started)}.log", cwd=REPO_ROOT,
-                               append_log=False)
+        worker = WorkerProcess(
+            [str(DIFFGENTOR), "worker", "--model_name", model_name, "--loglevel", "INFO"],
+            server_env,
+            tmp_path / f"worker-{len(started)}.log",
+            cwd=REPO_ROOT,
+            append_log=False,
+        )
         started.append(worker)
         return worker.start()
 
@@ -66,7 +75,9 @@ def worker_factory(server_env: dict[str, str], model_name: str, tmp_path: Path) 
         worker.stop()
 
 
-def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, worker_factory, tmp_path: Path) -> None:
+def test_server_mode_end_to_end(
+    server_env: dict[str, str], model_name: str, worker_factory, tmp_path: Path
+) -> None:
     upgraded = run_cli(["db", "upgrade"], server_env)
     assert upgraded.code == 0, upgraded.stderr
     assert "is at revision 0002" in upgraded.stdout
@@ -87,9 +98,12 @@ def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, wor
 
     # Idempotency: the same key twice is one job, also inside one batch.
     first = client.submit_t2i("a boat", model_name=model_name, idempotency_key=f"key-{model_name}", **params)
-    again = client.submit_many([client.t2i_spec("a boat", model_name=model_name,
-                                                idempotency_key=f"key-{model_name}", **params),
-                                client.t2i_spec("a car", model_name=model_name, **params)])
+    again = client.submit_many(
+        [
+            client.t2i_spec("a boat", model_name=model_name, idempotency_key=f"key-{model_name}", **params),
+            client.t2i_spec("a car", model_name=model_name, **params),
+        ]
+    )
     assert again[0].job.id == first.id and not again[0].created and again[1].created
 
     worker = worker_factory()
@@ -105,7 +119,9 @@ def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, wor
     # Edit from the Python client: PIL image, bytes and a local path are uploaded content-addressed.
     local = write_png(tmp_path / "in.png", (64, 64), (10, 200, 10))
     pil = Image.new("RGB", (64, 64), (5, 5, 250))
-    edit = client.submit_edit("make it red", [local, local.read_bytes(), pil], model_name=model_name, **params)
+    edit = client.submit_edit(
+        "make it red", [local, local.read_bytes(), pil], model_name=model_name, **params
+    )
     refs = edit.spec["images"]
     assert refs[0] == refs[1] and refs[0].startswith(f"{server_env['DG_STORAGE_URL']}/inputs/")
     assert refs[2] != refs[0]
@@ -113,16 +129,29 @@ def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, wor
 
     # The CLI, unchanged, on the same services.
     out = tmp_path / "out"
-    t2i = run_cli(["t2i", "--model_name", model_name, "--prompt", "a red fox", "--output_dir", str(out), *FAST],
-                  server_env)
+    t2i = run_cli(
+        ["t2i", "--model_name", model_name, "--prompt", "a red fox", "--output_dir", str(out), *FAST],
+        server_env,
+    )
     assert t2i.code == 0, t2i.stderr
     assert Image.open(out / "000000.png").size == (64, 64)
 
     data = tmp_path / "data"
     write_png(data / "a.png")
     (data / "edits.csv").write_text("input_images,instruction\na.png,make it blue\n")
-    edited = run_cli(["edit", "--model_name", model_name, "--input", str(data / "edits.csv"),
-                      "--output_dir", str(tmp_path / "edit-out"), *FAST], server_env)
+    edited = run_cli(
+        [
+            "edit",
+            "--model_name",
+            model_name,
+            "--input",
+            str(data / "edits.csv"),
+            "--output_dir",
+            str(tmp_path / "edit-out"),
+            *FAST,
+        ],
+        server_env,
+    )
     assert edited.code == 0, edited.stderr
     assert (tmp_path / "edit-out" / "000000.png").is_file()
     results = (tmp_path / "edit-out" / "results.csv").read_text()
@@ -131,7 +160,9 @@ def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, wor
     listed = run_cli(["list", "--model_name", model_name, "--status", "succeeded", "--json"], server_env)
     jobs = [json.loads(line) for line in listed.stdout.splitlines()]
     assert len(jobs) == 6 and all(job["model_name"] == model_name for job in jobs)
-    cli_edit_job = next(job for job in jobs if job["kind"] == "edit" and job["spec"]["instruction"] == "make it blue")
+    cli_edit_job = next(
+        job for job in jobs if job["kind"] == "edit" and job["spec"]["instruction"] == "make it blue"
+    )
     assert cli_edit_job["spec"]["images"][0].startswith(f"{server_env['DG_STORAGE_URL']}/inputs/")
 
     fetched = run_cli(["fetch", cli_edit_job["id"], "-o", str(tmp_path / "fetched")], server_env)
@@ -143,12 +174,31 @@ def test_server_mode_end_to_end(server_env: dict[str, str], model_name: str, wor
     assert status.code == 0 and "succeeded" in status.stdout
 
     # Ctrl-C while waiting: jobs stay with the worker; `diffgentor wait` reattaches.
-    slow = ["t2i", "--model_name", model_name, "--prompt", "a slow one", "--output_dir", str(tmp_path / "slow"),
-            "--num_inference_steps", "150", "--height", "256", "--width", "256"]
+    slow = [
+        "t2i",
+        "--model_name",
+        model_name,
+        "--prompt",
+        "a slow one",
+        "--output_dir",
+        str(tmp_path / "slow"),
+        "--num_inference_steps",
+        "150",
+        "--height",
+        "256",
+        "--width",
+        "256",
+    ]
     log = tmp_path / "slow.txt"
     with log.open("w") as err:
-        process = subprocess.Popen([str(DIFFGENTOR), *slow], env=server_env, cwd=REPO_ROOT,
-                                   stdout=subprocess.PIPE, stderr=err, text=True)
+        process = subprocess.Popen(
+            [str(DIFFGENTOR), *slow],
+            env=server_env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     deadline = time.monotonic() + 60
     while "submitted" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)

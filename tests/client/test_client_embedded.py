@@ -21,7 +21,9 @@ SLOW = {"num_inference_steps": 200, "height": 256, "width": 256}
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory, tiny_environ: dict[str, str]) -> Iterator[DiffgentorClient]:
+def client(
+    tmp_path_factory: pytest.TempPathFactory, tiny_environ: dict[str, str]
+) -> Iterator[DiffgentorClient]:
     with pytest.MonkeyPatch.context() as patch:
         for key in list(os.environ):
             if key.startswith("DG_"):
@@ -60,7 +62,9 @@ def test_submit_many_keeps_order_and_idempotency(client: DiffgentorClient, tmp_p
     done = client.wait([item.job for item in submitted[:2]], timeout=60, progress=True)
     assert [job.status.value for job in done] == ["succeeded", "succeeded"]
     uris = client.artifact_uris(done[0])
-    assert len(uris) == 1 and uris[0].startswith("file://") and uris[0].endswith(f"/jobs/{done[0].id}/1/0.png")
+    assert (
+        len(uris) == 1 and uris[0].startswith("file://") and uris[0].endswith(f"/jobs/{done[0].id}/1/0.png")
+    )
     assert client.presigned_urls(done[0]) == uris
     assert [image.size for image in client.open_images(done[0])] == [(64, 64)]
     paths = client.download(done[0], tmp_path / "dl")
@@ -108,7 +112,9 @@ def test_list_filters_and_pages(client: DiffgentorClient) -> None:
     assert job.id in {j.id for j in succeeded} and all(j.status.value == "succeeded" for j in succeeded)
     assert client.list(model_name="some-other-model") == []
     assert client.list(created_after=datetime.now(timezone.utc) + timedelta(minutes=1)) == []
-    assert client.list(created_before=job.created_at) == client.list(created_before=job.created_at, limit=1000)
+    assert client.list(created_before=job.created_at) == client.list(
+        created_before=job.created_at, limit=1000
+    )
     first, second = client.list(limit=1), client.list(limit=1, offset=1)
     assert first[0].id == job.id and second[0].id != job.id
     with pytest.raises(ConfigurationError, match="unknown job status"):
@@ -116,7 +122,9 @@ def test_list_filters_and_pages(client: DiffgentorClient) -> None:
 
 
 def test_bad_parameters_name_the_field(client: DiffgentorClient) -> None:
-    with pytest.raises(ConfigurationError, match="num_inference_steps: Input should be greater than or equal to 1"):
+    with pytest.raises(
+        ConfigurationError, match="num_inference_steps: Input should be greater than or equal to 1"
+    ):
         client.submit_t2i("x", num_inference_steps=0)
     with pytest.raises(ConfigurationError, match="prompt"):
         client.submit_t2i("   ")

@@ -22,8 +22,9 @@ def queue_client(tmp_path: Path) -> Iterator[DiffgentorClient]:
     """A queue-mode client on SQLite with kombu's in-memory broker: nothing runs the jobs."""
     db = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     upgrade(db)
-    with DiffgentorClient(database_url=db, broker_url="memory://", storage_url=(tmp_path / "art").as_uri(),
-                          home=tmp_path) as client:
+    with DiffgentorClient(
+        database_url=db, broker_url="memory://", storage_url=(tmp_path / "art").as_uri(), home=tmp_path
+    ) as client:
         yield client
 
 
@@ -35,13 +36,23 @@ def test_list_takes_naive_datetimes_as_utc(queue_client: DiffgentorClient) -> No
     assert [j.id for j in queue_client.list(created_before=naive_now + timedelta(minutes=1))] == [job.id]
 
 
-def test_rerun_reattaches_to_the_retry_instead_of_retrying_again(queue_client: DiffgentorClient,
-                                                                  tmp_path: Path, monkeypatch) -> None:
+def test_rerun_reattaches_to_the_retry_instead_of_retrying_again(
+    queue_client: DiffgentorClient, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     client = queue_client
-    opts = GenerationOptions(model_name="deepgen", output_dir=tmp_path / "out", guidance_scale=4.0,
-                             num_inference_steps=2, height=64, width=64, negative_prompt="", seed=1, priority=0,
-                             wait=False)
+    opts = GenerationOptions(
+        model_name="deepgen",
+        output_dir=tmp_path / "out",
+        guidance_scale=4.0,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        negative_prompt="",
+        seed=1,
+        priority=0,
+        wait=False,
+    )
     rows = [PromptRow(0, "a fox")]
     run_t2i(client, rows, opts)  # run 1: job A
     (a,) = client.list()

@@ -112,7 +112,9 @@ def test_edit_csv_missing_images_column(tmp_path: Path) -> None:
 
 
 def test_edit_csv_missing_image_names_row_and_path(tmp_path: Path) -> None:
-    csv_path = write(tmp_path / "d.csv", "input_images,instruction\nhttps://e.com/a.png,ok\nmissing/x.png,do it\n")
+    csv_path = write(
+        tmp_path / "d.csv", "input_images,instruction\nhttps://e.com/a.png,ok\nmissing/x.png,do it\n"
+    )
     with pytest.raises(InputFileError) as info:
         load_edit_rows(csv_path)
     message = str(info.value)

@@ -11,8 +11,11 @@ from api_client.cli import main
 from api_client.client import DiffgentorClient
 from api_client.errors import ExitCode, JobNotFound, JobStateError, UsageError
 
-IDS = ["abcd1234-0000-4000-8000-000000000001", "abcd1234-0000-4000-8000-000000000002",
-       "f00dcafe-0000-4000-8000-000000000003"]
+IDS = [
+    "abcd1234-0000-4000-8000-000000000001",
+    "abcd1234-0000-4000-8000-000000000002",
+    "f00dcafe-0000-4000-8000-000000000003",
+]
 
 
 @pytest.fixture
@@ -57,15 +60,23 @@ def test_client_resolves_unique_prefixes(jobs: DiffgentorClient) -> None:
 
 
 @pytest.mark.parametrize("command", ["status", "wait", "fetch", "cancel", "retry"])
-def test_every_job_command_takes_a_prefix(command: str, jobs: DiffgentorClient,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_job_command_takes_a_prefix(
+    command: str, jobs: DiffgentorClient, capsys: pytest.CaptureFixture[str]
+) -> None:
     extra = {"wait": ["--timeout", "0"], "fetch": ["-o", "out"]}.get(command, [])
     code, out, err = run([command, "abcd", *extra], capsys)
-    assert code == ExitCode.USAGE and f"it matches {IDS[0]}, {IDS[1]}" in err  # ambiguous, with the candidates
+    assert (
+        code == ExitCode.USAGE and f"it matches {IDS[0]}, {IDS[1]}" in err
+    )  # ambiguous, with the candidates
     code, out, err = run([command, "f00dcafe", *extra], capsys)
     # Resolved: each command then does its own thing with that one (queued) job, naming its full id.
-    expected = {"status": ExitCode.OK, "wait": ExitCode.TIMEOUT, "fetch": ExitCode.STATE,
-                "cancel": ExitCode.OK, "retry": ExitCode.STATE}[command]
+    expected = {
+        "status": ExitCode.OK,
+        "wait": ExitCode.TIMEOUT,
+        "fetch": ExitCode.STATE,
+        "cancel": ExitCode.OK,
+        "retry": ExitCode.STATE,
+    }[command]
     assert code == expected, err
     assert IDS[2] in out + err
     code, _, err = run([command, "beef", *extra], capsys)

@@ -30,10 +30,16 @@ def test_pending_rows_skips_existing_outputs(tmp_path: Path) -> None:
 
 def test_results_csv_keeps_rows_of_earlier_runs(tmp_path: Path) -> None:
     path = tmp_path / "results.csv"
-    first = ResultRecord(2, {"instruction": "red", "input_images": "a.png"}, "000002.png", "j2", 11, "succeeded", "")
-    failed = ResultRecord(0, {"instruction": "blue", "input_images": "b.png"}, "", "j0", None, "failed", "boom")
+    first = ResultRecord(
+        2, {"instruction": "red", "input_images": "a.png"}, "000002.png", "j2", 11, "succeeded", ""
+    )
+    failed = ResultRecord(
+        0, {"instruction": "blue", "input_images": "b.png"}, "", "j0", None, "failed", "boom"
+    )
     write_results_csv(path, [first, failed])
-    retried = ResultRecord(0, {"instruction": "blue", "input_images": "b.png"}, "000000.png", "j0b", 5, "succeeded", "")
+    retried = ResultRecord(
+        0, {"instruction": "blue", "input_images": "b.png"}, "000000.png", "j0b", 5, "succeeded", ""
+    )
     write_results_csv(path, [retried])
     rows = read_results_csv(path)
     assert [r["index"] for r in rows] == ["0", "2"]

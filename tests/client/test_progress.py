@@ -16,17 +16,21 @@ def test_bar_counts_finished_jobs_and_steps_of_running_ones() -> None:
     stream = _Terminal()
     bar = WaitProgressBar(3, stream=stream)
     assert not bar.plain
-    bar.update([
-        JobProgress("aaaaaaaa-1", finished=True),
-        JobProgress("bbbbbbbb-2", finished=False, step=5, total=10),
-        JobProgress("cccccccc-3", finished=False),  # queued
-    ])
+    bar.update(
+        [
+            JobProgress("aaaaaaaa-1", finished=True),
+            JobProgress("bbbbbbbb-2", finished=False, step=5, total=10),
+            JobProgress("cccccccc-3", finished=False),  # queued
+        ]
+    )
     assert bar.n == 1.5
-    bar.update([
-        JobProgress("aaaaaaaa-1", finished=True),
-        JobProgress("bbbbbbbb-2", finished=False, step=10, total=10),  # decoding: not done yet
-        JobProgress("cccccccc-3", finished=True),
-    ])
+    bar.update(
+        [
+            JobProgress("aaaaaaaa-1", finished=True),
+            JobProgress("bbbbbbbb-2", finished=False, step=10, total=10),  # decoding: not done yet
+            JobProgress("cccccccc-3", finished=True),
+        ]
+    )
     assert 2.9 < bar.n < 3
     bar.close()
     text = stream.getvalue()
@@ -41,8 +45,10 @@ def test_plain_lines_when_not_a_terminal() -> None:
     assert bar.plain
 
     def update(step: int, finished: int) -> None:
-        jobs = [JobProgress("aaaaaaaa-1", finished=finished >= 1),
-                JobProgress("bbbbbbbb-2", finished=finished >= 2, step=step or None, total=50)]
+        jobs = [
+            JobProgress("aaaaaaaa-1", finished=finished >= 1),
+            JobProgress("bbbbbbbb-2", finished=finished >= 2, step=step or None, total=50),
+        ]
         bar.update(jobs)
 
     update(0, 0)  # first state: one line

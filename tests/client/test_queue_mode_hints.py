@@ -13,8 +13,15 @@ from api_client.errors import ConfigurationError, ExitCode, WaitTimeout
 from tests.support import base_env, run_cli
 
 
-@pytest.mark.parametrize("command", [["list"], ["t2i", "--prompt", "x", "--output_dir", "o"],
-                                     ["worker", "--model_name", "deepgen"], ["sweep"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list"],
+        ["t2i", "--prompt", "x", "--output_dir", "o"],
+        ["worker", "--model_name", "deepgen"],
+        ["sweep"],
+    ],
+)
 def test_broker_without_database_url_is_refused(command: list[str], tmp_path: Path) -> None:
     env = {**base_env(tmp_path / "home"), "DG_BROKER_URL": "redis://127.0.0.1:6379/15"}
     result = run_cli(command, env, cwd=tmp_path)
@@ -29,14 +36,18 @@ def test_client_refuses_a_broker_without_a_database(tmp_path: Path, monkeypatch:
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ConfigurationError, match="DG_BROKER_URL is set but DG_DATABASE_URL is not"):
         DiffgentorClient(broker_url="redis://127.0.0.1:6379/15", home=tmp_path)
-    explicit = DiffgentorClient(broker_url="redis://127.0.0.1:6379/15", database_url=f"sqlite:///{tmp_path}/j.db",
-                                home=tmp_path)
+    explicit = DiffgentorClient(
+        broker_url="redis://127.0.0.1:6379/15", database_url=f"sqlite:///{tmp_path}/j.db", home=tmp_path
+    )
     assert not explicit.embedded  # an explicit SQLite file is a deliberate single-host choice
     assert DiffgentorClient(broker_url="memory://", home=tmp_path).settings.database_url.startswith("sqlite")
 
 
 def test_wait_says_when_no_live_worker_serves_the_queue(
-    tmp_path: Path, sqlite_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    sqlite_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from worker.db import session_factory, upgrade
@@ -46,8 +57,13 @@ def test_wait_says_when_no_live_worker_serves_the_queue(
         monkeypatch.delenv(key, raising=False)
     upgrade(sqlite_url)
     model = f"nobody-{uuid.uuid4().hex[:8]}"  # its own queue: no test worker consumes it
-    with DiffgentorClient(database_url=sqlite_url, broker_url=redis_url, storage_url=(tmp_path / "art").as_uri(),
-                          home=tmp_path, poll_seconds=0.1) as client:
+    with DiffgentorClient(
+        database_url=sqlite_url,
+        broker_url=redis_url,
+        storage_url=(tmp_path / "art").as_uri(),
+        home=tmp_path,
+        poll_seconds=0.1,
+    ) as client:
         client.no_worker_notice_seconds = 0.5
         job = client.submit_t2i("waits", model_name=model)
         with pytest.raises(WaitTimeout):

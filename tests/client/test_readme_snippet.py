@@ -19,16 +19,19 @@ pytestmark = pytest.mark.integration  # Python subprocesses run the tiny model e
 
 def readme_python_snippet() -> str:
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("### Python client"):]
+    section = text[text.index("### Python client") :]
     match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert match, "README has no ```python block under '### Python client'"
     return match.group(1)
 
 
-def run_script(code: str, env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_script(
+    code: str, env: dict[str, str], cwd: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     env = {**env, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def statuses(home: Path) -> dict[str, str]:
@@ -41,7 +44,9 @@ def snippet_env(embedded_env: dict[str, str]) -> dict[str, str]:
     return {**embedded_env, "DG_DEEPGEN_IMAGE_RESIZE_MODE": "dynamic"}
 
 
-def test_readme_snippet_runs_as_written_and_exits_cleanly(embedded_env: dict[str, str], tmp_path: Path) -> None:
+def test_readme_snippet_runs_as_written_and_exits_cleanly(
+    embedded_env: dict[str, str], tmp_path: Path
+) -> None:
     snippet = readme_python_snippet()
     assert "http://" not in snippet and "https://" not in snippet, "the snippet must run offline"
     workdir = tmp_path / "work"

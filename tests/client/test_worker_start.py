@@ -19,8 +19,9 @@ class FlakyClient:
     def check_database(self) -> None:
         self.calls += 1
         if self.calls <= self.failures:
-            raise ServiceUnreachable("the job database", "postgresql://db", "connection refused",
-                                     transient=self.transient)
+            raise ServiceUnreachable(
+                "the job database", "postgresql://db", "connection refused", transient=self.transient
+            )
 
     def check_broker(self) -> None:
         pass
@@ -28,8 +29,9 @@ class FlakyClient:
     artifacts: Any = None
 
 
-def test_worker_waits_for_a_service_that_is_down(monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_worker_waits_for_a_service_that_is_down(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     pauses: list[float] = []
     monkeypatch.setattr(cli.time, "sleep", pauses.append)
     client = FlakyClient(failures=3)

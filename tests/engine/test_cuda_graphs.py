@@ -24,9 +24,19 @@ from worker.deepgen.transformer import DeepGenSD3Transformer
 from worker.deepgen.types import GenerationRequest, GenerationStopped
 
 TINY_DIT = dict(
-    sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-    num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-    pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm",
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=32,
+    pos_embed_max_size=96,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
 )
 
 
@@ -61,7 +71,9 @@ def dit() -> DeepGenSD3Transformer:
 
 def dit_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 16, 8, 8, generator=generator), torch.rand(1, generator=generator).mul(1000).expand(2)
+    return torch.randn(2, 16, 8, 8, generator=generator), torch.rand(1, generator=generator).mul(1000).expand(
+        2
+    )
 
 
 def conditioning() -> dict[str, Any]:
@@ -98,7 +110,9 @@ def test_cpu_engine_ignores_graphs_with_a_note_and_same_images(
     assert [r.message for r in caplog.records if "CUDA_GRAPHS" in r.message] == [
         "DG_DEEPGEN_CUDA_GRAPHS ignored: the DiT runs on cpu, not CUDA"
     ]
-    request = GenerationRequest(kind="t2i", prompt="a fox", width=64, height=64, num_inference_steps=3, seed=5)
+    request = GenerationRequest(
+        kind="t2i", prompt="a fox", width=64, height=64, num_inference_steps=3, seed=5
+    )
     before = dict(cuda_graphs.graph_counts)
     assert png_bytes(graphed.generate(request).image) == png_bytes(plain.generate(request).image)
     assert dict(cuda_graphs.graph_counts) == before  # no graph was even attempted
@@ -141,7 +155,9 @@ def test_static_buffers_are_owned_copies(dit: DeepGenSD3Transformer) -> None:
     assert not torch.equal(first, expected)
 
 
-def test_rows_keep_sharing_their_reference_tensors(dit: DeepGenSD3Transformer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rows_keep_sharing_their_reference_tensors(
+    dit: DeepGenSD3Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[Sequence[Sequence[torch.Tensor]]] = []
     original = dit.forward
 
@@ -168,7 +184,9 @@ def test_capture_failure_falls_back_to_eager_with_one_warning(
             graphed = GraphedDiT(dit, capture=capture, **conditioning())
             for seed in range(2):
                 hidden, timestep = dit_inputs(seed)
-                assert torch.equal(graphed(hidden, timestep), EagerDiT(dit, **conditioning())(hidden, timestep))
+                assert torch.equal(
+                    graphed(hidden, timestep), EagerDiT(dit, **conditioning())(hidden, timestep)
+                )
             assert graphed.fell_back and not graphed.captured
     assert capture.captures == 2  # tried once per generation, never per step
     assert cuda_graphs.graph_counts["fell_back"] == before + 2
@@ -242,12 +260,17 @@ def test_engine_images_are_identical_through_the_wrapper(
     graphed = engine.generate(request, step_callback=on_step)
     assert png_bytes(graphed.image) == plain
     counts = cuda_graphs.graph_counts
-    assert (counts["captured"] - before.get("captured", 0), counts["replayed"] - before.get("replayed", 0)) == (1, 4)
+    assert (
+        counts["captured"] - before.get("captured", 0),
+        counts["replayed"] - before.get("replayed", 0),
+    ) == (1, 4)
     assert len(made) == 1 and not made[0].fell_back and not made[0].captured  # freed after the generation
     assert steps == [1, 2, 3, 4]  # progress still arrives per step
 
 
-def test_cancel_mid_generation_frees_the_graph(engine: DeepGenEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancel_mid_generation_frees_the_graph(
+    engine: DeepGenEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     made = route_through_fake_graphs(monkeypatch)
     with pytest.raises(GenerationStopped) as stopped:
         engine.generate(REQUESTS["t2i"], step_callback=lambda step, total: step == 2)
@@ -275,7 +298,11 @@ class HostTouchProbe(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         tensors = [leaf for leaf in tree_leaves((args, kwargs, out)) if isinstance(leaf, torch.Tensor)]
         name = str(func)
-        if any(t.device.type != "meta" for t in tensors) or "_local_scalar_dense" in name or "nonzero" in name:
+        if (
+            any(t.device.type != "meta" for t in tensors)
+            or "_local_scalar_dense" in name
+            or "nonzero" in name
+        ):
             self.offending.append(name)
         return out
 
@@ -301,7 +328,11 @@ def test_dit_forward_never_touches_the_host(case: str) -> None:
     torch.manual_seed(0)
     meta_dit = DeepGenSD3Transformer.from_config(TINY_DIT).eval().requires_grad_(False).to("meta")
     big, small = torch.randn(16, 8, 8, device="meta"), torch.randn(16, 4, 8, device="meta")
-    references = {"t2i": None, "shared references": [[big, small]] * 2, "padded references": [[big], [small]]}[case]
+    references = {
+        "t2i": None,
+        "shared references": [[big, small]] * 2,
+        "padded references": [[big], [small]],
+    }[case]
     offending = meta_forward(
         meta_dit,
         hidden_states=torch.randn(2, 16, 16, 16, device="meta"),

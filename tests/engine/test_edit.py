@@ -43,7 +43,9 @@ def test_two_images_condition_one_edit(engine: DeepGenEngine) -> None:
     assert swapped.image.size == (64, 96)
 
 
-def test_every_reference_reaches_the_dit_sequence(engine: DeepGenEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_reference_reaches_the_dit_sequence(
+    engine: DeepGenEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     transformer = engine.model.transformer
     seen: list[list[tuple[int, ...]]] = []
     original = transformer.forward

@@ -34,7 +34,10 @@ def engine(tiny_model: tiny.TinyModelPaths) -> DeepGenEngine:
 
 def test_prompt_strings_follow_the_reference_templates() -> None:
     assert SHORT == "<|im_start|>user\nGenerate an image: a cat<|im_end|>\n<|im_start|>assistant\n"
-    assert TEMPLATE.text_to_image("") == "<|im_start|>user\nGenerate an image: <|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        TEMPLATE.text_to_image("")
+        == "<|im_start|>user\nGenerate an image: <|im_end|>\n<|im_start|>assistant\n"
+    )
     assert TEMPLATE.edit("add a hat", [2, 1]) == (
         "<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|vision_end|>"
         "<|vision_start|><|image_pad|><|vision_end|>\nadd a hat<|im_end|>\n<|im_start|>assistant\n"
@@ -59,11 +62,19 @@ def test_positive_and_negative_share_one_left_padded_batch(engine: DeepGenEngine
 
 def test_prompt_over_max_length_fails_and_is_never_truncated(tiny_model: tiny.TinyModelPaths) -> None:
     engine = load_tiny_engine(tiny_model, MAX_LENGTH="24")
-    request = GenerationRequest(kind="t2i", prompt="word " * 40, height=64, width=64, num_inference_steps=1, seed=1)
+    request = GenerationRequest(
+        kind="t2i", prompt="word " * 40, height=64, width=64, num_inference_steps=1, seed=1
+    )
     with pytest.raises(PromptTooLongError, match="DG_DEEPGEN_MAX_LENGTH=24"):
         engine.generate(request)
     long_negative = GenerationRequest(
-        kind="t2i", prompt="cat", negative_prompt="word " * 40, height=64, width=64, num_inference_steps=1, seed=1
+        kind="t2i",
+        prompt="cat",
+        negative_prompt="word " * 40,
+        height=64,
+        width=64,
+        num_inference_steps=1,
+        seed=1,
     )
     with pytest.raises(PromptTooLongError, match="negative"):
         engine.generate(long_negative)
@@ -76,7 +87,9 @@ def test_hidden_state_index_i_is_the_raw_output_of_decoder_layer_i(engine: DeepG
     captured: dict[int, torch.Tensor] = {}
     hooks = [
         decoder.layers[index - 1].register_forward_hook(
-            lambda _m, _i, out, index=index: captured.__setitem__(index, out[0] if isinstance(out, tuple) else out)
+            lambda _m, _i, out, index=index: captured.__setitem__(
+                index, out[0] if isinstance(out, tuple) else out
+            )
         )
         for index in engine.model.layer_indices
     ]
@@ -96,7 +109,9 @@ def test_think_queries_continue_the_text_positions(engine: DeepGenEngine) -> Non
     queries = engine.model.num_queries
     full_ids = torch.cat([ids, ids.new_zeros(2, queries)], dim=1)
     full_mask = torch.cat([mask, mask.new_ones(2, queries)], dim=1).long()
-    positions = rope_index(engine.model.lmm, full_ids, full_mask, int(engine.model.lmm.config.image_token_id), None)
+    positions = rope_index(
+        engine.model.lmm, full_ids, full_mask, int(engine.model.lmm.config.image_token_id), None
+    )
     for row in range(2):
         valid = int(mask[row].sum())
         expected = torch.arange(valid + queries)
@@ -164,7 +179,9 @@ def test_plain_eager_padding_would_differ(engine: DeepGenEngine) -> None:
         finally:
             config._attn_implementation = kernel
     last = engine.model.layer_indices[0]
-    assert not torch.allclose(plain[last][1, : int(pad.sum())], emulated[last][1, : int(pad.sum())], atol=1e-3)
+    assert not torch.allclose(
+        plain[last][1, : int(pad.sum())], emulated[last][1, : int(pad.sum())], atol=1e-3
+    )
     # Valid positions agree: the emulation only changes what FA2 changes.
     torch.testing.assert_close(plain[last][0], emulated[last][0], atol=1e-4, rtol=1e-4)
 
@@ -192,7 +209,9 @@ def test_image_tokens_get_3d_positions_and_text_continues_after_them(engine: Dee
     full_ids = torch.cat([ids, ids.new_zeros(2, queries)], dim=1)
     full_mask = torch.cat([mask, mask.new_ones(2, queries)], dim=1).long()
     image_token_id = int(engine.model.lmm.config.image_token_id)
-    positions = rope_index(engine.model.lmm, full_ids, full_mask, image_token_id, vision.grid_thw.repeat(2, 1))
+    positions = rope_index(
+        engine.model.lmm, full_ids, full_mask, image_token_id, vision.grid_thw.repeat(2, 1)
+    )
     for row in range(2):
         valid = full_mask[row].bool()
         row_ids, row_positions = full_ids[row, valid], positions[:, row, valid]

@@ -26,11 +26,15 @@ def test_stages_partition_every_parameter_and_buffer(engine: DeepGenEngine) -> N
         for tensor in stage_tensors(engine.model, engine.vae, stage):
             assert id(tensor) not in owners, f"a tensor is in both {owners[id(tensor)]} and {stage}"
             owners[id(tensor)] = stage
-    everything = [*engine.model.parameters(), *engine.model.buffers(), *engine.vae.parameters(), *engine.vae.buffers()]
+    everything = [
+        *engine.model.parameters(),
+        *engine.model.buffers(),
+        *engine.vae.parameters(),
+        *engine.vae.buffers(),
+    ]
     missing = [tensor.shape for tensor in everything if id(tensor) not in owners]
     assert not missing, f"tensors in no stage: {missing}"
     assert {owners[id(engine.model.meta_queries)], owners[id(engine.model.transformer.proj_out.weight)]} == {
         "encoder",
         "dit",
     }
-

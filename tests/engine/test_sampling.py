@@ -60,8 +60,12 @@ def test_euler_steps_integrate_the_velocity_over_sigma() -> None:
     start = torch.zeros(1, 16, 4, 4)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
     result = denoise(
-        transformer=dit, scheduler=scheduler, latents=start, conditioning=conditioning(),
-        num_inference_steps=4, guidance_scale=1.0,
+        transformer=dit,
+        scheduler=scheduler,
+        latents=start,
+        conditioning=conditioning(),
+        num_inference_steps=4,
+        guidance_scale=1.0,
     )
     # One branch predicting velocity 1 everywhere: x_end = x_0 + (0 - 1) * 1.
     torch.testing.assert_close(result, torch.full_like(start, -1.0))
@@ -73,8 +77,12 @@ def test_cfg_batch_is_negative_then_positive_and_combined() -> None:
     dit = ConstantVelocityDiT()
     guidance = 3.0
     result = denoise(
-        transformer=dit, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), latents=torch.zeros(1, 16, 4, 4),
-        conditioning=conditioning(), num_inference_steps=2, guidance_scale=guidance,
+        transformer=dit,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT),
+        latents=torch.zeros(1, 16, 4, 4),
+        conditioning=conditioning(),
+        num_inference_steps=2,
+        guidance_scale=guidance,
     )
     first = dit.calls[0]
     assert first["encoder_hidden_states"][:, 0, 0].tolist() == [-1.0, 1.0]
@@ -86,15 +94,29 @@ def test_cfg_batch_is_negative_then_positive_and_combined() -> None:
 
 def test_noise_is_one_seeded_randn_on_the_run_device_and_dtype() -> None:
     noise = initial_noise(
-        batch_size=1, latent_channels=16, height=64, width=96, vae_scale_factor=8, seed=42,
-        device=torch.device("cpu"), dtype=torch.bfloat16,
+        batch_size=1,
+        latent_channels=16,
+        height=64,
+        width=96,
+        vae_scale_factor=8,
+        seed=42,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
     )
-    expected = torch.randn((1, 16, 8, 12), generator=torch.Generator("cpu").manual_seed(42), dtype=torch.bfloat16)
+    expected = torch.randn(
+        (1, 16, 8, 12), generator=torch.Generator("cpu").manual_seed(42), dtype=torch.bfloat16
+    )
     assert noise.dtype == torch.bfloat16 and noise.shape == (1, 16, 8, 12)
     assert torch.equal(noise, expected)
     other_seed = initial_noise(
-        batch_size=1, latent_channels=16, height=64, width=96, vae_scale_factor=8, seed=43,
-        device=torch.device("cpu"), dtype=torch.bfloat16,
+        batch_size=1,
+        latent_channels=16,
+        height=64,
+        width=96,
+        vae_scale_factor=8,
+        seed=43,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
     )
     assert not torch.equal(noise, other_seed)
 
@@ -104,8 +126,12 @@ def test_step_count_matches_the_request(steps: int) -> None:
     dit = ConstantVelocityDiT()
     seen: list[tuple[int, int]] = []
     denoise(
-        transformer=dit, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), latents=torch.zeros(1, 16, 4, 4),
-        conditioning=conditioning(), num_inference_steps=steps, guidance_scale=4.0,
+        transformer=dit,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT),
+        latents=torch.zeros(1, 16, 4, 4),
+        conditioning=conditioning(),
+        num_inference_steps=steps,
+        guidance_scale=4.0,
         step_callback=lambda step, total: seen.append((step, total)) and None,
     )
     assert seen == [(step, steps) for step in range(1, steps + 1)]

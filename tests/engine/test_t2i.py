@@ -135,7 +135,9 @@ def test_step_callback_can_stop_the_generation(engine: DeepGenEngine) -> None:
         ({"seed": -1}, "seed"),
     ],
 )
-def test_invalid_requests_fail_clearly(engine: DeepGenEngine, fields: dict[str, object], message: str) -> None:
+def test_invalid_requests_fail_clearly(
+    engine: DeepGenEngine, fields: dict[str, object], message: str
+) -> None:
     prompt = str(fields.pop("prompt", "a cat"))
     with pytest.raises(InvalidGenerationRequest, match=message):
         engine.generate(t2i(prompt, **fields))

@@ -22,9 +22,11 @@ from worker.deepgen.transformer import DeepGenSD3Transformer
 def build_full_size_on_meta() -> DeepGenModel:
     config = load_config("deepgen")
     with torch.device("meta"):
-        lmm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-            text_config=QWEN25_VL_3B_TEXT, vision_config=QWEN25_VL_3B_VISION, tie_word_embeddings=True
-        ))
+        lmm = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(
+                text_config=QWEN25_VL_3B_TEXT, vision_config=QWEN25_VL_3B_VISION, tie_word_embeddings=True
+            )
+        )
         transformer = DeepGenSD3Transformer(**SD35_MEDIUM_TRANSFORMER)
         return DeepGenModel(
             lmm=lmm, transformer=transformer, connector=config.connector, num_queries=config.num_queries

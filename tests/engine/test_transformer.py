@@ -29,7 +29,9 @@ def dit_inputs(transformer: SD3Transformer2DModel, batch: int, seed: int = 0) ->
     }
 
 
-def test_same_parameter_names_as_stock(transformers_pair: tuple[SD3Transformer2DModel, DeepGenSD3Transformer]) -> None:
+def test_same_parameter_names_as_stock(
+    transformers_pair: tuple[SD3Transformer2DModel, DeepGenSD3Transformer],
+) -> None:
     stock, ours = transformers_pair
     assert stock.state_dict().keys() == ours.state_dict().keys()
     assert ours.config.dual_attention_layers  # the attn2 branch is exercised
@@ -71,8 +73,10 @@ def test_padded_batch_equals_each_sample_alone(
     with torch.inference_mode():
         batched = ours(**inputs, reference_latents=references).sample
         for row in range(2):
-            alone = ours(**{name: value[row : row + 1] for name, value in inputs.items()},
-                         reference_latents=references[row : row + 1]).sample
+            alone = ours(
+                **{name: value[row : row + 1] for name, value in inputs.items()},
+                reference_latents=references[row : row + 1],
+            ).sample
             torch.testing.assert_close(batched[row : row + 1], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -98,7 +102,9 @@ def test_mask_only_when_padded(
     masks: list[torch.Tensor | None] = []
     sdpa = transformer_module.F.scaled_dot_product_attention
 
-    def recording_sdpa(*args: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+    def recording_sdpa(
+        *args: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs: object
+    ) -> torch.Tensor:
         masks.append(attn_mask)
         return sdpa(*args, attn_mask=attn_mask, **kwargs)
 

@@ -20,7 +20,11 @@ def test_redis_answers(redis_url: str) -> None:
 
 
 def test_moto_s3_round_trip(s3_endpoint: str, s3_bucket: str) -> None:
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
     client.put_object(Bucket=s3_bucket, Key="a/b.txt", Body=b"hello", ContentType="text/plain")
     assert client.get_object(Bucket=s3_bucket, Key="a/b.txt")["Body"].read() == b"hello"

@@ -41,11 +41,17 @@ def test_postgres_connections_get_timeouts_and_keepalives() -> None:
 
 def test_url_query_and_explicit_connect_args_override_the_defaults() -> None:
     params = _connect_params(make_engine("postgresql+psycopg://u:p@127.0.0.1:1/db?connect_timeout=3"))
-    assert params["connect_timeout"] == "3" and params["keepalives_idle"] == POSTGRES_CONNECT_ARGS["keepalives_idle"]
+    assert (
+        params["connect_timeout"] == "3"
+        and params["keepalives_idle"] == POSTGRES_CONNECT_ARGS["keepalives_idle"]
+    )
     params = _connect_params(
         make_engine("postgresql+psycopg://u:p@127.0.0.1:1/db", connect_args={"keepalives_count": 9})
     )
-    assert params["keepalives_count"] == 9 and params["connect_timeout"] == POSTGRES_CONNECT_ARGS["connect_timeout"]
+    assert (
+        params["keepalives_count"] == 9
+        and params["connect_timeout"] == POSTGRES_CONNECT_ARGS["connect_timeout"]
+    )
 
 
 def test_sqlite_is_unaffected(tmp_path: Path) -> None:

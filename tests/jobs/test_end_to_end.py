@@ -42,8 +42,12 @@ SLOW = {"num_inference_steps": 200, "height": 512, "width": 512}  # a few second
 
 
 def _s3(endpoint: str) -> Any:
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    )
 
 
 @pytest.fixture
@@ -52,18 +56,31 @@ def model_name() -> str:
 
 
 @pytest.fixture
-def worker_env(migrated_pg_url: str, redis_url: str, s3_endpoint: str, s3_bucket: str, tiny_model_paths: Any,
-               tmp_path: Path) -> dict[str, str]:
+def worker_env(
+    migrated_pg_url: str,
+    redis_url: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tiny_model_paths: Any,
+    tmp_path: Path,
+) -> dict[str, str]:
     # "dynamic" keeps small edit inputs at their own size: the tiny model has a small maximum side.
     return worker_environ(
-        database_url=migrated_pg_url, broker_url=redis_url, storage_url=f"s3://{s3_bucket}/e2e",
-        home=tmp_path / "home", s3_endpoint_url=s3_endpoint,
+        database_url=migrated_pg_url,
+        broker_url=redis_url,
+        storage_url=f"s3://{s3_bucket}/e2e",
+        home=tmp_path / "home",
+        s3_endpoint_url=s3_endpoint,
         model_env=tiny_env(tiny_model_paths, IMAGE_RESIZE_MODE="dynamic"),
         # Short lease and a fast Redis restore sweep, so a killed worker's job comes back in seconds.
-        DG_LEASE_SECONDS="3", DG_HEARTBEAT_SECONDS="0.5", DG_PUBLISH_GRACE_SECONDS="1",
-        DG_SOFT_TIME_LIMIT_SECONDS="60", DG_HARD_TIME_LIMIT_SECONDS="70",
+        DG_LEASE_SECONDS="3",
+        DG_HEARTBEAT_SECONDS="0.5",
+        DG_PUBLISH_GRACE_SECONDS="1",
+        DG_SOFT_TIME_LIMIT_SECONDS="60",
+        DG_HARD_TIME_LIMIT_SECONDS="70",
         DG_VISIBILITY_TIMEOUT_SECONDS="75",
-        DG_UNACKED_RESTORE_INTERVAL_SECONDS="1", DG_UNACKED_RESTORE_THROTTLE="1",
+        DG_UNACKED_RESTORE_INTERVAL_SECONDS="1",
+        DG_UNACKED_RESTORE_THROTTLE="1",
         DG_PROGRESS_INTERVAL_SECONDS="0.2",
     )
 
@@ -87,8 +104,12 @@ def start_worker(worker_env: dict[str, str], model_name: str, tmp_path: Path) ->
     started: list[WorkerProcess] = []
 
     def start(env_overrides: dict[str, str] | None = None) -> WorkerProcess:
-        worker = WorkerProcess.celery({**worker_env, **(env_overrides or {})}, model_name,
-                                      tmp_path / f"worker-{len(started)}.log", cwd=REPO_ROOT)
+        worker = WorkerProcess.celery(
+            {**worker_env, **(env_overrides or {})},
+            model_name,
+            tmp_path / f"worker-{len(started)}.log",
+            cwd=REPO_ROOT,
+        )
         started.append(worker)
         worker.start()
         worker.wait_ready()
@@ -103,7 +124,9 @@ def _wait_terminal(store: JobStore, job_ids: list[str], timeout: float = 120) ->
     def done() -> bool:
         return all(job.status in TERMINAL_STATUSES for job in store.get_many(job_ids))
 
-    wait_for(done, timeout, lambda: f"jobs not finished: {[(j.id, j.status) for j in store.get_many(job_ids)]}")
+    wait_for(
+        done, timeout, lambda: f"jobs not finished: {[(j.id, j.status) for j in store.get_many(job_ids)]}"
+    )
     return store.get_many(job_ids)
 
 
@@ -114,26 +137,50 @@ def _png(color: tuple[int, int, int], size: tuple[int, int] = (96, 64)) -> bytes
 
 
 def test_jobs_run_on_one_resident_model_and_bad_inputs_fail_cleanly(
-    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str, s3_endpoint: str,
-    s3_bucket: str, worker_env: dict[str, str],
+    store: JobStore,
+    publisher: CeleryPublisher,
+    start_worker: Any,
+    model_name: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    worker_env: dict[str, str],
 ) -> None:
     s3 = _s3(s3_endpoint)
-    s3.put_object(Bucket=s3_bucket, Key="inputs/source.png", Body=_png((10, 200, 10)), ContentType="image/png")
-    s3.put_object(Bucket=s3_bucket, Key="inputs/corrupt.png", Body=b"\x89PNG\r\n\x1a\ntruncated", ContentType="image/png")
+    s3.put_object(
+        Bucket=s3_bucket, Key="inputs/source.png", Body=_png((10, 200, 10)), ContentType="image/png"
+    )
+    s3.put_object(
+        Bucket=s3_bucket,
+        Key="inputs/corrupt.png",
+        Body=b"\x89PNG\r\n\x1a\ntruncated",
+        ContentType="image/png",
+    )
     worker = start_worker()
 
-    t2i = [{"kind": "t2i", "prompt": f"a fox number {i}", "model_name": model_name, "params": FAST} for i in range(8)]
-    edit = {"kind": "edit", "instruction": "make it red", "model_name": model_name,
-            "images": [f"s3://{s3_bucket}/inputs/source.png"], "params": {"num_inference_steps": 2}}
+    t2i = [
+        {"kind": "t2i", "prompt": f"a fox number {i}", "model_name": model_name, "params": FAST}
+        for i in range(8)
+    ]
+    edit = {
+        "kind": "edit",
+        "instruction": "make it red",
+        "model_name": model_name,
+        "images": [f"s3://{s3_bucket}/inputs/source.png"],
+        "params": {"num_inference_steps": 2},
+    }
     unreachable = {**edit, "images": [f"http://127.0.0.1:{free_port()}/gone.png"]}
     corrupt = {**edit, "images": [f"s3://{s3_bucket}/inputs/corrupt.png"]}
-    submitted = submit_jobs(store, publisher, [*t2i, edit, unreachable, corrupt, {**t2i[0], "prompt": "after"}])
+    submitted = submit_jobs(
+        store, publisher, [*t2i, edit, unreachable, corrupt, {**t2i[0], "prompt": "after"}]
+    )
     jobs = _wait_terminal(store, [s.job.id for s in submitted])
 
     by_status = {job.id: (job.kind, job.status.value, job.error_type, job.error_message) for job in jobs}
     bad_unreachable, bad_corrupt = jobs[9], jobs[10]
     good = [job for job in jobs if job.id not in (bad_unreachable.id, bad_corrupt.id)]
-    assert [job.id for job in good if job.status != JobStatus.SUCCEEDED] == [], [v for v in by_status.values() if v[1] != "succeeded"]
+    assert [job.id for job in good if job.status != JobStatus.SUCCEEDED] == [], [
+        v for v in by_status.values() if v[1] != "succeeded"
+    ]
     assert len(good) == 10
     assert bad_unreachable.status == JobStatus.FAILED and bad_unreachable.error_type == "InputImageError"
     assert "gone.png" in (bad_unreachable.error_message or "")
@@ -146,7 +193,10 @@ def test_jobs_run_on_one_resident_model_and_bad_inputs_fail_cleanly(
         [artifact] = job.artifacts
         assert artifact.uri == f"s3://{s3_bucket}/e2e/jobs/{job.id}/1/0.png"
         data = artifacts.get_bytes(artifact.uri)
-        assert len(data) == artifact.bytes and Image.open(io.BytesIO(data)).size == (artifact.width, artifact.height)
+        assert len(data) == artifact.bytes and Image.open(io.BytesIO(data)).size == (
+            artifact.width,
+            artifact.height,
+        )
         assert job.attempts == 1 and job.provenance and job.seed is not None
     edited = jobs[8]
     assert (edited.width, edited.height) == (edited.artifacts[0].width, edited.artifacts[0].height)
@@ -158,28 +208,45 @@ def test_jobs_run_on_one_resident_model_and_bad_inputs_fail_cleanly(
     [again] = submit_jobs(store, publisher, [{**t2i[0], "prompt": "twice"}])
     publisher.publish([type("T", (), {"job_id": again.job.id, "model_name": model_name, "priority": 0})()])
     [finished] = _wait_terminal(store, [again.job.id])
-    wait_for(lambda: worker.log_text().count(f"dropping delivery of job {again.job.id}") == 1, 30,
-             "the second delivery was not dropped")
+    wait_for(
+        lambda: worker.log_text().count(f"dropping delivery of job {again.job.id}") == 1,
+        30,
+        "the second delivery was not dropped",
+    )
     assert finished.status == JobStatus.SUCCEEDED and finished.attempts == 1 and len(finished.artifacts) == 1
 
 
 def test_bad_spec_is_rejected_at_submit(store: JobStore, publisher: CeleryPublisher) -> None:
     before = len(store.list(limit=1000))
     with pytest.raises(ValidationError) as error:
-        submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "ok"},
-                                       {"kind": "t2i", "prompt": "x", "params": {"num_inference_steps": 0}}])
+        submit_jobs(
+            store,
+            publisher,
+            [
+                {"kind": "t2i", "prompt": "ok"},
+                {"kind": "t2i", "prompt": "x", "params": {"num_inference_steps": 0}},
+            ],
+        )
     assert "num_inference_steps" in str(error.value)
     assert len(store.list(limit=1000)) == before  # nothing of the batch was inserted
 
 
-def test_cancel_queued_and_running_jobs(store: JobStore, publisher: CeleryPublisher, start_worker: Any,
-                                        model_name: str) -> None:
+def test_cancel_queued_and_running_jobs(
+    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str
+) -> None:
     worker = start_worker()
-    running, queued, after = (s.job.id for s in submit_jobs(store, publisher, [
-        {"kind": "t2i", "prompt": "slow", "model_name": model_name, "params": SLOW},
-        {"kind": "t2i", "prompt": "queued", "model_name": model_name, "params": FAST},
-        {"kind": "t2i", "prompt": "after", "model_name": model_name, "params": FAST},
-    ]))
+    running, queued, after = (
+        s.job.id
+        for s in submit_jobs(
+            store,
+            publisher,
+            [
+                {"kind": "t2i", "prompt": "slow", "model_name": model_name, "params": SLOW},
+                {"kind": "t2i", "prompt": "queued", "model_name": model_name, "params": FAST},
+                {"kind": "t2i", "prompt": "after", "model_name": model_name, "params": FAST},
+            ],
+        )
+    )
     wait_for(lambda: store.get(running).progress_step > 0, 90, "the slow job never started")
     assert store.cancel(queued).status == JobStatus.CANCELLED
     assert store.cancel(running).cancel_requested
@@ -191,16 +258,31 @@ def test_cancel_queued_and_running_jobs(store: JobStore, publisher: CeleryPublis
 
 
 def test_kill_9_of_the_whole_worker_then_a_new_worker_completes_the_job_once(
-    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str,
+    store: JobStore,
+    publisher: CeleryPublisher,
+    start_worker: Any,
+    model_name: str,
 ) -> None:
     # Redis redelivers an unacked message only after the visibility timeout: keep it short here.
     # (Above the job's run time on a busy 2-core machine, or the soft limit fails the job.)
-    quick = {"DG_SOFT_TIME_LIMIT_SECONDS": "30", "DG_HARD_TIME_LIMIT_SECONDS": "33",
-             "DG_VISIBILITY_TIMEOUT_SECONDS": "35"}
+    quick = {
+        "DG_SOFT_TIME_LIMIT_SECONDS": "30",
+        "DG_HARD_TIME_LIMIT_SECONDS": "33",
+        "DG_VISIBILITY_TIMEOUT_SECONDS": "35",
+    }
     first = start_worker(quick)
-    [submitted] = submit_jobs(store, publisher, [
-        {"kind": "t2i", "prompt": "survive a crash", "model_name": model_name,
-         "params": {**SLOW, "num_inference_steps": 100}}])
+    [submitted] = submit_jobs(
+        store,
+        publisher,
+        [
+            {
+                "kind": "t2i",
+                "prompt": "survive a crash",
+                "model_name": model_name,
+                "params": {**SLOW, "num_inference_steps": 100},
+            }
+        ],
+    )
     job_id = submitted.job.id
     wait_for(lambda: store.get(job_id).progress_step > 0, 90, "the job never started")
     first.kill()
@@ -214,7 +296,10 @@ def test_kill_9_of_the_whole_worker_then_a_new_worker_completes_the_job_once(
 
 
 def test_hard_time_limit_fails_the_job_at_once_and_the_worker_keeps_serving(
-    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str,
+    store: JobStore,
+    publisher: CeleryPublisher,
+    start_worker: Any,
+    model_name: str,
 ) -> None:
     worker = start_worker()
     [stuck] = store.submit([{"kind": "t2i", "prompt": "stuck", "model_name": model_name, "params": SLOW}])
@@ -222,8 +307,14 @@ def test_hard_time_limit_fails_the_job_at_once_and_the_worker_keeps_serving(
     # Per-message limits (a Celery feature), so the worker's own 60/70 s stay for the next job.
     # The child is stopped right after its claim, so the soft limit (4 s) is never handled there
     # (as in a child stuck in native code) and only the hard path (7 s) can end the job.
-    publisher.app.send_task(RUN_JOB_TASK_NAME, args=[job_id], queue=model_name, routing_key=model_name,
-                            time_limit=7, soft_time_limit=4)
+    publisher.app.send_task(
+        RUN_JOB_TASK_NAME,
+        args=[job_id],
+        queue=model_name,
+        routing_key=model_name,
+        time_limit=7,
+        soft_time_limit=4,
+    )
     wait_for(lambda: store.get(job_id).status != JobStatus.QUEUED, 60, "the job was never claimed")
     claimed = store.get(job_id)
     assert claimed.status == JobStatus.RUNNING and claimed.worker_id
@@ -231,23 +322,33 @@ def test_hard_time_limit_fails_the_job_at_once_and_the_worker_keeps_serving(
     assert child_pid != worker.process.pid  # the job runs in the prefork child
     os.kill(child_pid, signal.SIGSTOP)
     [job] = _wait_terminal(store, [job_id], timeout=60)  # promptly: not after the 3 s lease + retries
-    assert job.status == JobStatus.FAILED and job.error_type == "TimeLimitExceeded", (job.error_type, job.error_message)
+    assert job.status == JobStatus.FAILED and job.error_type == "TimeLimitExceeded", (
+        job.error_type,
+        job.error_message,
+    )
     assert "hard time limit of 7 s" in (job.error_message or "") and job.attempts == 1
     assert "Hard time limit (7" in worker.log_text()
     # A new child serves the next job; the killed job is neither retried nor overwritten.
-    [after] = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "after", "model_name": model_name,
-                                              "params": FAST}])
+    [after] = submit_jobs(
+        store, publisher, [{"kind": "t2i", "prompt": "after", "model_name": model_name, "params": FAST}]
+    )
     assert _wait_terminal(store, [after.job.id], timeout=120)[0].status == JobStatus.SUCCEEDED
     again = store.get(job_id)
     assert (again.status, again.attempts, again.artifacts) == (JobStatus.FAILED, 1, [])
 
 
 def test_duplicate_delivery_while_running_elsewhere_is_dropped_and_sigterm_finishes_the_job(
-    store: JobStore, publisher: CeleryPublisher, start_worker: Any, model_name: str,
+    store: JobStore,
+    publisher: CeleryPublisher,
+    start_worker: Any,
+    model_name: str,
 ) -> None:
     first, second = start_worker(), start_worker()
-    [submitted] = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "warm shutdown", "model_name": model_name,
-                                                  "params": SLOW}])
+    [submitted] = submit_jobs(
+        store,
+        publisher,
+        [{"kind": "t2i", "prompt": "warm shutdown", "model_name": model_name, "params": SLOW}],
+    )
     job_id = submitted.job.id
     # The same id again: the busy worker holds no second message (prefetch 1, acks late), so the
     # idle one takes it while the job runs with a live lease there.
@@ -260,44 +361,70 @@ def test_duplicate_delivery_while_running_elsewhere_is_dropped_and_sigterm_finis
     [job] = _wait_terminal(store, [job_id])
     assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and len(job.artifacts) == 1
     assert owner.log_text().count(f"job {job_id} succeeded") == 1
-    wait_for(lambda: f"dropping delivery of job {job_id}: job is running" in other.log_text(), 30,
-             lambda: f"the duplicate was not dropped by the idle worker; log:\n{other.log_text()[-2000:]}")
+    wait_for(
+        lambda: f"dropping delivery of job {job_id}: job is running" in other.log_text(),
+        30,
+        lambda: f"the duplicate was not dropped by the idle worker; log:\n{other.log_text()[-2000:]}",
+    )
     assert f"job {job_id} claimed" not in other.log_text()
 
 
 def test_sweeper_publishes_jobs_a_producer_left_unpublished(
-    store: JobStore, start_worker: Any, model_name: str, worker_env: dict[str, str],
+    store: JobStore,
+    start_worker: Any,
+    model_name: str,
+    worker_env: dict[str, str],
 ) -> None:
     start_worker()
-    [submitted] = store.submit([{"kind": "t2i", "prompt": "orphan", "model_name": model_name, "params": FAST}])
+    [submitted] = store.submit(
+        [{"kind": "t2i", "prompt": "orphan", "model_name": model_name, "params": FAST}]
+    )
     settings = load_settings(worker_env)
-    wait_for(lambda: submitted.job.id in sweep_once(settings).unpublished, 10, "sweeper did not pick the job up")
+    wait_for(
+        lambda: submitted.job.id in sweep_once(settings).unpublished, 10, "sweeper did not pick the job up"
+    )
     [job] = _wait_terminal(store, [submitted.job.id])
     assert job.status == JobStatus.SUCCEEDED and job.published_at is not None
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server binary not installed")
 def test_redis_restart_while_idle_then_the_next_job_runs(
-    store: JobStore, start_worker: Any, model_name: str, tmp_path: Path,
+    store: JobStore,
+    start_worker: Any,
+    model_name: str,
+    tmp_path: Path,
 ) -> None:
     port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(tmp_path)]
+    argv = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+    ]
     redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     own_url = f"redis://127.0.0.1:{port}/0"
     publisher = CeleryPublisher(own_url)
     try:
         wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not start")
         start_worker({"DG_BROKER_URL": own_url})
-        [first] = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "before", "model_name": model_name,
-                                                  "params": FAST}])
+        [first] = submit_jobs(
+            store, publisher, [{"kind": "t2i", "prompt": "before", "model_name": model_name, "params": FAST}]
+        )
         assert _wait_terminal(store, [first.job.id])[0].status == JobStatus.SUCCEEDED
         redis_proc.terminate()
         redis_proc.wait(10)
         redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not restart")
-        [second] = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": "after", "model_name": model_name,
-                                                   "params": FAST}])
+        [second] = submit_jobs(
+            store, publisher, [{"kind": "t2i", "prompt": "after", "model_name": model_name, "params": FAST}]
+        )
         assert _wait_terminal(store, [second.job.id], timeout=90)[0].status == JobStatus.SUCCEEDED
     finally:
         publisher.close()
@@ -316,28 +443,57 @@ def _redis_up(url: str) -> bool:
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server binary not installed")
 def test_broker_data_loss_recovers_with_default_settings(
-    store: JobStore, start_worker: Any, model_name: str, worker_env: dict[str, str], tmp_path: Path,
+    store: JobStore,
+    start_worker: Any,
+    model_name: str,
+    worker_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     """kill -9 of the broker with 20 queued jobs, restarted empty: every job succeeds once within 90 s."""
     import time
 
     port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(tmp_path)]
+    argv = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+    ]
     own_url = f"redis://127.0.0.1:{port}/0"
     redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not start")
     # The sweeper with every default (interval 30 s, grace 30 s, stale 7200 s).
-    defaults = {k: v for k, v in worker_env.items() if not k.startswith("DG_") or k in
-                {"DG_DATABASE_URL", "DG_STORAGE_URL", "DG_S3_ENDPOINT_URL", "DG_HOME"}}
-    sweeper = WorkerProcess([str(Path(sys.executable).parent / "diffgentor"), "sweep", "--loop"],
-                            {**defaults, "DG_BROKER_URL": own_url}, tmp_path / "sweeper.log", cwd=REPO_ROOT)
+    defaults = {
+        k: v
+        for k, v in worker_env.items()
+        if not k.startswith("DG_")
+        or k in {"DG_DATABASE_URL", "DG_STORAGE_URL", "DG_S3_ENDPOINT_URL", "DG_HOME"}
+    }
+    sweeper = WorkerProcess(
+        [str(Path(sys.executable).parent / "diffgentor"), "sweep", "--loop"],
+        {**defaults, "DG_BROKER_URL": own_url},
+        tmp_path / "sweeper.log",
+        cwd=REPO_ROOT,
+    )
     publisher = CeleryPublisher(own_url)
     try:
         sweeper.start()
         wait_for(lambda: "re-published" in sweeper.log_text(), 30, lambda: sweeper.log_text()[-2000:])
-        submitted = submit_jobs(store, publisher, [{"kind": "t2i", "prompt": f"queued {i}", "model_name": model_name,
-                                                    "params": FAST} for i in range(20)])
+        submitted = submit_jobs(
+            store,
+            publisher,
+            [
+                {"kind": "t2i", "prompt": f"queued {i}", "model_name": model_name, "params": FAST}
+                for i in range(20)
+            ],
+        )
         job_ids = [s.job.id for s in submitted]
         assert all(job.published_at is not None for job in store.get_many(job_ids))
         redis_proc.kill()  # kill -9: the 20 messages are gone with it

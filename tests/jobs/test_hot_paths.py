@@ -32,9 +32,13 @@ def _orm_view(store_engine: sa.Engine, job_id: str) -> JobView:
 def test_single_query_polling_returns_the_orm_view(store: JobStore, db_engine: sa.Engine) -> None:
     plain, done = (s.job.id for s in store.submit([T2I, T2I]))
     store.claim(done, "w1", 30)
-    artifacts = [ArtifactView(index=i, uri=f"file:///{i}.png", width=64, height=64, bytes=10 + i, sha256="ab" * 32) for i in (1, 0)]
-    assert store.finish_succeeded(done, "w1", artifacts=artifacts, seed=3, width=64, height=64,
-                                  provenance={"device": "cpu"})
+    artifacts = [
+        ArtifactView(index=i, uri=f"file:///{i}.png", width=64, height=64, bytes=10 + i, sha256="ab" * 32)
+        for i in (1, 0)
+    ]
+    assert store.finish_succeeded(
+        done, "w1", artifacts=artifacts, seed=3, width=64, height=64, provenance={"device": "cpu"}
+    )
     for job_id in (plain, done):
         assert store.get(job_id) == _orm_view(db_engine, job_id)
     assert [a.index for a in store.get(done).artifacts] == [0, 1]
@@ -79,7 +83,9 @@ def test_relaxed_writes_do_not_wait_for_the_wal_flush_but_the_claim_does(db_engi
     job_id = store.submit([T2I])[0].job.id
     setting = sa.func.current_setting("synchronous_commit")
     with db_engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
-        relaxed = claims.relaxed(sa.update(Job).where(Job.id == job_id).values(priority=1).returning(setting), conn)
+        relaxed = claims.relaxed(
+            sa.update(Job).where(Job.id == job_id).values(priority=1).returning(setting), conn
+        )
         assert conn.execute(relaxed).scalar_one() == "off"
         assert conn.execute(sa.select(setting)).scalar_one() == "on"  # it ended with the statement
     assert store.get(job_id).priority == 1
@@ -92,7 +98,9 @@ def test_relaxed_writes_do_not_wait_for_the_wal_flush_but_the_claim_does(db_engi
     sa.event.listen(db_engine, "before_cursor_execute", record)
     try:
         assert store.claim(job_id, "w1", 30) is not None
-        assert store.finish_succeeded(job_id, "w1", artifacts=[], seed=1, width=64, height=64, provenance=None)
+        assert store.finish_succeeded(
+            job_id, "w1", artifacts=[], seed=1, width=64, height=64, provenance=None
+        )
     finally:
         sa.event.remove(db_engine, "before_cursor_execute", record)
     assert any("UPDATE jobs" in statement for statement in sent)
@@ -147,7 +155,8 @@ def pg_engine(db_url: str) -> Iterator[sa.Engine]:
 
 
 def test_a_terminated_pooled_connection_is_replaced_at_checkout(
-        pg_engine: sa.Engine, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    pg_engine: sa.Engine, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     store = JobStore(session_factory(pg_engine))
     job_id = store.submit([T2I])[0].job.id
     _kill_pooled_connection(pg_engine, db_url)
@@ -159,7 +168,8 @@ def test_a_terminated_pooled_connection_is_replaced_at_checkout(
 
 
 def test_a_dead_pooled_connection_is_retried_once_on_reads_claim_and_finish(
-        pg_engine: sa.Engine, db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    pg_engine: sa.Engine, db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("worker.db._socket_has_data", lambda _conn: False)  # a silent drop: no ping
     store = JobStore(session_factory(pg_engine))
     job_id = store.submit([T2I])[0].job.id
@@ -167,9 +177,20 @@ def test_a_dead_pooled_connection_is_retried_once_on_reads_claim_and_finish(
         ("get", lambda: store.get(job_id).id == job_id),
         ("claim", lambda: store.claim(job_id, "w1", 30) is not None),
         ("heartbeat", lambda: store.heartbeat(job_id, "w1", 30).owned),
-        ("finish", lambda: store.finish_succeeded(
-            job_id, "w1", artifacts=[ArtifactView(index=0, uri="file:///0.png", width=64, height=64, bytes=1, sha256="ab" * 32)],
-            seed=1, width=64, height=64, provenance=None)),
+        (
+            "finish",
+            lambda: store.finish_succeeded(
+                job_id,
+                "w1",
+                artifacts=[
+                    ArtifactView(index=0, uri="file:///0.png", width=64, height=64, bytes=1, sha256="ab" * 32)
+                ],
+                seed=1,
+                width=64,
+                height=64,
+                provenance=None,
+            ),
+        ),
     ]
     for name, call in steps:
         caplog.clear()

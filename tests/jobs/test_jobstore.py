@@ -22,7 +22,9 @@ T2I = {"kind": "t2i", "prompt": "a red fox", "params": {"height": 500, "width": 
 
 def _expire_lease(engine: sa.Engine, job_id: str) -> None:
     with engine.begin() as conn:
-        conn.execute(sa.update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        conn.execute(
+            sa.update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
 
 
 def _artifact(index: int, uri: str = "file:///x.png") -> ArtifactView:
@@ -65,11 +67,25 @@ def test_claim_is_exclusive_and_finish_is_fenced(store: JobStore, db_engine: sa.
     # worker-a wakes up: every write it tries is fenced off.
     assert not store.heartbeat(job_id, "worker-a", 60).owned
     assert not store.record_progress(job_id, "worker-a", 1, 4).owned
-    assert not store.finish_succeeded(job_id, "worker-a", artifacts=[_artifact(0, "file:///a.png")],
-                                      seed=1, width=64, height=512, provenance=None)
+    assert not store.finish_succeeded(
+        job_id,
+        "worker-a",
+        artifacts=[_artifact(0, "file:///a.png")],
+        seed=1,
+        width=64,
+        height=512,
+        provenance=None,
+    )
     assert store.get(job_id).artifacts == []
-    assert store.finish_succeeded(job_id, "worker-b", artifacts=[_artifact(0, "file:///b.png")],
-                                  seed=5, width=64, height=512, provenance={"device": "cpu"})
+    assert store.finish_succeeded(
+        job_id,
+        "worker-b",
+        artifacts=[_artifact(0, "file:///b.png")],
+        seed=5,
+        width=64,
+        height=512,
+        provenance={"device": "cpu"},
+    )
     job = store.get(job_id)
     assert job.status == JobStatus.SUCCEEDED and job.worker_id == "worker-b" and job.attempts == 2
     assert [a.uri for a in job.artifacts] == ["file:///b.png"]
@@ -110,7 +126,9 @@ def test_cancel_running_job_is_seen_by_the_worker(store: JobStore, db_engine: sa
     assert store.get(job_id).status == JobStatus.CANCELLED
 
 
-def test_expired_job_with_a_cancel_request_ends_cancelled_at_reclaim(store: JobStore, db_engine: sa.Engine) -> None:
+def test_expired_job_with_a_cancel_request_ends_cancelled_at_reclaim(
+    store: JobStore, db_engine: sa.Engine
+) -> None:
     job_id = store.submit([T2I])[0].job.id
     store.claim(job_id, "worker-a", 60)
     store.cancel(job_id)
@@ -149,7 +167,10 @@ def test_artifacts_upsert_on_job_and_index(store: JobStore) -> None:
     job_id = store.submit([T2I])[0].job.id
     store.record_artifacts(job_id, [_artifact(0, "file:///first.png")])
     store.record_artifacts(job_id, [_artifact(0, "file:///second.png"), _artifact(1)])
-    assert [(a.index, a.uri) for a in store.get(job_id).artifacts] == [(0, "file:///second.png"), (1, "file:///x.png")]
+    assert [(a.index, a.uri) for a in store.get(job_id).artifacts] == [
+        (0, "file:///second.png"),
+        (1, "file:///x.png"),
+    ]
 
 
 def _ids(targets: list[Any]) -> set[str]:
@@ -167,11 +188,17 @@ def test_sweep_candidates(store: JobStore, db_engine: sa.Engine) -> None:
     assert found.unpublished[0].priority == 0  # never ran: its own priority
     _expire_lease(db_engine, running)
     found = store.sweep_candidates(publish_grace_seconds=0, republish_stale_seconds=0)
-    assert (_ids(found.unpublished), _ids(found.stale), _ids(found.expired)) == ({unpublished}, {published}, {running})
+    assert (_ids(found.unpublished), _ids(found.stale), _ids(found.expired)) == (
+        {unpublished},
+        {published},
+        {running},
+    )
     assert found.expired[0].priority == 9  # ran once already: ahead of new work
 
 
-def test_expired_job_is_released_once_and_the_old_owner_is_fenced_out(store: JobStore, db_engine: sa.Engine) -> None:
+def test_expired_job_is_released_once_and_the_old_owner_is_fenced_out(
+    store: JobStore, db_engine: sa.Engine
+) -> None:
     job_id = store.submit([T2I])[0].job.id
     store.mark_published([job_id])
     claimed = store.claim(job_id, "worker-a", 60)
@@ -191,13 +218,26 @@ def test_requeue_does_not_count_as_an_attempt(store: JobStore) -> None:
     job_id = store.submit([T2I])[0].job.id
     for round_number in range(1, 6):  # more hand-backs than max_attempts (3)
         claimed = store.claim(job_id, f"worker-{round_number}", 60)
-        assert claimed is not None and claimed.attempts == round_number and claimed.requeues == round_number - 1
-        assert store.requeue(job_id, claimed.worker_id, delay_seconds=0, error_type="StorageUnavailable",
-                             error_message="store down")
-        assert not store.requeue(job_id, claimed.worker_id, delay_seconds=0, error_type="X", error_message="fenced")
+        assert (
+            claimed is not None and claimed.attempts == round_number and claimed.requeues == round_number - 1
+        )
+        assert store.requeue(
+            job_id,
+            claimed.worker_id,
+            delay_seconds=0,
+            error_type="StorageUnavailable",
+            error_message="store down",
+        )
+        assert not store.requeue(
+            job_id, claimed.worker_id, delay_seconds=0, error_type="X", error_message="fenced"
+        )
         view = store.get(job_id)
         assert (view.status, view.requeues, view.error_type, view.published_at) == (
-            "queued", round_number, "StorageUnavailable", None)
+            "queued",
+            round_number,
+            "StorageUnavailable",
+            None,
+        )
         assert view.available_at is not None
     found = store.sweep_candidates(publish_grace_seconds=3600)
     assert _ids(found.unpublished) == {job_id}  # due now, though younger than the grace
@@ -252,7 +292,9 @@ def test_two_concurrent_claimers_never_both_win(db_url: str) -> None:
 # ---- leases on the database's clock ------------------------------------------------------------
 
 
-def test_db_now_plus_is_the_database_clock_in_the_stored_format(store: JobStore, db_engine: sa.Engine) -> None:
+def test_db_now_plus_is_the_database_clock_in_the_stored_format(
+    store: JobStore, db_engine: sa.Engine
+) -> None:
     from worker.claims import db_now_plus
 
     with db_engine.connect() as conn:
@@ -265,7 +307,9 @@ def test_db_now_plus_is_the_database_clock_in_the_stored_format(store: JobStore,
     job_id = store.submit([T2I])[0].job.id
     assert store.claim(job_id, "worker-a", 60) is not None
     with db_engine.begin() as conn:
-        conn.execute(sa.update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() + timedelta(seconds=0.4)))
+        conn.execute(
+            sa.update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() + timedelta(seconds=0.4))
+        )
     assert isinstance(store.claim_or_refusal(job_id, "worker-b", 60), ClaimRefusal)
     time.sleep(0.5)
     assert store.claim(job_id, "worker-b", 0.25) is not None
@@ -309,7 +353,9 @@ def _lease(engine: sa.Engine, job_id: str) -> Any:
         return conn.execute(sa.select(Job.lease_expires_at).where(Job.id == job_id)).scalar_one()
 
 
-def test_health_measures_and_warns_about_clock_skew(db_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_health_measures_and_warns_about_clock_skew(
+    db_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from worker import health
 
     sessions = session_factory(db_engine)

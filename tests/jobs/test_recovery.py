@@ -46,8 +46,12 @@ class _Recording:
 
 @pytest.fixture
 def runner(store: JobStore, tmp_path: Path) -> JobRunner:
-    settings = replace(load_settings({"DG_HOME": str(tmp_path)}), progress_interval_seconds=0.0,
-                       heartbeat_seconds=0.2, lease_seconds=30)
+    settings = replace(
+        load_settings({"DG_HOME": str(tmp_path)}),
+        progress_interval_seconds=0.0,
+        heartbeat_seconds=0.2,
+        lease_seconds=30,
+    )
     return JobRunner(settings, FakeEngine, store=store, artifact_store=open_store(settings.storage_url))
 
 
@@ -55,7 +59,8 @@ def runner(store: JobStore, tmp_path: Path) -> JobRunner:
 
 
 def test_claim_database_error_requeues_the_delivery_and_the_worker_keeps_serving(
-        store: JobStore, runner: JobRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: JobStore, runner: JobRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from worker import tasks
 
     job_id = store.submit([T2I])[0].job.id
@@ -76,12 +81,14 @@ def test_claim_database_error_requeues_the_delivery_and_the_worker_keeps_serving
     assert tasks._db_failures == 0
 
 
-def test_sweeper_republishes_a_queued_job_published_long_ago(store: JobStore, db_engine: sa.Engine,
-                                                             tmp_path: Path) -> None:
+def test_sweeper_republishes_a_queued_job_published_long_ago(
+    store: JobStore, db_engine: sa.Engine, tmp_path: Path
+) -> None:
     from worker.sweeper import sweep_once
 
-    settings = load_settings({"DG_HOME": str(tmp_path), "DG_PUBLISH_GRACE_SECONDS": "0",
-                              "DG_REPUBLISH_STALE_SECONDS": "600"})
+    settings = load_settings(
+        {"DG_HOME": str(tmp_path), "DG_PUBLISH_GRACE_SECONDS": "0", "DG_REPUBLISH_STALE_SECONDS": "600"}
+    )
     lost, recent = (s.job.id for s in store.submit([T2I, T2I]))
     store.mark_published([lost, recent])
     publisher = _Recording()
@@ -102,8 +109,9 @@ def _sqlite(tmp_path: Path) -> tuple[sa.Engine, JobStore, JobStore]:
     return engine, JobStore(session_factory(engine)), JobStore(session_factory(make_engine(url)))
 
 
-def _write_after_first_select(engine: sa.Engine, other: JobStore, job_id: str,
-                              needle: str = "") -> tuple[list[threading.Thread], list[BaseException]]:
+def _write_after_first_select(
+    engine: sa.Engine, other: JobStore, job_id: str, needle: str = ""
+) -> tuple[list[threading.Thread], list[BaseException]]:
     """Between this engine's first matching SELECT and its write, another connection writes
     progress (what the embedded runner thread does). In a deferred transaction that write
     commits at once and the later INSERT fails with SQLITE_BUSY_SNAPSHOT; under BEGIN IMMEDIATE
@@ -194,8 +202,9 @@ def test_retry_returns_the_live_retry_of_the_chain(store: JobStore) -> None:
 # ---- 6. a worker that lost its lease does not upload ------------------------------------------
 
 
-def test_lease_lost_during_generation_uploads_nothing(store: JobStore, runner: JobRunner, db_engine: sa.Engine,
-                                                      tmp_path: Path) -> None:
+def test_lease_lost_during_generation_uploads_nothing(
+    store: JobStore, runner: JobRunner, db_engine: sa.Engine, tmp_path: Path
+) -> None:
     engine = FakeEngine()
     runner.engine_provider = lambda: engine
     job_id = store.submit([T2I])[0].job.id
@@ -230,8 +239,9 @@ def test_same_worker_reclaim_at_the_attempts_cap_is_not_poison(store: JobStore, 
 # ---- 8. the soft time limit is not swallowed by the progress writer ---------------------------
 
 
-def test_soft_time_limit_during_a_progress_write_fails_the_job(store: JobStore, runner: JobRunner,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_soft_time_limit_during_a_progress_write_fails_the_job(
+    store: JobStore, runner: JobRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = FakeEngine()
     runner.engine_provider = lambda: engine
     steps: list[int] = []
@@ -251,8 +261,9 @@ def test_soft_time_limit_during_a_progress_write_fails_the_job(store: JobStore, 
 # ---- 9. cancel of a running job whose worker is gone ------------------------------------------
 
 
-def test_cancel_of_a_running_job_with_an_expired_lease_ends_it_at_once(store: JobStore,
-                                                                       db_engine: sa.Engine) -> None:
+def test_cancel_of_a_running_job_with_an_expired_lease_ends_it_at_once(
+    store: JobStore, db_engine: sa.Engine
+) -> None:
     job_id = store.submit([T2I])[0].job.id
     assert store.claim(job_id, "w1", 60) is not None
     _set(db_engine, job_id, lease_expires_at=utcnow() - timedelta(seconds=1))
@@ -271,8 +282,9 @@ def test_beat_sweep_reuses_its_engine_and_publisher(tmp_path: Path, monkeypatch:
     from worker import process, tasks
     from worker import sweeper as sweeper_module
 
-    settings = load_settings({"DG_HOME": str(tmp_path), "DG_BROKER_URL": "memory://",
-                              "DG_PUBLISH_GRACE_SECONDS": "0"})
+    settings = load_settings(
+        {"DG_HOME": str(tmp_path), "DG_BROKER_URL": "memory://", "DG_PUBLISH_GRACE_SECONDS": "0"}
+    )
     upgrade(settings.database_url)
     store = JobStore(session_factory(make_engine(settings.database_url)))
     engines: list[sa.Engine] = []

@@ -25,8 +25,13 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def runner(store: JobStore, engine: FakeEngine, tmp_path: Path) -> JobRunner:
-    settings = replace(load_settings({"DG_HOME": str(tmp_path)}), progress_interval_seconds=0.0,
-                       heartbeat_seconds=0.2, lease_seconds=30, allow_local_inputs=True)
+    settings = replace(
+        load_settings({"DG_HOME": str(tmp_path)}),
+        progress_interval_seconds=0.0,
+        heartbeat_seconds=0.2,
+        lease_seconds=30,
+        allow_local_inputs=True,
+    )
     return JobRunner(settings, lambda: engine, store=store, artifact_store=open_store(settings.storage_url))
 
 
@@ -47,8 +52,9 @@ def test_t2i_job_succeeds_with_artifact_and_metadata(store: JobStore, runner: Jo
     assert runner.run(job_id, "w2") is RunOutcome.SKIPPED
 
 
-def test_engine_error_fails_the_job_and_the_runner_keeps_serving(store: JobStore, runner: JobRunner,
-                                                                 engine: FakeEngine) -> None:
+def test_engine_error_fails_the_job_and_the_runner_keeps_serving(
+    store: JobStore, runner: JobRunner, engine: FakeEngine
+) -> None:
     bad, good = (s.job.id for s in store.submit([T2I, T2I]))
     engine.error = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert runner.run(bad, "w1") is RunOutcome.FAILED
@@ -59,7 +65,9 @@ def test_engine_error_fails_the_job_and_the_runner_keeps_serving(store: JobStore
     assert runner.run(good, "w1") is RunOutcome.SUCCEEDED
 
 
-def test_cancel_while_running_stops_at_the_next_step(store: JobStore, runner: JobRunner, engine: FakeEngine) -> None:
+def test_cancel_while_running_stops_at_the_next_step(
+    store: JobStore, runner: JobRunner, engine: FakeEngine
+) -> None:
     job_id = store.submit([{**T2I, "params": {"num_inference_steps": 10}}])[0].job.id
     engine.on_step = lambda step: store.cancel(job_id) if step == 2 else None
     assert runner.run(job_id, "w1") is RunOutcome.CANCELLED
@@ -67,7 +75,9 @@ def test_cancel_while_running_stops_at_the_next_step(store: JobStore, runner: Jo
     assert job.status == JobStatus.CANCELLED and job.artifacts == [] and job.progress_step < 10
 
 
-def test_lost_lease_writes_nothing(store: JobStore, runner: JobRunner, engine: FakeEngine, db_engine: Any) -> None:
+def test_lost_lease_writes_nothing(
+    store: JobStore, runner: JobRunner, engine: FakeEngine, db_engine: Any
+) -> None:
     import sqlalchemy as sa
 
     from schemas.tables import Job
@@ -84,17 +94,28 @@ def test_lost_lease_writes_nothing(store: JobStore, runner: JobRunner, engine: F
     assert store.get(job_id).artifacts == []
 
 
-def test_edit_inputs_that_cannot_be_read_fail_with_a_reason(store: JobStore, runner: JobRunner,
-                                                           tmp_path: Path) -> None:
+def test_edit_inputs_that_cannot_be_read_fail_with_a_reason(
+    store: JobStore, runner: JobRunner, tmp_path: Path
+) -> None:
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     good = tmp_path / "good.png"
     Image.new("RGB", (80, 48), (0, 0, 255)).save(good)
-    ids = [s.job.id for s in store.submit([
-        {"kind": "edit", "instruction": "make it blue", "images": [str(corrupt)]},
-        {"kind": "edit", "instruction": "make it blue", "images": [str(tmp_path / "missing.png")]},
-        {"kind": "edit", "instruction": "make it blue", "images": [str(good)], "params": {"num_inference_steps": 2}},
-    ])]
+    ids = [
+        s.job.id
+        for s in store.submit(
+            [
+                {"kind": "edit", "instruction": "make it blue", "images": [str(corrupt)]},
+                {"kind": "edit", "instruction": "make it blue", "images": [str(tmp_path / "missing.png")]},
+                {
+                    "kind": "edit",
+                    "instruction": "make it blue",
+                    "images": [str(good)],
+                    "params": {"num_inference_steps": 2},
+                },
+            ]
+        )
+    ]
     assert [runner.run(i, "w1") for i in ids] == [RunOutcome.FAILED, RunOutcome.FAILED, RunOutcome.SUCCEEDED]
     corrupt_job, missing_job, good_job = (store.get(i) for i in ids)
     assert corrupt_job.error_type == "InputImageError" and "corrupt.png" in (corrupt_job.error_message or "")
@@ -102,7 +123,9 @@ def test_edit_inputs_that_cannot_be_read_fail_with_a_reason(store: JobStore, run
     assert (good_job.width, good_job.height) == (80, 48)
 
 
-def test_local_inputs_are_refused_when_not_allowed(store: JobStore, runner: JobRunner, tmp_path: Path) -> None:
+def test_local_inputs_are_refused_when_not_allowed(
+    store: JobStore, runner: JobRunner, tmp_path: Path
+) -> None:
     runner.settings = replace(runner.settings, allow_local_inputs=False)
     image = tmp_path / "in.png"
     Image.new("RGB", (32, 32)).save(image)

@@ -23,11 +23,19 @@ def test_sweep_loop_survives_a_database_outage(migrated_pg_url: str, redis_url: 
     engine = make_engine(migrated_pg_url)
     store = JobStore(session_factory(engine))
     with FaultProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
-        env = worker_environ(database_url=url.set(port=proxy.port).render_as_string(hide_password=False),
-                             broker_url=redis_url, storage_url=(tmp_path / "a").as_uri(), home=tmp_path,
-                             DG_PUBLISH_GRACE_SECONDS="0")
-        sweeper = WorkerProcess([str(Path(sys.executable).parent / "diffgentor"), "sweep", "--loop", "--interval",
-                                 "0.5"], env, tmp_path / "sweep.log", cwd=REPO_ROOT)
+        env = worker_environ(
+            database_url=url.set(port=proxy.port).render_as_string(hide_password=False),
+            broker_url=redis_url,
+            storage_url=(tmp_path / "a").as_uri(),
+            home=tmp_path,
+            DG_PUBLISH_GRACE_SECONDS="0",
+        )
+        sweeper = WorkerProcess(
+            [str(Path(sys.executable).parent / "diffgentor"), "sweep", "--loop", "--interval", "0.5"],
+            env,
+            tmp_path / "sweep.log",
+            cwd=REPO_ROOT,
+        )
         try:
             sweeper.start()
             wait_for(lambda: "re-published" in sweeper.log_text(), 30, sweeper.log_text)
@@ -38,10 +46,14 @@ def test_sweep_loop_survives_a_database_outage(migrated_pg_url: str, redis_url: 
             log = sweeper.log_text()
             assert "Traceback" not in log and log.count("sweep failed") <= 4  # one line per back-off step
             proxy.restore()
-            job_id = store.submit([{"kind": "t2i", "prompt": "after the outage",
-                                    "params": {"width": 64, "height": 64}}])[0].job.id
-            wait_for(lambda: store.get(job_id).published_at is not None, 60,
-                     lambda: f"the sweeper did not publish the job after the outage:\n{sweeper.log_text()}")
+            job_id = store.submit(
+                [{"kind": "t2i", "prompt": "after the outage", "params": {"width": 64, "height": 64}}]
+            )[0].job.id
+            wait_for(
+                lambda: store.get(job_id).published_at is not None,
+                60,
+                lambda: f"the sweeper did not publish the job after the outage:\n{sweeper.log_text()}",
+            )
         finally:
             sweeper.stop()
             engine.dispose()

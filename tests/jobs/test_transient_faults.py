@@ -29,8 +29,11 @@ from worker.sweeper import sweep_once
 
 pytestmark = pytest.mark.integration
 
-T2I: dict[str, Any] = {"kind": "t2i", "prompt": "a red fox", "params": {"num_inference_steps": 2, "width": 64,
-                                                                       "height": 64, "seed": 7}}
+T2I: dict[str, Any] = {
+    "kind": "t2i",
+    "prompt": "a red fox",
+    "params": {"num_inference_steps": 2, "width": 64, "height": 64, "seed": 7},
+}
 FAST_FAIL = S3ClientOptions(connect_timeout_seconds=1, read_timeout_seconds=3, max_attempts=1)
 
 
@@ -43,20 +46,33 @@ def proxy(s3_endpoint: str) -> Any:
 
 def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     base = load_settings({"DG_HOME": str(tmp_path)})
-    return replace(base, progress_interval_seconds=0.0, heartbeat_seconds=30, lease_seconds=60,
-                   requeue_delay_seconds=0.0, **overrides)
+    return replace(
+        base,
+        progress_interval_seconds=0.0,
+        heartbeat_seconds=30,
+        lease_seconds=60,
+        requeue_delay_seconds=0.0,
+        **overrides,
+    )
 
 
 def _store_through(proxy: FaultProxy, bucket: str) -> S3ArtifactStore:
-    store = open_store(f"s3://{bucket}/t", endpoint_url=f"http://127.0.0.1:{proxy.port}", s3_options=FAST_FAIL)
+    store = open_store(
+        f"s3://{bucket}/t", endpoint_url=f"http://127.0.0.1:{proxy.port}", s3_options=FAST_FAIL
+    )
     assert isinstance(store, S3ArtifactStore)
     return store
 
 
-def test_short_outage_is_retried_in_place(store: JobStore, proxy: FaultProxy, s3_bucket: str,
-                                          tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    runner = JobRunner(_settings(tmp_path, transient_retry_seconds=30), FakeEngine, store=store,
-                       artifact_store=_store_through(proxy, s3_bucket))
+def test_short_outage_is_retried_in_place(
+    store: JobStore, proxy: FaultProxy, s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = JobRunner(
+        _settings(tmp_path, transient_retry_seconds=30),
+        FakeEngine,
+        store=store,
+        artifact_store=_store_through(proxy, s3_bucket),
+    )
     job_id = store.submit([T2I])[0].job.id
     proxy.refuse()
     threading.Timer(2.0, proxy.restore).start()
@@ -67,8 +83,9 @@ def test_short_outage_is_retried_in_place(store: JobStore, proxy: FaultProxy, s3
     assert "Traceback" not in caplog.text  # one line per failed try
 
 
-def test_long_outage_requeues_then_succeeds_once(store: JobStore, proxy: FaultProxy, s3_bucket: str,
-                                                 tmp_path: Path) -> None:
+def test_long_outage_requeues_then_succeeds_once(
+    store: JobStore, proxy: FaultProxy, s3_bucket: str, tmp_path: Path
+) -> None:
     settings = _settings(tmp_path, transient_retry_seconds=0.5)
     artifacts = _store_through(proxy, s3_bucket)
     runner = JobRunner(settings, FakeEngine, store=store, artifact_store=artifacts)
@@ -76,7 +93,12 @@ def test_long_outage_requeues_then_succeeds_once(store: JobStore, proxy: FaultPr
     with proxy.refusing():
         assert runner.run(job_id, "worker-a") == RunOutcome.REQUEUED
     job = store.get(job_id)
-    assert (job.status, job.requeues, job.error_type, job.published_at) == ("queued", 1, "StorageUnavailable", None)
+    assert (job.status, job.requeues, job.error_type, job.published_at) == (
+        "queued",
+        1,
+        "StorageUnavailable",
+        None,
+    )
     assert "requeued after an infrastructure fault" in (job.error_message or "")
     assert job.available_at is not None
 
@@ -89,23 +111,35 @@ def test_long_outage_requeues_then_succeeds_once(store: JobStore, proxy: FaultPr
     assert hashlib.sha256(artifacts.get_bytes(artifact.uri)).hexdigest() == artifact.sha256
 
 
-def test_outage_past_every_requeue_fails_as_transient(store: JobStore, proxy: FaultProxy, s3_bucket: str,
-                                                      tmp_path: Path) -> None:
-    runner = JobRunner(_settings(tmp_path, transient_retry_seconds=0.2, max_requeues=0), FakeEngine, store=store,
-                       artifact_store=_store_through(proxy, s3_bucket))
+def test_outage_past_every_requeue_fails_as_transient(
+    store: JobStore, proxy: FaultProxy, s3_bucket: str, tmp_path: Path
+) -> None:
+    runner = JobRunner(
+        _settings(tmp_path, transient_retry_seconds=0.2, max_requeues=0),
+        FakeEngine,
+        store=store,
+        artifact_store=_store_through(proxy, s3_bucket),
+    )
     job_id = store.submit([T2I])[0].job.id
     with proxy.refusing():
         assert runner.run(job_id, "worker-a") == RunOutcome.FAILED
     job = store.get(job_id)
-    assert (job.status, job.error_class, job.error_type) == (JobStatus.FAILED, "transient", "StorageUnavailable")
-    assert "gave up after 0 requeue(s): an infrastructure fault outlasted every retry" in (job.error_message or "")
+    assert (job.status, job.error_class, job.error_type) == (
+        JobStatus.FAILED,
+        "transient",
+        "StorageUnavailable",
+    )
+    assert "gave up after 0 requeue(s): an infrastructure fault outlasted every retry" in (
+        job.error_message or ""
+    )
 
 
 def test_user_error_fails_at_once_as_permanent(store: JobStore, tmp_path: Path) -> None:
     engine = FakeEngine()
     engine.error = ValueError("prompt is too long for the model")
-    runner = JobRunner(_settings(tmp_path), lambda: engine, store=store,
-                       artifact_store=open_store((tmp_path / "a").as_uri()))
+    runner = JobRunner(
+        _settings(tmp_path), lambda: engine, store=store, artifact_store=open_store((tmp_path / "a").as_uri())
+    )
     job_id = store.submit([T2I])[0].job.id
     assert runner.run(job_id, "worker-a") == RunOutcome.FAILED
     job = store.get(job_id)
@@ -129,8 +163,9 @@ class StallingStore:
         return getattr(self.inner, name)
 
 
-def test_stalled_uploader_cannot_change_the_winners_object(store: JobStore, db_engine: sa.Engine, s3_endpoint: str,
-                                                           s3_bucket: str, tmp_path: Path) -> None:
+def test_stalled_uploader_cannot_change_the_winners_object(
+    store: JobStore, db_engine: sa.Engine, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
     artifacts = open_store(f"s3://{s3_bucket}/late", endpoint_url=s3_endpoint)
     assert isinstance(artifacts, S3ArtifactStore)
     artifacts.client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -161,11 +196,15 @@ def test_stalled_uploader_cannot_change_the_winners_object(store: JobStore, db_e
     live = [v["Key"] for v in versions.get("Versions", []) if v["IsLatest"]]
     assert live == [f"late/jobs/{job_id}/2/0.png"]
     puts = sorted(v["Key"] for v in versions.get("Versions", []))
-    assert puts == [f"late/jobs/{job_id}/1/0.png", f"late/jobs/{job_id}/2/0.png"]  # one PUT each, none over the other
+    assert puts == [
+        f"late/jobs/{job_id}/1/0.png",
+        f"late/jobs/{job_id}/2/0.png",
+    ]  # one PUT each, none over the other
 
 
-def test_database_outage_at_progress_and_finish_does_not_fail_the_job(migrated_pg_url: str, tmp_path: Path,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_database_outage_at_progress_and_finish_does_not_fail_the_job(
+    migrated_pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from sqlalchemy.engine import make_url
 
     from worker.db import make_engine, session_factory
@@ -184,13 +223,19 @@ def test_database_outage_at_progress_and_finish_does_not_fail_the_job(migrated_p
                 threading.Timer(3.0, proxy.restore).start()
 
         fake.on_step = cut_on_first_step
-        runner = JobRunner(_settings(tmp_path, transient_retry_seconds=30), lambda: fake, store=store,
-                           artifact_store=open_store((tmp_path / "a").as_uri()))
+        runner = JobRunner(
+            _settings(tmp_path, transient_retry_seconds=30),
+            lambda: fake,
+            store=store,
+            artifact_store=open_store((tmp_path / "a").as_uri()),
+        )
         job_id = store.submit([T2I])[0].job.id
         try:
             assert runner.run(job_id, "worker-a") == RunOutcome.SUCCEEDED
             job = store.get(job_id)
             assert (job.status, job.attempts, job.error_class) == (JobStatus.SUCCEEDED, 1, None)
-            assert f"completing job {job_id} failed" in caplog.text  # the finish met the outage and was retried
+            assert (
+                f"completing job {job_id} failed" in caplog.text
+            )  # the finish met the outage and was retried
         finally:
             engine.dispose()

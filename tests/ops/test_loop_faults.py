@@ -46,7 +46,10 @@ def test_backoff_steps_and_log_lines(caplog: pytest.LogCaptureFixture) -> None:
     ]
     assert not any(r.exc_info for r in caplog.records)
     backoff.succeeded()
-    assert "the thing works again after 6 failure(s)" in _lines(caplog, "test.backoff", logging.INFO)[0].getMessage()
+    assert (
+        "the thing works again after 6 failure(s)"
+        in _lines(caplog, "test.backoff", logging.INFO)[0].getMessage()
+    )
     assert backoff.failed(error, 10) == 10  # reset by the success
     caplog.clear()
     caplog.set_level(logging.DEBUG, logger="test.backoff")
@@ -118,15 +121,21 @@ def test_presence_backs_off_while_failing_and_logs_few_lines(caplog: pytest.LogC
 
 @pytest.mark.integration
 def test_presence_survives_a_database_outage_and_registers_again(
-    migrated_pg_url: str, caplog: pytest.LogCaptureFixture,
+    migrated_pg_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="worker.registry")
     upstream = make_url(migrated_pg_url)
     proxy = FaultProxy(upstream.host or "127.0.0.1", upstream.port or 5432, name="postgresql").start()
     through = upstream.set(port=proxy.port).render_as_string(hide_password=False)
     engine, direct_engine = make_engine(through), make_engine(migrated_pg_url)
-    presence = Presence(WorkerRegistry(session_factory(engine)), "w-outage", model_name="outage", queue="outage",
-                        interval_seconds=0.1)
+    presence = Presence(
+        WorkerRegistry(session_factory(engine)),
+        "w-outage",
+        model_name="outage",
+        queue="outage",
+        interval_seconds=0.1,
+    )
     direct = WorkerRegistry(session_factory(direct_engine))
 
     def beat() -> datetime | None:
@@ -160,19 +169,26 @@ def test_presence_survives_a_database_outage_and_registers_again(
 
 
 def _samples(collector: object) -> dict[str, float]:
-    return {s.name if not s.labels else f"{s.name}{sorted(s.labels.items())}": s.value
-            for family in collector.collect() for s in family.samples}  # type: ignore[attr-defined]
+    return {
+        s.name if not s.labels else f"{s.name}{sorted(s.labels.items())}": s.value
+        for family in collector.collect()
+        for s in family.samples
+    }  # type: ignore[attr-defined]
 
 
 @pytest.mark.integration
-def test_queue_depth_collector_with_its_redis_down_and_back(redis_server: RedisServer,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_queue_depth_collector_with_its_redis_down_and_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="worker.metrics")
     collector = metrics.QueueDepthCollector(redis_server.url, ["q1"], timeout_seconds=0.5, retry_seconds=1.0)
     registry = CollectorRegistry()
     registry.register(collector)
     try:
-        assert _samples(collector) == {"diffgentor_queue_depth[('queue', 'q1')]": 0, "diffgentor_broker_up": 1}
+        assert _samples(collector) == {
+            "diffgentor_queue_depth[('queue', 'q1')]": 0,
+            "diffgentor_broker_up": 1,
+        }
         redis_server.stop()
         started = time.monotonic()
         for _ in range(20):  # scrapes while Redis is down: no exception, no traceback, one line
@@ -192,8 +208,9 @@ def test_queue_depth_collector_with_its_redis_down_and_back(redis_server: RedisS
         collector.close()
 
 
-def test_collectors_never_raise_into_the_exporter(monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_collectors_never_raise_into_the_exporter(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="worker.metrics")
     collector = metrics.QueueDepthCollector("redis://127.0.0.1:1/0", ["q"], retry_seconds=0)
 

@@ -17,16 +17,21 @@ from worker.testing import free_port
 
 
 def _samples(collector: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in collector.collect() for s in family.samples}  # type: ignore[attr-defined]
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in collector.collect()
+        for s in family.samples
+    }  # type: ignore[attr-defined]
 
 
 def test_queue_depth_counts_every_priority_sub_list(redis_url: str) -> None:
     queue, other = f"depth-{uuid.uuid4().hex[:6]}", f"depth-{uuid.uuid4().hex[:6]}"
     publisher = CeleryPublisher(redis_url)
     try:
-        publisher.publish([PublishTarget(str(uuid.uuid4()), queue, p) for p in (0, 0, 5, 9, 9)]
-                          + [PublishTarget(str(uuid.uuid4()), other, 0)])
+        publisher.publish(
+            [PublishTarget(str(uuid.uuid4()), queue, p) for p in (0, 0, 5, 9, 9)]
+            + [PublishTarget(str(uuid.uuid4()), other, 0)]
+        )
     finally:
         publisher.close()
     client = redis.Redis.from_url(redis_url)

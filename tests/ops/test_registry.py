@@ -39,8 +39,11 @@ def test_stale_entries_expire(registry: WorkerRegistry, sessions: sessionmaker[S
     registry.register("old", model_name="m1", queue="m1")
     registry.register("new", model_name="m1", queue="m1")
     with sessions.begin() as session:
-        session.execute(sa.update(WorkerRecord).where(WorkerRecord.worker_id == "old")
-                        .values(heartbeat_at=utcnow() - timedelta(hours=1)))
+        session.execute(
+            sa.update(WorkerRecord)
+            .where(WorkerRecord.worker_id == "old")
+            .values(heartbeat_at=utcnow() - timedelta(hours=1))
+        )
     assert registry.prune(600) == 1
     assert [w.worker_id for w in registry.list()] == ["new"]
 

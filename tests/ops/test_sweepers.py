@@ -17,7 +17,9 @@ from worker.jobstore import JobStore
 from worker.registry import SWEEPER_QUEUE, WorkerRegistry, default_sweeper_id
 
 
-def _age(sessions: sessionmaker[Session], worker_id: str, seconds: float, *, started_ago: float | None = None) -> None:
+def _age(
+    sessions: sessionmaker[Session], worker_id: str, seconds: float, *, started_ago: float | None = None
+) -> None:
     values = {"heartbeat_at": utcnow() - timedelta(seconds=seconds)}
     if started_ago is not None:
         values["started_at"] = utcnow() - timedelta(seconds=started_ago)
@@ -26,13 +28,22 @@ def _age(sessions: sessionmaker[Session], worker_id: str, seconds: float, *, sta
 
 
 def test_record_sweep_upserts_a_sweeper_row_that_worker_queries_leave_out(
-    registry: WorkerRegistry, store: JobStore, sessions: sessionmaker[Session],
+    registry: WorkerRegistry,
+    store: JobStore,
+    sessions: sessionmaker[Session],
 ) -> None:
     registry.register("w1", model_name="m1", queue="m1")
     registry.record_sweep("s1", interval_seconds=30, hostname="sweep-host", pid=42)
     [s1] = registry.sweepers()
-    assert (s1.worker_id, s1.role, s1.model_name, s1.queue, s1.hostname, s1.pid, s1.sweep_interval_seconds) == (
-        "s1", "sweeper", "*", SWEEPER_QUEUE, "sweep-host", 42, 30.0)
+    assert (
+        s1.worker_id,
+        s1.role,
+        s1.model_name,
+        s1.queue,
+        s1.hostname,
+        s1.pid,
+        s1.sweep_interval_seconds,
+    ) == ("s1", "sweeper", "*", SWEEPER_QUEUE, "sweep-host", 42, 30.0)
     assert s1.node is None and s1.heartbeat_at == s1.started_at
     # Listing (all, by model "*", by id), the stuck rule and expiry only ever see workers.
     assert [w.worker_id for w in registry.list()] == ["w1"]
@@ -62,8 +73,9 @@ def test_record_sweep_never_takes_over_a_worker_row(registry: WorkerRegistry) ->
     assert [w.worker_id for w in registry.list()] == ["same-id"]
 
 
-def test_record_sweep_expires_long_silent_sweepers(registry: WorkerRegistry, sessions: sessionmaker[Session],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_record_sweep_expires_long_silent_sweepers(
+    registry: WorkerRegistry, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DG_WORKER_EXPIRE_SECONDS", "600")
     for sweeper in ("dead-long-ago", "dead-recently", "slow"):
         registry.record_sweep(sweeper, interval_seconds=3600 if sweeper == "slow" else 30)
@@ -95,13 +107,19 @@ def test_stalled_and_replaced_sweepers(registry: WorkerRegistry, sessions: sessi
 
 
 def _args(**overrides: object) -> argparse.Namespace:
-    values: dict[str, object] = {"model_name": None, "worker_id": None, "stale_seconds": 30.0,
-                                 "stuck_seconds": 60.0, "json": False}
+    values: dict[str, object] = {
+        "model_name": None,
+        "worker_id": None,
+        "stale_seconds": 30.0,
+        "stuck_seconds": 60.0,
+        "json": False,
+    }
     return argparse.Namespace(**{**values, **overrides})
 
 
-def test_health_and_workers_commands_with_sweepers(shared_pg_without_sweepers: str, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_health_and_workers_commands_with_sweepers(
+    shared_pg_without_sweepers: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = shared_pg_without_sweepers
     monkeypatch.setenv("DG_DATABASE_URL", url)
     engine = make_engine(url)

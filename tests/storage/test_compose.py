@@ -92,7 +92,11 @@ def test_infrastructure_services(services: dict[str, dict[str, Any]]) -> None:
 
 
 def test_one_worker_per_gpu(services: dict[str, dict[str, Any]]) -> None:
-    workers = {name: s for name, s in services.items() if s.get("build", {}).get("dockerfile") == "docker/worker.Dockerfile"}
+    workers = {
+        name: s
+        for name, s in services.items()
+        if s.get("build", {}).get("dockerfile") == "docker/worker.Dockerfile"
+    }
     assert len(workers) >= 1
     device_ids: list[str] = []
     for name, worker in workers.items():
@@ -102,7 +106,9 @@ def test_one_worker_per_gpu(services: dict[str, dict[str, Any]]) -> None:
         device_ids += devices[0]["device_ids"]
         assert worker["command"][:1] == ["--model_name"], name
         assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-        assert ("/models", "ro") in {_split_volume(v)[1:] for v in worker["volumes"]}, f"{name}: models not read-only"
+        assert ("/models", "ro") in {_split_volume(v)[1:] for v in worker["volumes"]}, (
+            f"{name}: models not read-only"
+        )
         assert worker["environment"]["DG_STORAGE_URL"].startswith("s3://")
     assert len(device_ids) == len(set(device_ids)), f"two workers share a GPU: {device_ids}"
 
@@ -155,7 +161,7 @@ def test_commands_the_services_run_exist(services: dict[str, dict[str, Any]]) ->
     from api_client.cli import build_parser
 
     dockerfile = (DOCKER / "worker.Dockerfile").read_text()
-    entrypoint = re.search(r'^ENTRYPOINT \[(.*)\]', dockerfile, re.M)
+    entrypoint = re.search(r"^ENTRYPOINT \[(.*)\]", dockerfile, re.M)
     assert entrypoint is not None
     worker_prefix = [part.strip().strip('"') for part in entrypoint.group(1).split(",")][2:]  # drop tini --
     parser = build_parser()

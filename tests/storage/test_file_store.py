@@ -38,7 +38,11 @@ def test_round_trip_overwrite_and_download(store: ArtifactStore, tmp_path: Path)
     assert isinstance(store, FileArtifactStore) and isinstance(store, ArtifactStore)
     store.check_reachable()
     uri = store.put_bytes(artifact_key("job 1", 0, attempt=1), b"one")
-    assert uri == (tmp_path / "artifacts" / "jobs" / "job 1" / "1" / "0.png").as_uri() == store.uri_for("jobs/job 1/1/0.png")
+    assert (
+        uri
+        == (tmp_path / "artifacts" / "jobs" / "job 1" / "1" / "0.png").as_uri()
+        == store.uri_for("jobs/job 1/1/0.png")
+    )
     assert "job%201" in uri  # spaces are percent-encoded and decoded back
     assert store.exists(uri) and store.get_bytes(uri) == b"one"
 

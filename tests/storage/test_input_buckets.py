@@ -39,8 +39,12 @@ def s3_factory(s3_endpoint: str) -> Any:
 def other_bucket(s3_endpoint: str) -> str:
     """A second bucket the same credentials reach (the one a hostile job spec would name)."""
     name = f"dg-other-{uuid.uuid4().hex[:8]}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    )
     client.create_bucket(Bucket=name)
     return name
 
@@ -50,7 +54,9 @@ def _put(factory: Any, bucket: str, color: tuple[int, int, int]) -> str:
     return str(factory(f"s3://{bucket}").put_bytes(content_addressed_key(data, "png"), data))
 
 
-def test_allowed_bucket_is_read_and_another_is_refused(s3_factory: Any, s3_bucket: str, other_bucket: str) -> None:
+def test_allowed_bucket_is_read_and_another_is_refused(
+    s3_factory: Any, s3_bucket: str, other_bucket: str
+) -> None:
     mine, theirs = _put(s3_factory, s3_bucket, (1, 2, 3)), _put(s3_factory, other_bucket, (4, 5, 6))
     s3_factory.opened.clear()
     image = load_input_image(mine, store_factory=s3_factory, limits=SMALL, s3_buckets={s3_bucket})
@@ -66,7 +72,9 @@ def test_allowed_bucket_is_read_and_another_is_refused(s3_factory: Any, s3_bucke
     assert not is_transient(caught.value) and describe_error(caught.value)[0] == "InputImageError"
 
 
-def test_star_allows_any_bucket_and_an_empty_list_none(s3_factory: Any, s3_bucket: str, other_bucket: str) -> None:
+def test_star_allows_any_bucket_and_an_empty_list_none(
+    s3_factory: Any, s3_bucket: str, other_bucket: str
+) -> None:
     theirs = _put(s3_factory, other_bucket, (7, 8, 9))
     assert load_input_image(theirs, store_factory=s3_factory, limits=SMALL, s3_buckets={"*"}).size == (6, 5)
     with pytest.raises(InputImageError, match=f"bucket '{other_bucket}' is not allowed"):
@@ -105,8 +113,12 @@ def test_an_unreachable_allowed_bucket_stays_a_transient_fault() -> None:
             raise StorageUnavailable("connection refused")
 
     with pytest.raises(StorageUnavailable):
-        load_input_image("s3://mine/k.png", store_factory=lambda url: Down(), limits=SMALL,  # type: ignore[arg-type,return-value]
-                         s3_buckets={"mine"})
+        load_input_image(
+            "s3://mine/k.png",
+            store_factory=lambda url: Down(),
+            limits=SMALL,  # type: ignore[arg-type,return-value]
+            s3_buckets={"mine"},
+        )
 
 
 def test_setting(tmp_path: Path) -> None:

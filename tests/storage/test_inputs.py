@@ -63,7 +63,9 @@ def test_http_failures_are_readable(http_images: str) -> None:
     for number, (path, reason) in enumerate(cases.items(), start=1):
         with pytest.raises(InputImageError) as caught:
             _load(f"{http_images}{path}", index=number)
-        assert str(caught.value).startswith(f"input image {number} ({http_images}{path}): "), str(caught.value)
+        assert str(caught.value).startswith(f"input image {number} ({http_images}{path}): "), str(
+            caught.value
+        )
         assert reason in str(caught.value)
 
 

@@ -39,34 +39,58 @@ def test_metadata_round_trip_including_non_latin_text() -> None:
     assert read_generation_metadata(data) == {
         "prompt": "a red fox in snow, 雪の中の狐",
         "parameters": {"guidance_scale": 4.0, "num_inference_steps": 50, "height": 24, "width": 40},
-        "seed": 1234, "model": "deepgen", "job_id": "0b5e7c",
+        "seed": 1234,
+        "model": "deepgen",
+        "job_id": "0b5e7c",
     }
-    assert (metadata["prompt"], metadata["seed"], metadata["job_id"]) == ("a red fox in snow, 雪の中の狐", "1234", "0b5e7c")
+    assert (metadata["prompt"], metadata["seed"], metadata["job_id"]) == (
+        "a red fox in snow, 雪の中の狐",
+        "1234",
+        "0b5e7c",
+    )
     assert list(Image.open(io.BytesIO(data)).convert("RGB").getdata()) == list(_image().getdata())
 
 
 def test_parameters_is_the_a1111_text_line() -> None:
-    params = {"guidance_scale": 4.0, "num_inference_steps": 50, "height": 512, "width": 768,
-              "negative_prompt": "blurry, dark", "seed": 7}
-    metadata = generation_metadata(prompt="PROMPT\nsecond line", parameters=params, seed=7, model="deepgen",
-                                   job_id="j")
+    params = {
+        "guidance_scale": 4.0,
+        "num_inference_steps": 50,
+        "height": 512,
+        "width": 768,
+        "negative_prompt": "blurry, dark",
+        "seed": 7,
+    }
+    metadata = generation_metadata(
+        prompt="PROMPT\nsecond line", parameters=params, seed=7, model="deepgen", job_id="j"
+    )
     assert metadata["parameters"] == (
         "PROMPT\nsecond line\n"
         "Negative prompt: blurry, dark\n"
         "Steps: 50, Sampler: FlowMatchEuler, CFG scale: 4.0, Seed: 7, Size: 768x512, Model: deepgen"
     )
-    no_negative = generation_metadata(prompt="p", parameters={**params, "negative_prompt": ""}, seed=7,
-                                      model="my, model", job_id="j")
+    no_negative = generation_metadata(
+        prompt="p", parameters={**params, "negative_prompt": ""}, seed=7, model="my, model", job_id="j"
+    )
     assert no_negative["parameters"] == (
         'p\nSteps: 50, Sampler: FlowMatchEuler, CFG scale: 4.0, Seed: 7, Size: 768x512, Model: "my, model"'
     )
 
 
 def test_pngs_written_before_the_diffgentor_key_are_still_read() -> None:
-    old = {"prompt": "p", "parameters": '{"num_inference_steps":3}', "seed": "9", "model": "deepgen",
-           "job_id": "j"}
+    old = {
+        "prompt": "p",
+        "parameters": '{"num_inference_steps":3}',
+        "seed": "9",
+        "model": "deepgen",
+        "job_id": "j",
+    }
     assert read_generation_metadata(encode_png(_image(), old)) == {
-        "prompt": "p", "parameters": {"num_inference_steps": 3}, "seed": 9, "model": "deepgen", "job_id": "j"}
+        "prompt": "p",
+        "parameters": {"num_inference_steps": 3},
+        "seed": 9,
+        "model": "deepgen",
+        "job_id": "j",
+    }
 
 
 def test_same_image_and_metadata_give_identical_bytes() -> None:

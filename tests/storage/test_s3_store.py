@@ -80,7 +80,9 @@ def test_missing_object_and_size_cap(store: S3ArtifactStore, s3_bucket: str) -> 
 
 
 def test_presigned_url_uses_public_endpoint_and_is_signed(s3_endpoint: str, s3_bucket: str) -> None:
-    public_store = open_store(f"s3://{s3_bucket}/p", endpoint_url=s3_endpoint, public_endpoint_url=PUBLIC_ENDPOINT)
+    public_store = open_store(
+        f"s3://{s3_bucket}/p", endpoint_url=s3_endpoint, public_endpoint_url=PUBLIC_ENDPOINT
+    )
     uri = public_store.put_bytes(artifact_key("job-3", 0, attempt=1), b"presigned body")
 
     public_url = public_store.presigned_url(uri, expires_seconds=600)
@@ -93,7 +95,9 @@ def test_presigned_url_uses_public_endpoint_and_is_signed(s3_endpoint: str, s3_b
     assert len(query["X-Amz-Signature"][0]) == 64
 
     # moto does not check signatures, so prove the host is signed: same object, other host, other signature.
-    internal_store = open_store(f"s3://{s3_bucket}/p", endpoint_url=s3_endpoint, public_endpoint_url=s3_endpoint)
+    internal_store = open_store(
+        f"s3://{s3_bucket}/p", endpoint_url=s3_endpoint, public_endpoint_url=s3_endpoint
+    )
     internal_url = internal_store.presigned_url(uri, expires_seconds=600)
     assert urlsplit(internal_url).netloc == urlsplit(s3_endpoint).netloc
     assert parse_qs(urlsplit(internal_url).query)["X-Amz-Signature"] != query["X-Amz-Signature"]
@@ -115,16 +119,22 @@ def test_checksums_are_only_sent_when_required(store: S3ArtifactStore) -> None:
     assert config.s3["addressing_style"] == "path"
 
     sent_headers: list[dict[str, Any]] = []
-    store.client.meta.events.register("before-send.s3.PutObject", lambda request, **_: sent_headers.append(dict(request.headers)))
+    store.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent_headers.append(dict(request.headers))
+    )
     store.put_bytes("checksum-probe.png", b"probe")
     assert sent_headers, "the PutObject hook did not run"
     names = {name.lower() for name in sent_headers[0]}
-    assert not any(name.startswith("x-amz-checksum") or name == "x-amz-sdk-checksum-algorithm" for name in names)
+    assert not any(
+        name.startswith("x-amz-checksum") or name == "x-amz-sdk-checksum-algorithm" for name in names
+    )
 
 
 def test_missing_bucket_is_reported_by_name(s3_endpoint: str) -> None:
     store = open_store("s3://dg-no-such-bucket/x", endpoint_url=s3_endpoint, s3_options=FAST_FAIL)
-    with pytest.raises(StorageError, match=r"bucket 'dg-no-such-bucket' does not exist at http://127\.0\.0\.1:"):
+    with pytest.raises(
+        StorageError, match=r"bucket 'dg-no-such-bucket' does not exist at http://127\.0\.0\.1:"
+    ):
         store.check_reachable()
     with pytest.raises(StorageError, match="bucket 'dg-no-such-bucket' does not exist"):
         store.put_bytes("a.png", b"a")
@@ -142,7 +152,9 @@ def test_unreachable_endpoint_names_it_without_the_password() -> None:
     assert "s3cret" not in message
 
 
-def test_endpoint_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, s3_endpoint: str, s3_bucket: str) -> None:
+def test_endpoint_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, s3_endpoint: str, s3_bucket: str
+) -> None:
     monkeypatch.setenv("DG_S3_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("DG_S3_PUBLIC_ENDPOINT_URL", PUBLIC_ENDPOINT)
     store = open_store(f"s3://{s3_bucket}")
@@ -167,7 +179,10 @@ def test_storage_init_creates_the_bucket_once(
     monkeypatch.setenv("DG_STORAGE_URL", f"s3://{bucket}/artifacts")
     assert storage_init.main() == 0
     assert storage_init.main() == 0
-    assert capsys.readouterr().out.splitlines() == [f"bucket '{bucket}' created", f"bucket '{bucket}' already exists"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"bucket '{bucket}' created",
+        f"bucket '{bucket}' already exists",
+    ]
     open_store(f"s3://{bucket}", endpoint_url=s3_endpoint).check_reachable()
 
 

@@ -59,8 +59,10 @@ def connections(monkeypatch: pytest.MonkeyPatch) -> list[IPAddress]:
         ("http://240.0.0.1/x.png", "240.0.0.1, a reserved address"),
         ("http://100.64.0.1/x.png", "100.64.0.1, a non-public address"),
         # IPv6 addresses that carry a non-public IPv4 address (NAT64, 6to4, Teredo)
-        ("http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
-         "a link-local (cloud metadata service; NAT64 of 169.254.169.254) address"),
+        (
+            "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+            "a link-local (cloud metadata service; NAT64 of 169.254.169.254) address",
+        ),
         ("http://[64:ff9b:1::a00:1]/x.png", "64:ff9b:1::a00:1, a private (NAT64 of 10.0.0.1) address"),
         ("http://[2002:7f00:1::]:8080/x.png", "2002:7f00:1::, a loopback (6to4 of 127.0.0.1) address"),
         ("http://[2001:0:808:808:0:0:80ff:fffe]/x.png", "a loopback (Teredo client of 127.0.0.1) address"),
@@ -84,18 +86,27 @@ def test_refusal_redacts_credentials(connections: list[IPAddress]) -> None:
     assert connections == []
 
 
-def test_the_guard_is_on_by_default_and_can_be_turned_off(http_images: str, connections: list[IPAddress]) -> None:
+def test_the_guard_is_on_by_default_and_can_be_turned_off(
+    http_images: str, connections: list[IPAddress]
+) -> None:
     with pytest.raises(InputImageError, match=r"127\.0\.0\.1, a loopback address"):
         load_input_image(f"{http_images}/good.png", limits=LIMITS)
     assert connections == []
-    assert load_input_image(f"{http_images}/good.png", limits=LIMITS, allow_private_networks=True).size == (8, 6)
+    assert load_input_image(f"{http_images}/good.png", limits=LIMITS, allow_private_networks=True).size == (
+        8,
+        6,
+    )
     assert connections == [LOOPBACK]
 
 
 @pytest.mark.parametrize(
     ("route", "target", "kind"),
     [
-        ("/redirect-metadata", "http://169.254.169.254/latest/meta-data/", "link-local (cloud metadata service)"),
+        (
+            "/redirect-metadata",
+            "http://169.254.169.254/latest/meta-data/",
+            "link-local (cloud metadata service)",
+        ),
         ("/redirect-private", "http://10.0.0.7:8080/internal.png", "private"),
     ],
 )
@@ -127,7 +138,10 @@ def test_the_checked_address_is_the_one_connected_to(
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     body = fetch_http(
-        f"http://images.example:{port}/host.png", max_bytes=1024, timeout_seconds=2.0, allowed_addresses={LOOPBACK}
+        f"http://images.example:{port}/host.png",
+        max_bytes=1024,
+        timeout_seconds=2.0,
+        allowed_addresses={LOOPBACK},
     )
     assert body == solid_png()
     assert lookups == ["images.example"] and connections == [LOOPBACK]
@@ -138,8 +152,9 @@ def test_https_uses_the_url_host_for_sni_and_verification(monkeypatch: pytest.Mo
     server_names: list[str | None] = []
 
     class RecordingContext(ssl.SSLContext):
-        def wrap_socket(self, sock: socket.socket, *args: Any, server_hostname: str | None = None,
-                        **kwargs: Any) -> Any:
+        def wrap_socket(
+            self, sock: socket.socket, *args: Any, server_hostname: str | None = None, **kwargs: Any
+        ) -> Any:
             server_names.append(server_hostname)
             return sock
 
@@ -147,7 +162,9 @@ def test_https_uses_the_url_host_for_sni_and_verification(monkeypatch: pytest.Mo
     monkeypatch.setattr(http_fetch, "open_socket", lambda addresses, timeout: ours)
     info = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("203.0.113.5", 443))
     context = RecordingContext(ssl.PROTOCOL_TLS_CLIENT)
-    connection = http_fetch._PinnedHTTPSConnection("images.example", 443, [info], timeout=1.0, context=context)
+    connection = http_fetch._PinnedHTTPSConnection(
+        "images.example", 443, [info], timeout=1.0, context=context
+    )
     try:
         connection.connect()
         assert server_names == ["images.example"] and connection.sock is ours
@@ -200,5 +217,7 @@ def test_address_classes() -> None:
         ("2606:4700:4700::1111", None),
     ],
 )
-def test_ipv6_addresses_that_carry_an_ipv4_address_are_judged_by_it(address: str, expected: str | None) -> None:
+def test_ipv6_addresses_that_carry_an_ipv4_address_are_judged_by_it(
+    address: str, expected: str | None
+) -> None:
     assert address_class(ipaddress.ip_address(address)) == expected

@@ -212,8 +212,11 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], report:
         raise CheckpointError(
             f"{report.path.name}: shape mismatch for {len(mismatched)} key(s): "
             + "; ".join(str(mismatch) for mismatch in mismatched[:5])
-            + (" ... (does DG_DEEPGEN_CONFIG fit this checkpoint? `diffgentor worker` checks it at start)"
-               if len(mismatched) > 5 else "")
+            + (
+                " ... (does DG_DEEPGEN_CONFIG fit this checkpoint? `diffgentor worker` checks it at start)"
+                if len(mismatched) > 5
+                else ""
+            )
         )
 
     report_missing(own, state, report)

@@ -157,7 +157,8 @@ class GraphedDiT:
             # DiT uses to patchify each distinct reference once.
             shared_rows: dict[int, list[torch.Tensor]] = {}
             static_rows = [
-                shared_rows.setdefault(id(refs), [distinct[id(ref)] for ref in refs]) for refs in eager.references
+                shared_rows.setdefault(id(refs), [distinct[id(ref)] for ref in refs])
+                for refs in eager.references
             ]
         self._static_hidden = hidden_states.clone()
         # `expand` gives a stride-0 view; the buffer must own one element per row.
@@ -168,7 +169,11 @@ class GraphedDiT:
             pooled_projections=eager.pooled.clone(),
             reference_latents=static_rows,
         )
-        static_hidden, static_timestep, forward = self._static_hidden, self._static_timestep, self._static_forward
+        static_hidden, static_timestep, forward = (
+            self._static_hidden,
+            self._static_timestep,
+            self._static_forward,
+        )
         self._replay, self._static_output = self._capture(
             lambda: forward(static_hidden, static_timestep), hidden_states.device
         )

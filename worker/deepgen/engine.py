@@ -80,7 +80,9 @@ class DeepGenEngine:
         transformer_config = self.model.transformer.config
         self.vae_scale = vae_scale_factor(self.vae)
         # The DiT's positional table caps the latent grid (pos_embed_max_size patches per side).
-        self.max_side = transformer_config["pos_embed_max_size"] * transformer_config["patch_size"] * self.vae_scale
+        self.max_side = (
+            transformer_config["pos_embed_max_size"] * transformer_config["patch_size"] * self.vae_scale
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DeepGenEngine:

@@ -92,7 +92,9 @@ def read_deepgen_env(environ: Mapping[str, str] | None = None) -> DeepGenEnv:
         dtype=_choice(optional("DTYPE"), "DTYPE", tuple(DTYPES)),
         offload=_flag(optional("OFFLOAD"), "OFFLOAD"),
         attention=_choice(optional("ATTENTION"), "ATTENTION", ATTENTION_KERNELS),
-        cuda_graphs=None if optional("CUDA_GRAPHS") is None else _flag(optional("CUDA_GRAPHS"), "CUDA_GRAPHS"),
+        cuda_graphs=None
+        if optional("CUDA_GRAPHS") is None
+        else _flag(optional("CUDA_GRAPHS"), "CUDA_GRAPHS"),
     )
 
 
@@ -155,4 +157,6 @@ def _flag(value: str | None, name: str) -> bool:
     try:
         return parse_bool(value)
     except ValueError:
-        raise DeepGenEnvError(PREFIX + name, f"must be a boolean ({BOOLEAN_WORDS_HELP}), got {value!r}") from None
+        raise DeepGenEnvError(
+            PREFIX + name, f"must be a boolean ({BOOLEAN_WORDS_HELP}), got {value!r}"
+        ) from None

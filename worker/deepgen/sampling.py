@@ -95,7 +95,9 @@ def denoise(
     else:
         context, pooled = conditioning.positive()
     dit_dtype = transformer.dtype
-    assert isinstance(dit_dtype, torch.dtype)  # the DiT's `dtype` property (nn.Module types it Tensor | Module)
+    assert isinstance(
+        dit_dtype, torch.dtype
+    )  # the DiT's `dtype` property (nn.Module types it Tensor | Module)
     context, pooled = context.to(dit_dtype), pooled.to(dit_dtype)
     branch_count = 2 if use_guidance else 1
     dit_batch = branch_count * latents.shape[0]

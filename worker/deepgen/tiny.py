@@ -280,27 +280,31 @@ def _write_diffusion_folder(folder: Path) -> dict[str, object]:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED + 3)
     # The released geometry (geometry.py) shrunk: same layout, tiny widths and depths.
-    transformer = SD3Transformer2DModel(**{
-        **SD35_MEDIUM_TRANSFORMER,
-        "sample_size": 32,
-        "num_layers": 2,
-        "attention_head_dim": 8,
-        "num_attention_heads": 2,
-        "joint_attention_dim": 32,
-        "caption_projection_dim": 16,
-        "pooled_projection_dim": 32,
-        # 64 x 2 x 8 = 1024 px: room for fix_pixels' non-square sizes (~512^2 area) at tiny cost.
-        "pos_embed_max_size": 64,
-        "dual_attention_layers": (0,),
-    })
+    transformer = SD3Transformer2DModel(
+        **{
+            **SD35_MEDIUM_TRANSFORMER,
+            "sample_size": 32,
+            "num_layers": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "caption_projection_dim": 16,
+            "pooled_projection_dim": 32,
+            # 64 x 2 x 8 = 1024 px: room for fix_pixels' non-square sizes (~512^2 area) at tiny cost.
+            "pos_embed_max_size": 64,
+            "dual_attention_layers": (0,),
+        }
+    )
     transformer.save_pretrained(folder / "transformer")
-    vae = AutoencoderKL(**{
-        **SD35_MEDIUM_VAE,
-        "block_out_channels": (8, 8, 8, 8),
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-        "sample_size": 64,
-    })
+    vae = AutoencoderKL(
+        **{
+            **SD35_MEDIUM_VAE,
+            "block_out_channels": (8, 8, 8, 8),
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "sample_size": 64,
+        }
+    )
     vae.save_pretrained(folder / "vae")
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(folder / "scheduler")
     # A real SD3.5 folder also lists text encoders; DeepGen never loads them, so none are written.

@@ -198,7 +198,9 @@ class DeepGenSD3Transformer(SD3Transformer2DModel):
         temb = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
         attention_kwargs = (
-            {} if token_is_valid is None else {"padding_masks": PaddingMasks.build(token_is_valid, context.shape[1])}
+            {}
+            if token_is_valid is None
+            else {"padding_masks": PaddingMasks.build(token_is_valid, context.shape[1])}
         )
         for block in self.transformer_blocks:
             context, tokens = block(
