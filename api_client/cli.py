@@ -677,10 +677,11 @@ def _wait_for_services(client: Any) -> None:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from api_client.client import DiffgentorClient
+
+    client = DiffgentorClient.from_env()  # settings errors first: they need no model libraries
     from worker.deepgen.env import read_deepgen_env
     from worker.main import start_worker
 
-    client = DiffgentorClient.from_env()
     read_deepgen_env(os.environ)  # a missing DG_DEEPGEN_* variable or unknown config fails here, naming it
     client.settings = replace(client.settings, broker_url=client.settings.worker_broker_url)
     _wait_for_services(client)
@@ -749,6 +750,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    args.directory.mkdir(parents=True, exist_ok=True)  # a bad path fails now, before torch is imported
     from api_client.embedded import quiet_library_progress_bars
     from worker.deepgen.tiny import tiny_env, write_tiny_model
 
