@@ -61,6 +61,7 @@ from typing import Any
 from worker.faults import FaultProxy
 from worker.testing import (
     READY_MARKER,
+    RedisServer,
     WorkerProcess,
     celery_worker_argv,
     free_port,
@@ -94,71 +95,6 @@ def log(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- services
-
-
-class RedisServer:
-    """A private `redis-server` without persistence: kill -9 and a restart lose every key."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        import redis
-
-        self.starts += 1
-        log_file = open(self.workdir / f"redis.{self.starts}.log", "wb")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log_file.close()
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        try:
-            wait_for(lambda: _pings(client), 10, f"redis-server on port {self.port} did not start")
-        finally:
-            client.close()
-        return self
-
-    def kill9(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-
-def _pings(client: Any) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
 
 
 @contextlib.contextmanager

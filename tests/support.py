@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from PIL import Image
 
 from worker.deepgen.types import GenerationRequest, GenerationResult, GenerationStopped, StepCallback
-from worker.testing import free_port, wait_for
+from worker.testing import RedisServer
+
+__all__ = ["RedisServer"]  # re-exported for the tests
 
 if TYPE_CHECKING:
     from worker.deepgen.engine import DeepGenEngine
@@ -282,54 +284,3 @@ def load_tiny_engine(paths: TinyModelPaths, **overrides: str) -> DeepGenEngine:
 
 
 # ------------------------------------------------------------------------------- services
-
-
-class RedisServer:
-    """A `redis-server` of this test on a free port (never the shared one): stop and start it at will."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        import redis
-
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-
-        def pings() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        try:
-            wait_for(pings, 10, "redis-server did not start")
-        finally:
-            client.close()
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)

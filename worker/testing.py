@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import IO, cast
 
 __all__ = [
+    "RedisServer",
     "WorkerNotReady",
     "WorkerProcess",
     "celery_worker_argv",
@@ -267,3 +268,55 @@ def temporary_database(admin_url: str, prefix: str = "dg_test_") -> Iterator[str
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+class RedisServer:
+    """A private `redis-server` on a free loopback port, without persistence (never the shared one):
+    `kill9()` then `start()` is a broker that lost every key; `stop()` is a clean shutdown."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.starts += 1
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.directory)]  # fmt: skip
+        with open(self.directory / f"redis.{self.starts}.log", "wb") as log_file:  # the child keeps its copy
+            self.process = subprocess.Popen(
+                argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+
+        def pings() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_for(pings, 10, f"redis-server on port {self.port} did not start")
+        finally:
+            client.close()
+        return self
+
+    def kill9(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill9()

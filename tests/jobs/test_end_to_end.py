@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from worker.settings import load_settings
 from worker.storage import open_store
 from worker.submission import submit_jobs
 from worker.sweeper import sweep_once
-from worker.testing import WorkerProcess, free_port, wait_for, worker_environ
+from worker.testing import RedisServer, WorkerProcess, free_port, wait_for, worker_environ
 
 pytestmark = pytest.mark.integration
 
@@ -394,51 +393,23 @@ def test_redis_restart_while_idle_then_the_next_job_runs(
     model_name: str,
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    argv = [
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(tmp_path),
-    ]
-    redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    own_url = f"redis://127.0.0.1:{port}/0"
-    publisher = CeleryPublisher(own_url)
+    redis_server = RedisServer(tmp_path).start()
+    publisher = CeleryPublisher(redis_server.url)
     try:
-        wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not start")
-        start_worker({"DG_BROKER_URL": own_url})
+        start_worker({"DG_BROKER_URL": redis_server.url})
         [first] = submit_jobs(
             store, publisher, [{"kind": "t2i", "prompt": "before", "model_name": model_name, "params": FAST}]
         )
         assert _wait_terminal(store, [first.job.id])[0].status == JobStatus.SUCCEEDED
-        redis_proc.terminate()
-        redis_proc.wait(10)
-        redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not restart")
+        redis_server.stop()
+        redis_server.start()
         [second] = submit_jobs(
             store, publisher, [{"kind": "t2i", "prompt": "after", "model_name": model_name, "params": FAST}]
         )
         assert _wait_terminal(store, [second.job.id], timeout=90)[0].status == JobStatus.SUCCEEDED
     finally:
         publisher.close()
-        redis_proc.terminate()
-        redis_proc.wait(10)
-
-
-def _redis_up(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
+        redis_server.stop()
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server binary not installed")
@@ -452,23 +423,8 @@ def test_broker_data_loss_recovers_with_default_settings(
     """kill -9 of the broker with 20 queued jobs, restarted empty: every job succeeds once within 90 s."""
     import time
 
-    port = free_port()
-    argv = [
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(tmp_path),
-    ]
-    own_url = f"redis://127.0.0.1:{port}/0"
-    redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not start")
+    redis_server = RedisServer(tmp_path).start()
+    own_url = redis_server.url
     # The sweeper with every default (interval 30 s, grace 30 s, stale 7200 s).
     defaults = {
         k: v
@@ -496,10 +452,8 @@ def test_broker_data_loss_recovers_with_default_settings(
         )
         job_ids = [s.job.id for s in submitted]
         assert all(job.published_at is not None for job in store.get_many(job_ids))
-        redis_proc.kill()  # kill -9: the 20 messages are gone with it
-        redis_proc.wait(10)
-        redis_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _redis_up(own_url), 10, "own redis-server did not restart")
+        redis_server.kill9()  # the 20 messages are gone with it
+        redis_server.start()  # empty: no persistence
         restarted = time.monotonic()
         start_worker({"DG_BROKER_URL": own_url})
         jobs = _wait_terminal(store, job_ids, timeout=max(1.0, 90 - (time.monotonic() - restarted)))
@@ -509,5 +463,4 @@ def test_broker_data_loss_recovers_with_default_settings(
     finally:
         sweeper.stop()
         publisher.close()
-        redis_proc.kill()
-        redis_proc.wait(10)
+        redis_server.stop()
