@@ -31,23 +31,11 @@ from typing import Any
 import torch
 from diffusers import SD3Transformer2DModel
 
+from worker.deepgen.geometry import SD35_MEDIUM_TRANSFORMER
+
 TRANSFORMER_PY = Path(__file__).resolve().parent.parent / "worker" / "deepgen" / "transformer.py"
 
-SD35_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)),
-    qk_norm="rms_norm",
-)
+SD35_MEDIUM = SD35_MEDIUM_TRANSFORMER  # the released DiT geometry, one source
 TINY = dict(
     sample_size=32,
     patch_size=2,
