@@ -156,7 +156,7 @@ def _quiet_job_logs() -> None:
     if root.handlers:  # the embedding program configured logging itself
         return
     handler = logging.StreamHandler(sys.stderr)
-    if not os.environ.get("DG_DEBUG"):
+    if not _debug():
         handler.setFormatter(_OneLineFormatter())
         logging.getLogger("worker.runner").setLevel(logging.ERROR)
     root.addHandler(handler)
@@ -164,7 +164,7 @@ def _quiet_job_logs() -> None:
 
 
 def _report(exc: BaseException, code: ExitCode, prefix: str = "") -> int:
-    if os.environ.get("DG_DEBUG"):
+    if _debug():
         traceback.print_exception(exc)
     message = str(exc).strip() or type(exc).__name__
     hint = "" if code != ExitCode.INTERNAL else " (set DG_DEBUG=1 for the traceback)"
@@ -710,6 +710,13 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     upgrade(url, args.revision)
     print(f"job database at {redact_url(url)} is at revision {current_revision(url)}")
     return int(ExitCode.OK)
+
+
+def _debug() -> bool:
+    """DG_DEBUG=1 (or true/yes/on) adds tracebacks; 0, false or unset does not."""
+    from worker.settings import TRUE_WORDS
+
+    return os.environ.get("DG_DEBUG", "").strip().lower() in TRUE_WORDS
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from api_client.errors import InputFileError
-from schemas.specs import REMOTE_IMAGE_SCHEMES, text_problem
+from schemas.specs import is_remote_reference, text_problem
 
 PROMPT_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv")
 
@@ -51,7 +51,7 @@ class EditRow:
 
 def is_remote(reference: str) -> bool:
     """An s3:// or http(s):// reference (any case) that the worker fetches, not a local file."""
-    return reference.lower().startswith(REMOTE_IMAGE_SCHEMES)
+    return is_remote_reference(reference)
 
 
 # --------------------------------------------------------------------------------------------- prompts

@@ -42,6 +42,11 @@ MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REMOTE_IMAGE_SCHEMES = ("s3://", "http://", "https://")
 
 
+def is_remote_reference(reference: str) -> bool:
+    """An s3:// or http(s):// image reference; URL schemes are case-insensitive (RFC 3986)."""
+    return reference.lower().startswith(REMOTE_IMAGE_SCHEMES)
+
+
 def round_up_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
@@ -186,7 +191,7 @@ class EditSpec(_SpecBase):
             if not ref or len(ref) > MAX_IMAGE_REF_CHARS or bad_text or any(c.isspace() for c in ref.strip()):
                 raise ValueError(f"images[{position}] is not a valid image reference: {ref[:80]!r}")
             if "://" in ref:
-                if not ref.startswith(REMOTE_IMAGE_SCHEMES):
+                if not is_remote_reference(ref):
                     raise ValueError(
                         f"images[{position}] uses an unsupported scheme (use s3://, http:// or https://): {ref[:80]!r}"
                     )
@@ -196,7 +201,7 @@ class EditSpec(_SpecBase):
         return refs
 
     def remote_only(self) -> bool:
-        return all(ref.startswith(REMOTE_IMAGE_SCHEMES) for ref in self.images)
+        return all(is_remote_reference(ref) for ref in self.images)
 
 
 JobSpec = Annotated[T2ISpec | EditSpec, Field(discriminator="kind")]

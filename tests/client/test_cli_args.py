@@ -272,3 +272,13 @@ def test_a_dashed_flag_runs_the_command(capsys: pytest.CaptureFixture[str], clea
         main(["t2i", "--prompt", "x", "--output-dir", str(clean_env / "o"), "--no-resume"]) == 4
     )  # (no model)
     assert "unrecognized" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("1", True), ("true", True), ("0", False), ("false", False), ("", False)]
+)
+def test_dg_debug_reads_like_every_boolean(monkeypatch: pytest.MonkeyPatch, value: str, on: bool) -> None:
+    from api_client import cli
+
+    monkeypatch.setenv("DG_DEBUG", value)
+    assert cli._debug() is on

@@ -174,3 +174,10 @@ def test_settings_embedded_and_worker_defaults(tmp_path) -> None:
     with pytest.raises(SettingsError, match="DG_INPUT_ALLOW_PRIVATE_NETWORKS"):
         load_settings({"DG_INPUT_ALLOW_PRIVATE_NETWORKS": "maybe"})
     assert load_settings({}).worker_broker_url == "redis://127.0.0.1:6379/0"
+
+
+def test_remote_schemes_are_case_insensitive() -> None:
+    from schemas.specs import EditSpec, is_remote_reference
+
+    spec = EditSpec(instruction="x", images=["S3://bucket/a.png", "HTTPS://example.com/b.png"])
+    assert spec.remote_only() and is_remote_reference("Http://h/c.png") and not is_remote_reference("c.png")
