@@ -1,6 +1,6 @@
 """Artifact storage: ``s3://bucket/prefix`` (any S3-compatible store) and ``file:///dir``.
 
-Stores hand out URIs (``s3://bucket/prefix/jobs/<id>/0.png``, ``file:///dir/jobs/<id>/0.png``) and
+Stores hand out URIs (``s3://bucket/prefix/jobs/<id>/1/0.png``, ``file:///dir/jobs/<id>/1/0.png``) and
 accept them back. Output keys are per job and claim number (`artifact_key`), so a worker that lost its
 job never writes over the winner's image; input uploads are content-addressed (`content_addressed_key`).
 `file://` objects and downloads are written whole or not at all, with the umask's mode (`worker.files`).
@@ -165,7 +165,7 @@ def _check_key_part(text: str, what: str) -> None:
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(part in {"", ".", ".."} for part in parts):
-        raise ValueError(f"storage key must be a relative path like 'jobs/<id>/0.png', got {key!r}")
+        raise ValueError(f"storage key must be a relative path like 'jobs/<id>/1/0.png', got {key!r}")
     return key
 
 
