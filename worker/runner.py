@@ -158,6 +158,10 @@ class JobRunner:
             except Exception as exc:
                 # BaseException (KeyboardInterrupt, SystemExit, hard kills) is left to the worker:
                 # the lease then expires and the job is retried up to the attempts cap.
+                if not is_soft_time_limit(exc) and self._must_stop(claimed, lease):
+                    # Cancelled or taken over meanwhile: the error is most likely the stop itself
+                    # (e.g. an embedded model load cut short at interpreter exit), not the job's.
+                    return self._stopped(claimed, lease)
                 if is_transient(exc) and not is_soft_time_limit(exc):
                     return self._requeue(claimed, exc)
                 return self._failed(claimed, exc)
@@ -228,20 +232,24 @@ class JobRunner:
         return RunOutcome.SUCCEEDED
 
     def _check_lease(self, claimed: ClaimedJob, lease: LeaseKeeper, total: int) -> None:
-        """Before uploading: renew the lease once more and stop if it was lost or a cancel came.
+        """Before uploading: stop if the lease was lost or a cancel came.
 
         The last step writes no progress and the heartbeat may be up to a period behind, so a
         worker whose job was taken over would otherwise overwrite the new owner's PNG.
         """
+        if self._must_stop(claimed, lease):
+            raise GenerationStopped(total, total)
+
+    def _must_stop(self, claimed: ClaimedJob, lease: LeaseKeeper) -> bool:
+        """Renew the lease once more now and say whether the job was cancelled or taken over."""
         try:
             lease.observe(self.store.heartbeat(claimed.id, claimed.worker_id, self.settings.lease_seconds))
         except Exception as exc:
             if is_soft_time_limit(exc):
                 raise
             # A database blip: go by what the heartbeat thread saw; the fenced finish decides.
-            log.warning("lease check of job %s before upload failed", claimed.id, exc_info=True)
-        if lease.should_stop:
-            raise GenerationStopped(total, total)
+            log.warning("lease check of job %s failed: %s", claimed.id, one_line(exc))
+        return lease.should_stop
 
     def _load_inputs(self, refs: list[str]) -> list[Any]:
         from worker.inputs import InputLimits, load_input_images

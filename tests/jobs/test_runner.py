@@ -75,6 +75,22 @@ def test_cancel_while_running_stops_at_the_next_step(
     assert job.status == JobStatus.CANCELLED and job.artifacts == [] and job.progress_step < 10
 
 
+def test_error_after_a_cancel_ends_the_job_cancelled_not_failed(
+    store: JobStore, runner: JobRunner, engine: FakeEngine
+) -> None:
+    """E.g. an embedded model load cut short at interpreter exit, after the exit hook cancelled the job."""
+    job_id = store.submit([T2I])[0].job.id
+
+    def cancel_then_break(step: int) -> None:
+        store.cancel(job_id)
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    engine.on_step = cancel_then_break
+    assert runner.run(job_id, "w1") is RunOutcome.CANCELLED
+    job = store.get(job_id)
+    assert (job.status, job.error_type) == (JobStatus.CANCELLED, None)
+
+
 def test_lost_lease_writes_nothing(
     store: JobStore, runner: JobRunner, engine: FakeEngine, db_engine: Any
 ) -> None:
