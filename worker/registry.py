@@ -181,11 +181,13 @@ class WorkerRegistry:
         )
         with self._sessions() as session:  # read in its own transaction (see register)
             rows = session.execute(query).all()
+        # Pids can only be checked on the host this process runs on (and a caller may name another).
+        local = hostname == socket.gethostname()
         return [
             other
             for other, other_host, other_pid, beat in rows
             if beat < stale_before
-            or (other_host == hostname and (other_pid == pid or not _pid_alive(other_pid)))
+            or (local and other_host == hostname and (other_pid == pid or not _pid_alive(other_pid)))
         ]
 
     def heartbeat(
