@@ -1,46 +1,37 @@
-"""The CLI's output folder: ``{index:06d}.png`` files, ``results.csv`` and resume.
+"""The CLI's output folder: ``{index:06d}.png`` files (``{index:06d}_{j:02d}.png`` when a row makes
+several images) and ``results.csv``.
 
-A rerun skips every index whose PNG already exists. Files are written to a temporary name and renamed,
-so an interrupted run never leaves a truncated PNG that a later run would take as done; they get the
-mode of any new file (0o666 less the umask), not the temporary file's 0600 (`worker.files`, which the
-artifact stores' downloads use too).
+Files are written to a temporary name and renamed, so an interrupted run never leaves a truncated PNG;
+they get the mode of any new file (0o666 less the umask), not the temporary file's 0600 (`worker.files`,
+which the artifact stores' downloads use too). Which indexes are already done is `api_client.resume`'s
+business.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
 
 # default_file_mode is re-exported: callers and tests check written modes against it.
 from worker.files import default_file_mode as default_file_mode
 from worker.files import write_atomically
 
 RESULT_COLUMNS = ("output_image", "job_id", "seed", "status", "error")
-
-
-class _Indexed(Protocol):
-    @property
-    def index(self) -> int: ...
-
-
-Row = TypeVar("Row", bound=_Indexed)
+IMAGE_INDEX_COLUMN = "image_index"  # only when a row made several images: j of {index:06d}_{j:02d}.png
 
 
 def output_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
-def output_path(output_dir: Path, index: int) -> Path:
-    return output_dir / output_name(index)
-
-
-def pending_rows(rows: Sequence[Row], output_dir: Path) -> list[Row]:
-    """The rows whose output PNG is not there yet (resume)."""
-    return [row for row in rows if not output_path(output_dir, row.index).is_file()]
+def output_names(index: int, count: int) -> list[str]:
+    """``{index:06d}.png`` for one image, ``{index:06d}_{j:02d}.png`` for several (the reference tool's)."""
+    if count == 1:
+        return [output_name(index)]
+    return [f"{index:06d}_{j:02d}.png" for j in range(count)]
 
 
 @dataclass(frozen=True)
@@ -54,10 +45,13 @@ class ResultRecord:
     seed: int | None
     status: str
     error: str
+    image_index: int | None = None  # j, when the row made several images (one CSV row each)
 
     def as_csv_row(self) -> dict[str, str]:
         row = dict(self.fields)
         row["index"] = str(self.index)  # the index used, also when the CSV cell was empty
+        if self.image_index is not None:
+            row[IMAGE_INDEX_COLUMN] = str(self.image_index)
         row.update(
             output_image=self.output_image,
             job_id=self.job_id,
@@ -69,11 +63,25 @@ class ResultRecord:
 
 
 def write_results_csv(path: Path, records: Iterable[ResultRecord]) -> None:
-    """Write results.csv, keeping earlier rows for indices this run did not touch (resume)."""
-    merged: dict[str, dict[str, str]] = {row.get("index", ""): row for row in read_results_csv(path)}
+    """Write results.csv, keeping earlier rows for indices this run did not touch (resume); an index
+    this run wrote replaces all of its earlier rows (one per image)."""
+    merged: dict[str, list[dict[str, str]]] = {}
+    for row in read_results_csv(path):
+        merged.setdefault(row.get("index", ""), []).append(row)
+    fresh: set[str] = set()
     for record in records:
-        merged[str(record.index)] = record.as_csv_row()
-    ordered = sorted(merged.values(), key=lambda row: _index_sort_key(row.get("index", "")))
+        key = str(record.index)
+        if key not in fresh:
+            merged[key] = []
+            fresh.add(key)
+        merged[key].append(record.as_csv_row())
+    ordered = sorted(
+        (row for rows in merged.values() for row in rows),
+        key=lambda row: (
+            _index_sort_key(row.get("index", "")),
+            _index_sort_key(row.get(IMAGE_INDEX_COLUMN, "")),
+        ),
+    )
     columns = _columns(ordered)
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
@@ -95,9 +103,10 @@ def _columns(rows: list[dict[str, str]]) -> list[str]:
     columns: list[str] = []
     for row in rows:
         for key in row:
-            if key not in columns and key not in RESULT_COLUMNS:
+            if key not in columns and key not in RESULT_COLUMNS and key != IMAGE_INDEX_COLUMN:
                 columns.append(key)
-    return columns + list(RESULT_COLUMNS)
+    several = any(row.get(IMAGE_INDEX_COLUMN) for row in rows)
+    return columns + ([IMAGE_INDEX_COLUMN] if several else []) + list(RESULT_COLUMNS)
 
 
 def _index_sort_key(value: str) -> tuple[int, str]:

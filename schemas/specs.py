@@ -30,6 +30,8 @@ MIN_PRIORITY = 0  # normal
 MAX_PRIORITY = 9  # most urgent
 MAX_MODEL_NAME_CHARS = 64
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+MIN_IMAGES_PER_PROMPT = 1
+MAX_IMAGES_PER_PROMPT = 8  # one batched DiT call makes them all; artifacts are indexes 0..N-1
 
 # Defaults of a job that does not say (the CLI's flags and the client's arguments use these).
 DEFAULT_MODEL_NAME = "deepgen"
@@ -109,6 +111,7 @@ class GenerationParams(_StrictModel):
     width: int | None = DEFAULT_T2I_SIDE
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_images_per_prompt: int = Field(default=MIN_IMAGES_PER_PROMPT, ge=MIN_IMAGES_PER_PROMPT, le=MAX_IMAGES_PER_PROMPT)
 
     @field_validator("guidance_scale", mode="before")
     @classmethod

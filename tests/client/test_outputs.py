@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api_client.inputs import PromptRow
 from api_client.outputs import (
     ResultRecord,
     output_name,
-    pending_rows,
+    output_names,
     read_results_csv,
     write_atomically,
     write_results_csv,
@@ -20,12 +19,33 @@ def test_output_name_is_zero_padded() -> None:
     assert output_name(1234567) == "1234567.png"
 
 
-def test_pending_rows_skips_existing_outputs(tmp_path: Path) -> None:
-    rows = [PromptRow(0, "a"), PromptRow(1, "b"), PromptRow(5, "c")]
-    write_atomically(tmp_path / "000001.png", b"x")
-    (tmp_path / ".000005.png.tmp.part").write_bytes(b"half")  # a leftover temp file is not an output
-    assert [r.index for r in pending_rows(rows, tmp_path)] == [0, 5]
-    assert list(tmp_path.glob("*.part")) == [tmp_path / ".000005.png.tmp.part"]
+def test_several_images_per_row_use_the_reference_names() -> None:
+    assert output_names(7, 1) == ["000007.png"]
+    assert output_names(7, 3) == ["000007_00.png", "000007_01.png", "000007_02.png"]
+
+
+def test_results_csv_has_a_row_per_image_and_a_rerun_replaces_an_index_whole(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    fields = {"instruction": "red", "input_images": "a.png"}
+    several = [
+        ResultRecord(0, fields, f"000000_0{j}.png", "j0", 5, "succeeded", "", image_index=j) for j in range(3)
+    ]
+    write_results_csv(path, [*several, ResultRecord(1, fields, "000001.png", "j1", 6, "succeeded", "")])
+    rows = read_results_csv(path)
+    assert [(r["index"], r["image_index"], r["output_image"]) for r in rows] == [
+        ("0", "0", "000000_00.png"),
+        ("0", "1", "000000_01.png"),
+        ("0", "2", "000000_02.png"),
+        ("1", "", "000001.png"),
+    ]
+    assert path.read_text().splitlines()[0].endswith("image_index,output_image,job_id,seed,status,error")
+    write_results_csv(path, [ResultRecord(0, fields, "000000.png", "j0b", 7, "succeeded", "")])  # now N=1
+    rows = read_results_csv(path)
+    assert [(r["index"], r["output_image"], r["job_id"]) for r in rows] == [
+        ("0", "000000.png", "j0b"),
+        ("1", "000001.png", "j1"),
+    ]
+    assert "image_index" not in path.read_text().splitlines()[0]  # no row has several images any more
 
 
 def test_results_csv_keeps_rows_of_earlier_runs(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ ends without `close()` exits cleanly: no abort from a thread left inside torch, 
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import subprocess
@@ -61,8 +62,11 @@ def test_readme_snippet_runs_as_written_and_exits_cleanly(
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     jobs = statuses(Path(embedded_env["DG_HOME"]))
     assert "running" not in jobs.values(), jobs
-    assert len(list((workdir / "out").glob("*-0.png"))) == 1  # client.download(done[0], "out/")
-    assert "succeeded" in jobs.values() and "cancelled" in jobs.values()  # batch[1] was cancelled
+    assert len(list((workdir / "out").glob("*-0.png"))) == 1  # client.download(job, "out/")
+    assert "succeeded" in jobs.values() and "cancelled" in jobs.values()  # `later` was cancelled
+    exported = (workdir / "pets.jsonl").read_text().splitlines()  # pets.export(...)
+    assert len(exported) == 2 and all(len(json.loads(line)["artifacts"]) == 2 for line in exported)
+    assert done.stdout.count("{") >= 1  # pets.counts() printed
 
 
 def test_exit_without_close_cancels_the_running_job_and_leaves_the_rest_queued(
