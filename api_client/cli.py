@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     workers.set_defaults(handler=worker_health.cmd_workers)
     health.set_defaults(handler=worker_health.cmd_health)
 
+    from api_client.batch_cli import add_batch_commands
+
+    add_batch_commands(commands)  # `batches` and `batch show|wait|...` (api_client/batch_cli.py)
+
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight DeepGen (for tests and demos)")
     tiny.add_argument("directory", type=Path)
     tiny.set_defaults(handler=_cmd_tiny_model)

@@ -51,6 +51,7 @@ from worker.redact import redact_url, redact_urls_in
 from worker.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from api_client.batches import Batch
     from worker.publish import Publisher
     from worker.storage import ArtifactStore
 
@@ -321,18 +322,35 @@ class DiffgentorClient:
         """Submit one edit job; images are local paths, PIL images, bytes or http(s)/s3 URLs."""
         return self.submit_many([self.edit_spec(instruction, images, **options)])[0].job
 
-    def submit_many(self, specs: Sequence[T2ISpec | EditSpec]) -> list[SubmittedJob]:
+    def submit_many(
+        self,
+        specs: Sequence[T2ISpec | EditSpec],
+        *,
+        batch_name: str | None = None,
+        batch_indexes: Sequence[int] | None = None,
+    ) -> list[SubmittedJob]:
         """Insert all jobs in one transaction, then publish them in one pipelined send.
 
         Returns the jobs in input order; a spec whose idempotency key is already known returns that
         job (``created=False``) instead of a new one.
+
+        ``batch_name``: the same transaction also records a batch (`batch(...)`, `diffgentor batches`)
+        holding the jobs created now, at ``batch_indexes`` (default: their positions in ``specs``);
+        each new job's ``batch_id`` names it. Jobs found by idempotency key keep their own batch.
         """
+        from worker.batches import NewBatch
         from worker.submission import submit_jobs
 
         if not specs:
             return []
+        batch = NewBatch(batch_name) if batch_name is not None else None
         self._check_before_submit()
-        submitted = submit_jobs(self.store, self._publisher, list(specs))
+        try:
+            submitted = submit_jobs(
+                self.store, self._publisher, list(specs), batch=batch, batch_indexes=batch_indexes
+            )
+        except ValueError as exc:  # batch_indexes: wrong length, repeated or negative
+            raise UsageError(str(exc)) from None
         # Jobs found by idempotency key (not created now) may be an interrupted earlier run's.
         self._run_unfinished_here([item.job for item in submitted if not item.created])
         return [SubmittedJob(job=item.job, created=bool(item.created)) for item in submitted]
@@ -576,6 +594,21 @@ class DiffgentorClient:
         finally:
             if bar is not None:
                 bar.close()
+
+    # ---- batches ---------------------------------------------------------------------------
+
+    def batches(self, *, limit: int = 50, offset: int = 0, owner: str | None = None) -> builtins.list[Batch]:
+        """Batch records newest first (one owner's with ``owner``); page with limit/offset."""
+        from api_client.batches import list_batches
+
+        return list_batches(self, limit=limit, offset=offset, owner=owner)
+
+    def batch(self, batch_id_or_prefix: str) -> Batch:
+        """A batch by id or unique prefix (at least 4 characters): `BatchNotFound` (exit 6) when
+        unknown, `UsageError` (exit 2) when ambiguous or too short."""
+        from api_client.batches import open_batch
+
+        return open_batch(self, batch_id_or_prefix)
 
     # ------------------------------------------------------------------------------------ results
 

@@ -23,7 +23,7 @@ class ExitCode(IntEnum):
     )
     CONFIGURATION = 4  # DG_* settings, DG_DEEPGEN_* variables, unknown config, bad job parameters
     UNREACHABLE = 5  # Redis, the job database or the S3 endpoint cannot be reached
-    NOT_FOUND = 6  # a job id that does not exist
+    NOT_FOUND = 6  # a job or batch id that does not exist
     TIMEOUT = 7  # `wait --timeout` ran out before the jobs finished
     STATE = 8  # the job is in a state that does not allow the operation (e.g. retry a running job)
     INTERNAL = 70  # a bug: an unexpected exception (DG_DEBUG=1 prints the traceback)
@@ -87,6 +87,14 @@ class JobNotFound(DiffgentorError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id}; `diffgentor list` shows the known jobs")
         self.job_id = job_id
+
+
+class BatchNotFound(DiffgentorError):
+    exit_code = ExitCode.NOT_FOUND
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"no batch with id {batch_id}; `diffgentor batches` shows the known batches")
+        self.batch_id = batch_id
 
 
 class JobStateError(DiffgentorError):

@@ -54,6 +54,36 @@ class Base(DeclarativeBase):
 
 _UNPUBLISHED = sa.text("status = 'queued' AND published_at IS NULL")
 _QUEUED = sa.text("status = 'queued'")
+# The batch indexes hold batch jobs only: jobs submitted alone cost them nothing. A query's
+# `batch_id = :id` implies the predicate on both dialects, so the planner may use them; its
+# `superseded = false` (SQLite: `= 0`, as SQLAlchemy writes it there) matches the second term.
+_IN_A_BATCH = sa.text("batch_id IS NOT NULL")
+_LATEST_IN_A_BATCH = sa.text("batch_id IS NOT NULL AND NOT superseded")
+_LATEST_IN_A_BATCH_SQLITE = sa.text("batch_id IS NOT NULL AND superseded = 0")
+
+
+class Batch(Base):
+    """A named group of jobs submitted together (one CLI run, one `submit_many(batch_name=...)`).
+
+    Created in the same transaction as its jobs. `job_count` is the number of rows (batch
+    indexes) it was created with; a retry of a row stays in the batch under the same index
+    (docs/jobs.md, "Batches").
+    """
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(255))
+    owner: Mapped[str] = mapped_column(sa.String(255))
+    model_name: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    job_count: Mapped[int]
+
+    __table_args__ = (
+        # `diffgentor batches`: newest first, optionally one owner's.
+        sa.Index("ix_batches_created_at", "created_at", "id"),
+        sa.Index("ix_batches_owner_created_at", "owner", "created_at", "id"),
+    )
 
 
 class Job(Base):
@@ -92,6 +122,13 @@ class Job(Base):
     provenance: Mapped[dict[str, Any] | None]
     width: Mapped[int | None]
     height: Mapped[int | None]
+    # Batches: the job's batch and its row there (the CLI's prompt/CSV index, or the position in a
+    # submit_many list). A retry keeps both and sets `superseded` on the row's previous job in the
+    # same transaction, so "the latest job of each row" is `superseded = false`. SET NULL: deleting
+    # a batch record leaves its jobs (the source of truth, with their artifacts) unbatched.
+    batch_id: Mapped[str | None] = mapped_column(sa.ForeignKey("batches.id", ondelete="SET NULL"))
+    batch_index: Mapped[int | None] = mapped_column(sa.BigInteger)
+    superseded: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
 
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", order_by="Artifact.index", cascade="all, delete-orphan"
@@ -115,6 +152,37 @@ class Job(Base):
         ),
         sa.Index(
             "ix_jobs_queued_published_at", "published_at", postgresql_where=_QUEUED, sqlite_where=_QUEUED
+        ),
+        # Batches, the latest job of each row (`superseded = false`). Counts per status: an
+        # index-only scan of one batch's range, already grouped by status; with only five distinct
+        # keys per batch, btree deduplication keeps it about 20 bytes a row (bench/batches.py).
+        sa.Index(
+            "ix_jobs_batch_status",
+            "batch_id",
+            "status",
+            postgresql_where=_LATEST_IN_A_BATCH,
+            sqlite_where=_LATEST_IN_A_BATCH_SQLITE,
+        ),
+        # The rows in `batch_index` order (export, fetch, keyset pages), a row's latest job (a
+        # retry supersedes it), and the failed rows (`status` is checked inside the index).
+        sa.Index(
+            "ix_jobs_batch_rows",
+            "batch_id",
+            "batch_index",
+            "status",
+            postgresql_where=_LATEST_IN_A_BATCH,
+            sqlite_where=_LATEST_IN_A_BATCH_SQLITE,
+        ),
+        # Throughput: the batch's jobs finished since a moment (a short range at the end of the
+        # batch's range; `status` leaves out cancelled ones without reading the rows). It holds every
+        # job of a batch, superseded ones too, so it also serves the foreign key's SET NULL.
+        sa.Index(
+            "ix_jobs_batch_finished_at",
+            "batch_id",
+            "finished_at",
+            "status",
+            postgresql_where=_IN_A_BATCH,
+            sqlite_where=_IN_A_BATCH,
         ),
     )
 

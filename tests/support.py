@@ -283,4 +283,37 @@ def load_tiny_engine(paths: TinyModelPaths, **overrides: str) -> DeepGenEngine:
     return DeepGenEngine.from_env(tiny.tiny_env(paths, **settings))
 
 
+# ------------------------------------------------------------------------ jobs finished by hand
+
+
+def complete_job(
+    store: Any, artifacts: Any, job_id: str, *, images: int = 1, worker_id: str = "test-worker"
+) -> Any:
+    """Claim ``job_id`` and finish it succeeded the way a worker does: ``images`` small PNGs put into
+    ``artifacts`` (an ArtifactStore) under the attempt's keys, artifact rows 0..images-1 with their
+    sha256, in the fenced completion. Returns the job's view (no model, no runner)."""
+    from schemas.views import ArtifactView
+    from worker.storage import artifact_key
+
+    claimed = store.claim(job_id, worker_id, 60)
+    assert claimed is not None, f"job {job_id} could not be claimed"
+    rows = []
+    for index in range(images):
+        data = solid_png(8, 6, (200, 30, (40 + 20 * index) % 256))
+        uri = artifacts.put_bytes(artifact_key(job_id, index, attempt=claimed.attempts), data)
+        digest = hashlib.sha256(data).hexdigest()
+        rows.append(ArtifactView(index=index, uri=uri, width=8, height=6, bytes=len(data), sha256=digest))
+    assert store.finish_succeeded(
+        job_id, worker_id, artifacts=rows, seed=claimed.seed, width=8, height=6, provenance=None
+    )
+    return store.get(job_id)
+
+
+def fail_job(store: Any, job_id: str, *, message: str = "boom", worker_id: str = "test-worker") -> Any:
+    """Claim ``job_id`` and finish it failed (`ValueError: message`), as a worker records a job error."""
+    assert store.claim(job_id, worker_id, 60) is not None, f"job {job_id} could not be claimed"
+    assert store.finish_failed(job_id, worker_id, error_type="ValueError", error_message=message)
+    return store.get(job_id)
+
+
 # ------------------------------------------------------------------------------- services

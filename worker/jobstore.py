@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -22,11 +22,14 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from schemas.enums import ErrorClass, JobStatus
 from schemas.specs import MAX_PRIORITY, EditSpec, T2ISpec, parse_job_spec
-from schemas.tables import Artifact, Job, utcnow
+from schemas.tables import Artifact, Batch, Job, utcnow
 from schemas.views import ArtifactView, JobView
 from worker import claims
 from worker.claims import ClaimedJob, ClaimRefusal, LeaseState
 from worker.db import Database, sqlite_locked
+
+if TYPE_CHECKING:
+    from worker.batches import NewBatch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ SEED_RANGE = 2**32
 _T = TypeVar("_T")
 # Job.__table__ is typed as a FromClause (declarative allows other selectables); it is this Table.
 _JOBS_TABLE = Job.metadata.tables[Job.__tablename__]
+_BATCHES_TABLE = Batch.metadata.tables[Batch.__tablename__]
 
 # The columns a JobView is built from, and its artifacts', for the Core read path.
 _VIEW_JOB_COLUMNS = [Job.__table__.c[name] for name in JobView.model_fields if name != "artifacts"]
@@ -130,8 +134,14 @@ def _mark_published_statement(conn: sa.Connection) -> Any:
     return _MARK_PUBLISHED_BY_DIALECT[dialect]
 
 
-def _new_values(
-    spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None, seed: int | None = None
+def new_job_values(
+    spec: T2ISpec | EditSpec,
+    max_attempts: int,
+    retry_of: str | None = None,
+    seed: int | None = None,
+    *,
+    batch_id: str | None = None,
+    batch_index: int | None = None,
 ) -> dict[str, Any]:
     """Every column of a new queued row (also what its JobView is built from, without a read back)."""
     params = spec.params
@@ -167,13 +177,14 @@ def _new_values(
         "provenance": None,
         "width": params.width,
         "height": params.height,
+        "batch_id": batch_id,
+        "batch_index": batch_index,
+        "superseded": False,
     }
 
 
-def _new_row(
-    spec: T2ISpec | EditSpec, max_attempts: int, retry_of: str | None = None, seed: int | None = None
-) -> Job:
-    return Job(**_new_values(spec, max_attempts, retry_of, seed))
+def _new_row(spec: T2ISpec | EditSpec, max_attempts: int, **values: Any) -> Job:
+    return Job(**new_job_values(spec, max_attempts, **values))
 
 
 class JobStore:
@@ -190,30 +201,50 @@ class JobStore:
         """Read sessions on this store's engine (for the registry beside it)."""
         return self._db.sessions
 
-    def submit(self, specs: Iterable[T2ISpec | EditSpec | dict[str, Any]]) -> list[Submitted]:
-        """Insert jobs in one transaction, in input order; known idempotency keys return the old job."""
+    @property
+    def database(self) -> Database:
+        """How this store reaches its database (for `worker.batches.BatchStore` beside it)."""
+        return self._db
+
+    def submit(
+        self,
+        specs: Iterable[T2ISpec | EditSpec | dict[str, Any]],
+        *,
+        batch: NewBatch | None = None,
+        batch_indexes: Sequence[int] | None = None,
+    ) -> list[Submitted]:
+        """Insert jobs in one transaction, in input order; known idempotency keys return the old job.
+
+        ``batch``: also create a batch record, in the same transaction, holding the jobs created
+        now; ``batch_indexes`` are their rows in it (default: the positions in ``specs``; unique
+        integers >= 0). A job found by its idempotency key keeps the batch it has. No job created
+        (all found): no batch record. Each new job's view carries ``batch_id`` / ``batch_index``.
+        """
         parsed = [parse_job_spec(spec) for spec in specs]
+        indexes = _batch_indexes(len(parsed), batch_indexes) if batch is not None else None
         try:
-            return self._submit_once(parsed)
+            return self._submit_once(parsed, batch, indexes)
         except IntegrityError:
             # A concurrent producer inserted one of our idempotency keys first: look again.
-            return self._submit_once(parsed)
+            return self._submit_once(parsed, batch, indexes)
         except sa.exc.OperationalError as exc:
             # SQLite busy past busy_timeout: nothing was written (the transaction rolled back).
             if not sqlite_locked(exc):
                 raise
             log.warning("job database locked during submit; trying once more")
-            return self._submit_once(parsed)
+            return self._submit_once(parsed, batch, indexes)
 
-    def _submit_once(self, specs: list[T2ISpec | EditSpec]) -> list[Submitted]:
+    def _submit_once(
+        self, specs: list[T2ISpec | EditSpec], batch: NewBatch | None, indexes: list[int] | None
+    ) -> list[Submitted]:
         # Bulk path: one IN lookup for all idempotency keys and one multi-row INSERT (Core, not
         # per-object ORM flushes); the views are built from the inserted values, not read back.
         keys = {s.idempotency_key for s in specs if s.idempotency_key}
-        if len(specs) == 1 and not keys:
+        if len(specs) == 1 and not keys and batch is None:
             # The common single submit: one INSERT in autocommit (one round trip, still a durable
             # commit). Not retried on a lost connection: a commit whose reply was lost would
             # be inserted twice; the caller sees the error instead.
-            values = _new_values(specs[0], self.max_attempts)
+            values = new_job_values(specs[0], self.max_attempts)
             self._db.write_once(lambda conn: conn.execute(_JOBS_TABLE.insert(), [values]))
             return [Submitted(JobView.model_validate(values), True)]
         with self._db.transaction() as session:  # SQLite: read the keys under the write lock
@@ -225,17 +256,29 @@ class JobStore:
                 existing = {job.idempotency_key: _view(job) for job in found if job.idempotency_key}
             rows: list[dict[str, Any]] = []
             results: list[Submitted] = []
-            for spec in specs:
+            batch_id = str(uuid.uuid4()) if batch is not None else None
+            for position, spec in enumerate(specs):
                 key = spec.idempotency_key
                 if key and key in existing:
                     results.append(Submitted(existing[key], False))
                     continue
-                values = _new_values(spec, self.max_attempts)
+                values = new_job_values(
+                    spec,
+                    self.max_attempts,
+                    batch_id=batch_id,
+                    batch_index=indexes[position] if indexes is not None else None,
+                )
                 rows.append(values)
                 view = JobView.model_validate(values)
                 if key:
-                    existing[key] = view  # a repeated key inside one batch is one job
+                    existing[key] = view  # a repeated key inside one call is one job
                 results.append(Submitted(view, True))
+            if rows and batch is not None and batch_id is not None:
+                from worker.batches import batch_values
+
+                # Before its jobs (their foreign key), in the same transaction: both or neither.
+                models = [row["model_name"] for row in rows]
+                session.execute(_BATCHES_TABLE.insert(), [batch_values(batch, batch_id, models, len(rows))])
             if rows:
                 session.execute(_JOBS_TABLE.insert(), rows)  # Core executemany: batched multi-row INSERTs
             return results
@@ -354,12 +397,33 @@ class JobStore:
                 raise InvalidTransition(
                     f"job {job_id} is {old.status}; only failed or cancelled jobs can be retried"
                 )
+            if old.batch_id is not None:
+                # The row's latest job first (the lock `retry_failed` of the batch takes too), so a
+                # retry of one job and a retry of its whole batch never both make a job for the row.
+                session.execute(
+                    sa.select(Job.id).where(_latest_of_row(old.batch_id, old.batch_index)).with_for_update()
+                )
             live = _live_retry(session, old)
             if live is not None:
                 return Submitted(_view(live), False)
             spec = parse_job_spec({**old.spec, "idempotency_key": None})
-            row = _new_row(spec, self.max_attempts, retry_of=old.id, seed=old.seed)
+            row = _new_row(
+                spec,
+                self.max_attempts,
+                retry_of=old.id,
+                seed=old.seed,
+                batch_id=old.batch_id,
+                batch_index=old.batch_index,
+            )
             row.artifacts = []
+            if old.batch_id is not None:
+                # The retry takes the row's place in its batch: counts and listings follow it.
+                session.execute(
+                    sa.update(Job)
+                    .where(_latest_of_row(old.batch_id, old.batch_index))
+                    .values(superseded=True)
+                    .execution_options(synchronize_session=False)
+                )
             session.add(row)
             session.flush()
             return Submitted(_view(row), True)
@@ -567,6 +631,31 @@ class JobStore:
             sa.select(Job.id).where(Job.id >= prefix, Job.id.like(f"{prefix}%")).order_by(Job.id).limit(limit)
         )
         return self._db.read(lambda conn: [str(job_id) for job_id in conn.scalars(query)])
+
+
+def _latest_of_row(batch_id: str, batch_index: int | None) -> sa.ColumnElement[bool]:
+    """The latest job of one row of a batch (`ix_jobs_batch_rows`)."""
+    index_matches = Job.batch_index.is_(None) if batch_index is None else Job.batch_index == batch_index
+    return sa.and_(Job.batch_id == batch_id, Job.superseded == sa.false(), index_matches)
+
+
+MAX_BATCH_INDEX = 2**63 - 1
+
+
+def _batch_indexes(count: int, given: Sequence[int] | None) -> list[int]:
+    if given is None:
+        return list(range(count))
+    indexes = list(given)
+    if len(indexes) != count:
+        raise ValueError(f"{len(indexes)} batch indexes given for {count} job specs")
+    seen: set[int] = set()
+    for index in indexes:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_BATCH_INDEX:
+            raise ValueError(f"batch index {index!r} is not an integer from 0 to {MAX_BATCH_INDEX}")
+        if index in seen:
+            raise ValueError(f"batch index {index} is given twice")
+        seen.add(index)
+    return indexes
 
 
 @dataclass(frozen=True)

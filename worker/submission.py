@@ -8,12 +8,13 @@ re-publishes them after the grace period: a job is never lost.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from schemas.specs import EditSpec, T2ISpec
 from schemas.views import JobView
+from worker.batches import PAGE_SIZE, BatchStore, NewBatch
 from worker.jobstore import JobStore, Submitted, publish_target
 from worker.publish import Publisher
 
@@ -21,14 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def submit_jobs(
-    store: JobStore, publisher: Publisher, specs: Iterable[T2ISpec | EditSpec | dict[str, Any]]
+    store: JobStore,
+    publisher: Publisher,
+    specs: Iterable[T2ISpec | EditSpec | dict[str, Any]],
+    *,
+    batch: NewBatch | None = None,
+    batch_indexes: Sequence[int] | None = None,
 ) -> list[Submitted]:
     """Insert (one transaction), publish the new jobs, mark them published; input order kept.
+
+    ``batch``: the same transaction also creates a batch record holding the jobs created now, at
+    ``batch_indexes`` (default: their positions in ``specs``); each new job's view carries its
+    ``batch_id``. Jobs found by idempotency key keep their own batch (`JobStore.submit`).
 
     Raises the publisher's error after the rows are committed; the caller may report it,
     the sweeper delivers the jobs later.
     """
-    submitted = store.submit(specs)
+    submitted = store.submit(specs, batch=batch, batch_indexes=batch_indexes)
     fresh = [s.job for s in submitted if s.created]
     published_at = _publish(store, publisher, fresh)
     if not fresh:
@@ -50,6 +60,27 @@ def retry_job(store: JobStore, publisher: Publisher, job_id: str) -> JobView:
     if item.created:
         _publish(store, publisher, [item.job])
     return store.get(item.job.id)
+
+
+def retry_failed_batch(
+    store: JobStore, publisher: Publisher, batch_id: str, *, page_size: int = PAGE_SIZE
+) -> list[JobView]:
+    """Every failed or cancelled row of the batch gets a new linked job (same spec and seed, same
+    batch index), published page by page after each page's commit; returns the new jobs.
+
+    Each row is retried at most once per call (the pages walk the batch index forward), so a job
+    that fails again at once (embedded mode runs it inside `publish`) is not retried again here.
+    """
+    batches = BatchStore(store)
+    made: list[JobView] = []
+    after: int | None = None
+    while True:
+        page = batches.retry_failed_page(batch_id, after=after, limit=page_size)
+        if not page:
+            return made
+        published_at = _publish(store, publisher, page)
+        made.extend(job.model_copy(update={"published_at": published_at}) for job in page)
+        after = page[-1].batch_index
 
 
 def _publish(store: JobStore, publisher: Publisher, jobs: list[JobView]) -> datetime | None:
