@@ -39,7 +39,9 @@ from schemas.specs import (
     DEFAULT_MODEL_NAME,
     DEFAULT_STEPS,
     DEFAULT_T2I_SIDE,
+    MAX_IMAGES_PER_PROMPT,
     MAX_PRIORITY,
+    MIN_IMAGES_PER_PROMPT,
     MIN_PRIORITY,
 )
 
@@ -393,8 +395,24 @@ def _add_generation_options(parser: argparse.ArgumentParser, *, edit: bool) -> N
     )
     parser.add_argument("--no-wait", dest="no_wait", action="store_true", help="submit, print job ids, exit")
     parser.add_argument("--timeout", type=_seconds, help="stop waiting after this many seconds (exit 7)")
-    parser.add_argument("--no_resume", action="store_true", help="regenerate indices whose PNG exists")
-    parser.add_argument("--num_images_per_prompt", type=int, default=1, help="only 1 (one image per job)")
+    parser.add_argument(
+        "--no_resume", action="store_true", help="regenerate every index, also those whose PNGs match"
+    )
+    parser.add_argument(
+        "--no_overwrite",
+        action="store_true",
+        help="refuse (exit 3, naming the indexes) instead of replacing PNGs made by another request",
+    )
+    parser.add_argument(
+        "--num_images_per_prompt",
+        type=int,
+        default=MIN_IMAGES_PER_PROMPT,
+        help=f"{MIN_IMAGES_PER_PROMPT}-{MAX_IMAGES_PER_PROMPT} images per row in one job; "
+        "several are named {index:06d}_{j:02d}.png",
+    )
+    parser.add_argument(
+        "--batch_name", help="name of this run's batch (default: the prompts file, CSV or output folder name)"
+    )
     ignored = [flag for flag in IGNORED_FLAGS if edit or flag not in _EDIT_ONLY_IGNORED]
     compat = parser.add_argument_group(
         "DeepGen CLI flags accepted with no effect here",
@@ -527,8 +545,11 @@ def _generation_options(args: argparse.Namespace, kind: str) -> GenerationOption
         )
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width, or neither (edit then uses the first image's size)")
-    if args.num_images_per_prompt != 1:
-        raise UsageError("--num_images_per_prompt must be 1 for the deepgen backend (one image per job)")
+    if not MIN_IMAGES_PER_PROMPT <= args.num_images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+        raise UsageError(
+            f"--num_images_per_prompt must be between {MIN_IMAGES_PER_PROMPT} and {MAX_IMAGES_PER_PROMPT}, "
+            f"got {args.num_images_per_prompt}"
+        )
     if args.prompt_enhance_type is not None:
         raise UsageError(
             "--prompt_enhance_type is not supported: write the enhanced instructions into the CSV"
@@ -549,15 +570,24 @@ def _generation_options(args: argparse.Namespace, kind: str) -> GenerationOption
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         priority=args.priority,
+        num_images_per_prompt=args.num_images_per_prompt,
         wait=not args.no_wait,
         timeout=args.timeout,
         resume=not args.no_resume,
+        overwrite=not args.no_overwrite,
+        batch_name=args.batch_name or _input_name(args),
     )
     options.check(kind)  # NaN guidance, priority 10, ...: exit 4 before any file is read or written
     return options
 
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _input_name(args: argparse.Namespace) -> str | None:
+    """The batch's default name: the prompts file or edit CSV (None: the output folder's name)."""
+    source = getattr(args, "prompts_file", None) or getattr(args, "input", None)
+    return Path(source).name if source else None
 
 
 def _note_ignored_flags(args: argparse.Namespace) -> None:

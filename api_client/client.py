@@ -7,9 +7,9 @@ a local artifact folder under `DG_HOME` (api_client/embedded.py: the runner thre
 resuming unfinished jobs, the model checks).
 
     client = DiffgentorClient.from_env()
-    job = client.submit_t2i("a red fox in snow", seed=7)
-    done = client.wait(job, timeout=600)
-    client.download(done, "out/")
+    job = client.submit_t2i("a red fox in snow", seed=7)  # a JobHandle (api_client/handles.py)
+    images = job.result(timeout=600)  # the artifacts' metadata; raises if the job failed
+    client.download(job, "out/")
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import io
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +31,7 @@ from api_client.embedded import EmbeddedRunner, EngineCheck, check_model_runtime
 from api_client.errors import (
     ConfigurationError,
     DiffgentorError,
+    IdempotencyConflict,
     InputFileError,
     JobNotFound,
     JobStateError,
@@ -42,6 +42,7 @@ from api_client.errors import (
     missing_extra_message,
     path_problem,
 )
+from api_client.handles import JobHandle
 from api_client.inputs import is_remote
 from api_client.progress import JobProgress, WaitProgressBar
 from schemas.enums import TERMINAL_STATUSES, JobStatus
@@ -57,8 +58,8 @@ if TYPE_CHECKING:
 
 # One edit input: a local path, image bytes, a PIL image, or an http(s):// / s3:// URL.
 ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
-# A job given by id or by a view of it.
-JobRef: TypeAlias = "str | JobView"
+# A job given by id, by a view of it, or by the handle submit_* returned.
+JobRef: TypeAlias = "str | JobView | JobHandle"
 
 DEFAULT_POLL_SECONDS = 0.5
 JOB_ID_LENGTH = 36  # a UUID; shorter references are prefixes
@@ -70,12 +71,8 @@ NO_WORKER_NOTICE_SECONDS = 15.0
 CONNECT_TIMEOUT_SECONDS = 5
 
 
-@dataclass(frozen=True)
-class SubmittedJob:
-    """A submitted job and whether this call created it (False: the idempotency key matched)."""
-
-    job: JobView
-    created: bool
+# Kept for code that names the type: submit_many returns handles, which carry ``.job`` and ``.created``.
+SubmittedJob = JobHandle
 
 
 class DiffgentorClient:
@@ -314,13 +311,13 @@ class DiffgentorClient:
             )
         )
 
-    def submit_t2i(self, prompt: str, **options: Any) -> JobView:
+    def submit_t2i(self, prompt: str, **options: Any) -> JobHandle:
         """Submit one text-to-image job. Options: model_name, priority, idempotency_key, params."""
-        return self.submit_many([self.t2i_spec(prompt, **options)])[0].job
+        return self._submit([self.t2i_spec(prompt, **options)], batch_name=None)[0]
 
-    def submit_edit(self, instruction: str, images: Sequence[ImageInput], **options: Any) -> JobView:
+    def submit_edit(self, instruction: str, images: Sequence[ImageInput], **options: Any) -> JobHandle:
         """Submit one edit job; images are local paths, PIL images, bytes or http(s)/s3 URLs."""
-        return self.submit_many([self.edit_spec(instruction, images, **options)])[0].job
+        return self._submit([self.edit_spec(instruction, images, **options)], batch_name=None)[0]
 
     def submit_many(
         self,
@@ -328,17 +325,29 @@ class DiffgentorClient:
         *,
         batch_name: str | None = None,
         batch_indexes: Sequence[int] | None = None,
-    ) -> list[SubmittedJob]:
+    ) -> builtins.list[JobHandle]:
         """Insert all jobs in one transaction, then publish them in one pipelined send.
 
-        Returns the jobs in input order; a spec whose idempotency key is already known returns that
-        job (``created=False``) instead of a new one.
+        Returns handles in input order; a spec whose idempotency key is already known returns that
+        job (``created=False``) instead of a new one, and reusing a key with a different spec raises
+        `IdempotencyConflict` naming the key.
 
-        ``batch_name``: the same transaction also records a batch (`batch(...)`, `diffgentor batches`)
-        holding the jobs created now, at ``batch_indexes`` (default: their positions in ``specs``);
-        each new job's ``batch_id`` names it. Jobs found by idempotency key keep their own batch.
+        The same transaction also records a batch (`batch(...)`, `diffgentor batches`) named
+        ``batch_name`` (default: the running script's file name) holding the jobs created now, at
+        ``batch_indexes`` (default: their positions in ``specs``); each new job's ``batch_id``
+        names it. Jobs found by idempotency key keep their own batch.
         """
+        return self._submit(specs, batch_name=batch_name or _script_name(), batch_indexes=batch_indexes)
+
+    def _submit(
+        self,
+        specs: Sequence[T2ISpec | EditSpec],
+        *,
+        batch_name: str | None,
+        batch_indexes: Sequence[int] | None = None,
+    ) -> builtins.list[JobHandle]:
         from worker.batches import NewBatch
+        from worker.jobstore import IdempotencyConflict as KeyConflict
         from worker.submission import submit_jobs
 
         if not specs:
@@ -349,11 +358,13 @@ class DiffgentorClient:
             submitted = submit_jobs(
                 self.store, self._publisher, list(specs), batch=batch, batch_indexes=batch_indexes
             )
+        except KeyConflict as exc:
+            raise IdempotencyConflict(str(exc)) from None
         except ValueError as exc:  # batch_indexes: wrong length, repeated or negative
             raise UsageError(str(exc)) from None
         # Jobs found by idempotency key (not created now) may be an interrupted earlier run's.
         self._run_unfinished_here([item.job for item in submitted if not item.created])
-        return [SubmittedJob(job=item.job, created=bool(item.created)) for item in submitted]
+        return [JobHandle(self, item.job, created=bool(item.created)) for item in submitted]
 
     def image_reference(self, image: ImageInput) -> str:
         """One edit input -> a reference the worker can read (uploading local data when needed)."""
@@ -418,6 +429,16 @@ class DiffgentorClient:
         per client and set of values)."""
         self._engine_check()
 
+    def drive_embedded(self, jobs: Sequence[JobView]) -> None:
+        """What a poll of ``jobs`` does first in embedded mode: run unfinished jobs that no process
+        runs (an interrupted earlier run's) and raise when this process's runner thread stopped."""
+        self._run_unfinished_here(jobs)
+        runner = self.__dict__.get("_embedded_runner")
+        pending = [job.id for job in jobs if not job.is_terminal]
+        error = runner.error_for(pending) if pending and runner is not None else None
+        if error is not None:
+            raise DiffgentorError(f"the in-process job runner stopped: {error}")
+
     def _run_unfinished_here(self, jobs: Sequence[JobView]) -> None:
         """Embedded mode: no worker will run this table's unfinished jobs (left by an interrupted
         run), so this process's runner thread does; a job it already has is not run twice."""
@@ -433,7 +454,7 @@ class DiffgentorClient:
         An unknown id or prefix raises `JobNotFound`; a prefix of several jobs raises `UsageError`
         listing them; a shorter one raises `UsageError`.
         """
-        if isinstance(job, JobView):
+        if isinstance(job, JobView | JobHandle):
             return job.id
         text = str(job).strip()
         if len(text) >= JOB_ID_LENGTH:
@@ -561,7 +582,7 @@ class DiffgentorClient:
 
         Raises `WaitTimeout` (naming the unfinished jobs) when ``timeout`` seconds pass first.
         """
-        if isinstance(jobs, str | JobView):
+        if isinstance(jobs, str | JobView | JobHandle):
             single, ids = True, [self.resolve_job_id(jobs)]
         else:
             single, ids = False, [self.resolve_job_id(job) for job in jobs]
@@ -581,10 +602,7 @@ class DiffgentorClient:
                 if on_update is not None:
                     on_update(current)
                 pending = [view.id for view in current if not view.is_terminal]
-                runner = self.__dict__.get("_embedded_runner")
-                error = runner.error_for(pending) if pending and runner is not None else None
-                if error is not None:
-                    raise DiffgentorError(f"the in-process job runner stopped: {error}")
+                self.drive_embedded([view for view in current if not view.is_terminal])
                 if not pending:
                     return current[0] if single else current
                 if deadline is not None and time.monotonic() >= deadline:
@@ -613,7 +631,9 @@ class DiffgentorClient:
     # ------------------------------------------------------------------------------------ results
 
     def artifact_uris(self, job: JobRef) -> builtins.list[str]:
+        """The job's PNG URIs in index order; a job that did not succeed raises `JobStateError`."""
         view = job if isinstance(job, JobView) and job.is_terminal else self.get(job)
+        _refuse_unsucceeded(view)
         return [artifact.uri for artifact in sorted(view.artifacts, key=lambda a: a.index)]
 
     def presigned_urls(self, job: JobRef, expires_seconds: int = 3600) -> builtins.list[str]:
@@ -624,8 +644,7 @@ class DiffgentorClient:
     ) -> builtins.list[Path]:
         """Copy a job's PNGs into ``folder`` as ``<job_id>-<index>.png`` (or ``name`` for one image)."""
         view = self.get(job)
-        if view.status != JobStatus.SUCCEEDED:
-            raise JobStateError(f"job {view.id} is {view.status.value}, not succeeded; it has no images")
+        _refuse_unsucceeded(view)
         target = Path(folder)
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -759,6 +778,20 @@ def _refuse_finished(view: JobView) -> None:
     if view.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         again = "; `diffgentor retry` runs it again" if view.status == JobStatus.FAILED else ""
         raise JobStateError(f"job {view.id} already {view.status.value}: there is nothing to cancel{again}")
+
+
+def _script_name() -> str:
+    """A batch's default name: the script submitting it (``eval.py``), or ``python``."""
+    import sys
+
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] not in ("", "-c", "-") else ""
+    return name or "python"
+
+
+def _refuse_unsucceeded(view: JobView) -> None:
+    if view.status != JobStatus.SUCCEEDED:
+        reason = f" ({view.error_type}: {view.error_message})" if view.error_type else ""
+        raise JobStateError(f"job {view.id} is {view.status.value}, not succeeded; it has no images{reason}")
 
 
 def _statuses(status: Any) -> builtins.list[JobStatus] | None:

@@ -10,6 +10,7 @@ import errno
 import os
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 from worker.settings import DEFAULT_HOME
 
@@ -101,6 +102,10 @@ class JobStateError(DiffgentorError):
     exit_code = ExitCode.STATE
 
 
+class IdempotencyConflict(JobStateError):
+    """An idempotency key already names a job with a different spec (the message names the key)."""
+
+
 class WaitTimeout(DiffgentorError):
     exit_code = ExitCode.TIMEOUT
 
@@ -111,6 +116,27 @@ class WaitTimeout(DiffgentorError):
             f"reattach with: diffgentor wait {shown}"
         )
         self.pending_ids = pending_ids
+
+
+class JobFailed(DiffgentorError):
+    """`JobHandle.result()` of a job that ended failed; ``job`` is its final view."""
+
+    exit_code = ExitCode.JOBS_FAILED
+
+    def __init__(self, job: Any) -> None:
+        reason = f"{job.error_type}: {job.error_message}" if job.error_type else "no reason recorded"
+        super().__init__(f"job {job.id} failed: {reason}")
+        self.job = job
+
+
+class JobCancelled(DiffgentorError):
+    """`JobHandle.result()` of a job that was cancelled; ``job`` is its final view."""
+
+    exit_code = ExitCode.JOBS_FAILED
+
+    def __init__(self, job: Any) -> None:
+        super().__init__(f"job {job.id} was cancelled")
+        self.job = job
 
 
 # A module of an optional extra that is not installed -> (extra, what it is needed for, by context).

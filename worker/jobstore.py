@@ -187,6 +187,42 @@ def _new_row(spec: T2ISpec | EditSpec, max_attempts: int, **values: Any) -> Job:
     return Job(**new_job_values(spec, max_attempts, **values))
 
 
+class IdempotencyConflict(ValueError):
+    """An idempotency key already names a job whose spec differs from the one submitted now."""
+
+    def __init__(self, key: str, differences: list[str]) -> None:
+        shown = ", ".join(differences[:5])
+        super().__init__(
+            f"idempotency key {key!r} is already used by a job with a different spec ({shown} differ); "
+            "use a new key for a new request"
+        )
+        self.key = key
+
+
+# Scheduling, not part of the request: resubmitting with another priority finds the same job.
+_NOT_THE_REQUEST = frozenset({"priority"})
+
+
+def _check_same_request(key: str, stored_spec: dict[str, Any], spec: T2ISpec | EditSpec) -> None:
+    """Raise `IdempotencyConflict` unless the stored job was submitted with the same request.
+    The stored spec is parsed again first, so a field added since (with its default) is no difference."""
+    stored = _flat(parse_job_spec(stored_spec).model_dump(mode="json"))
+    submitted = _flat(spec.model_dump(mode="json"))
+    differences = sorted(
+        name
+        for name in stored.keys() | submitted.keys()
+        if name not in _NOT_THE_REQUEST and stored.get(name) != submitted.get(name)
+    )
+    if differences:
+        raise IdempotencyConflict(key, differences)
+
+
+def _flat(spec: dict[str, Any]) -> dict[str, Any]:
+    flat = {name: value for name, value in spec.items() if name != "params"}
+    flat.update({f"params.{name}": value for name, value in (spec.get("params") or {}).items()})
+    return flat
+
+
 class JobStore:
     """The named operations on the job table; how they reach the database is `worker.db.Database`."""
 
@@ -260,6 +296,7 @@ class JobStore:
             for position, spec in enumerate(specs):
                 key = spec.idempotency_key
                 if key and key in existing:
+                    _check_same_request(key, existing[key].spec, spec)
                     results.append(Submitted(existing[key], False))
                     continue
                 values = new_job_values(

@@ -15,7 +15,7 @@ from schemas.tables import Job, utcnow
 from schemas.views import ArtifactView
 from worker.claims import POISON_ERROR_TYPE, ClaimRefusal
 from worker.db import make_engine, session_factory
-from worker.jobstore import InvalidTransition, JobNotFound, JobStore
+from worker.jobstore import IdempotencyConflict, InvalidTransition, JobNotFound, JobStore
 
 T2I = {"kind": "t2i", "prompt": "a red fox", "params": {"height": 500, "width": 64, "num_inference_steps": 4}}
 
@@ -48,9 +48,34 @@ def test_idempotency_key_returns_the_existing_job(store: JobStore) -> None:
     first, again_in_batch = store.submit([spec, spec])
     assert first.created and not again_in_batch.created
     assert again_in_batch.job.id == first.job.id
-    [later] = store.submit([{**spec, "prompt": "something else"}])
+    [later] = store.submit([{**spec, "priority": 5}])  # scheduling, not the request: the same job
     assert not later.created and later.job.id == first.job.id
     assert len(store.list()) == 1
+
+
+def test_reusing_an_idempotency_key_with_another_spec_is_an_error_naming_it(
+    store: JobStore, db_engine: sa.Engine
+) -> None:
+    spec = {**T2I, "idempotency_key": "row-1"}
+    [first] = store.submit([spec])
+    with pytest.raises(IdempotencyConflict, match=r"'row-1'.*prompt") as raised:
+        store.submit([{**spec, "prompt": "something else"}])
+    assert raised.value.key == "row-1"
+    changed = {**spec, "params": {**T2I["params"], "num_images_per_prompt": 2}}
+    with pytest.raises(IdempotencyConflict, match=r"params\.num_images_per_prompt"):
+        store.submit([changed])
+    with pytest.raises(IdempotencyConflict):  # inside one call too
+        store.submit(
+            [{**spec, "idempotency_key": "row-2"}, {**spec, "idempotency_key": "row-2", "prompt": "b"}]
+        )
+    assert len(store.list()) == 1  # nothing of the refused calls was written
+    # A row stored before a parameter existed equals a spec with that parameter's default.
+    with db_engine.begin() as connection:
+        stored = connection.execute(sa.select(Job.spec).where(Job.id == first.job.id)).scalar_one()
+        del stored["params"]["num_images_per_prompt"]
+        connection.execute(sa.update(Job).where(Job.id == first.job.id).values(spec=stored))
+    [again] = store.submit([spec])
+    assert not again.created and again.job.id == first.job.id
 
 
 def test_claim_is_exclusive_and_finish_is_fenced(store: JobStore, db_engine: sa.Engine) -> None:
