@@ -65,7 +65,7 @@ def test_readme_snippet_runs_as_written_and_exits_cleanly(
     assert len(list((workdir / "out").glob("*-0.png"))) == 1  # client.download(job, "out/")
     assert "succeeded" in jobs.values() and "cancelled" in jobs.values()  # `later` was cancelled
     exported = (workdir / "pets.jsonl").read_text().splitlines()  # pets.export(...)
-    assert len(exported) == 2 and all(len(json.loads(line)["artifacts"]) == 2 for line in exported)
+    assert len(exported) == 2 and all(len(json.loads(line)["artifact_uris"]) == 2 for line in exported)
     assert done.stdout.count("{") >= 1  # pets.counts() printed
 
 
