@@ -205,12 +205,15 @@ class BatchStore:
             raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
         ids = [batch.id for batch in batches]
         counts = self.counts_many(ids)
-        done = self.finished_since(ids, utcnow() - timedelta(seconds=window_seconds))
+        now = utcnow()
+        done = self.finished_since(ids, now - timedelta(seconds=window_seconds))
         return [
             BatchProgress(
                 batch=batch,
                 counts=counts[batch.id],
-                window_seconds=window_seconds,
+                # A batch younger than the window: its rate is over its age (3 jobs in its first
+                # 2 s are 90/min, not 3 per 10 minutes).
+                window_seconds=min(window_seconds, max((now - batch.created_at).total_seconds(), 1.0)),
                 finished_in_window=done[batch.id],
             )
             for batch in batches

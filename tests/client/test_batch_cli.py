@@ -9,6 +9,7 @@ import json
 import subprocess
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,12 @@ def setup(clean_env: Path, tmp_path: Path, redis_url: str, monkeypatch: pytest.M
     complete_job(store, artifacts, jobs[1].id, images=3)
     fail_job(store, jobs[2].id, message="input image missing")
     assert jobs[0].batch_id is not None
+    with make_engine(database_url).begin() as connection:  # older than the throughput window
+        connection.execute(
+            sa.update(Batch)
+            .where(Batch.id == jobs[0].batch_id)
+            .values(created_at=utcnow() - timedelta(hours=1))
+        )
     return Setup(store, artifacts, jobs[0].batch_id, [job.id for job in jobs], {**base_env(clean_env), **env})
 
 

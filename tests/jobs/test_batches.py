@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,17 @@ def test_retries_take_their_rows_place_and_counts_follow_the_latest_job(
     # Throughput: the batch's jobs that succeeded or failed in the window (superseded ones too: work done).
     progress = batches.progress(batch_id, window_seconds=600)
     assert progress.finished_in_window == 4  # 2 succeeded + 2 failures of row 2; the cancel is not work
+    # The batch is seconds old: the rate is over its age, not over the whole window.
+    assert 1.0 <= progress.window_seconds < 600
+    assert progress.per_minute == pytest.approx(4 * 60 / progress.window_seconds)
+    assert progress.eta_seconds == pytest.approx(3 * progress.window_seconds / 4)
+    with store.database.transaction() as session:  # an older batch: the whole window
+        session.execute(
+            sa.update(BatchRow)
+            .where(BatchRow.id == batch_id)
+            .values(created_at=utcnow() - timedelta(hours=1))
+        )
+    progress = batches.progress(batch_id, window_seconds=600)
     assert progress.per_minute == pytest.approx(0.4)
     assert progress.eta_seconds == pytest.approx(3 * 600 / 4)
     assert batches.finished_since([batch_id], utcnow()) == {batch_id: 0}
