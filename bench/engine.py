@@ -1,10 +1,14 @@
-"""DeepGen engine benchmark: seconds per stage and peak memory.
+"""DeepGen engine benchmark: seconds per stage, images per second and peak memory.
 
 Default: the tiny random model (written to a temporary folder, loaded through DG_DEEPGEN_* exactly
 as real weights) at 64x64 and 512x512. `--full-size-random`: the real DeepGen geometry
 (Qwen2.5-VL-3B + SD3.5-Medium DiT/VAE, connector 2048x6) with random weights built directly on the
 device, bf16, 512x512, 50 steps: stage offload off/on x CUDA graphs off/on (graphs only on CUDA), one
 warm-up + one timed call per row. No files, no hub access.
+
+Every configuration runs once per `--images` value (default 1 and 4 images per prompt, i.e. one
+batched DiT call making N images): the rows give seconds per call, images per second and the
+peak memory, and a summary line per configuration the N=4 / N=1 throughput ratio.
 
     .venv/bin/python bench/engine.py                       # -> bench/results/engine.md
     .venv/bin/python bench/engine.py --full-size-random    # on a GPU -> bench/results/engine_full_size.md
@@ -19,6 +23,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -57,13 +62,14 @@ def machine_description(device: torch.device) -> str:
         f"torch {torch.__version__}",
         f"{os.cpu_count()} CPUs",
         f"threads {torch.get_num_threads()}",
+        "load average at start {:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg()),
     ]
     if device.type == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name(device)}")
     return ", ".join(parts)
 
 
-def run_request(engine: DeepGenEngine, size: int, steps: int, seed: int = 0) -> dict[str, Any]:
+def run_request(engine: DeepGenEngine, size: int, steps: int, images: int, seed: int = 0) -> dict[str, Any]:
     request = GenerationRequest(
         kind="t2i",
         prompt=PROMPT,
@@ -72,35 +78,54 @@ def run_request(engine: DeepGenEngine, size: int, steps: int, seed: int = 0) -> 
         num_inference_steps=steps,
         guidance_scale=4.0,
         seed=seed,
+        num_images_per_prompt=images,
     )
     started = time.perf_counter()
     result = engine.generate(request)
     wall = time.perf_counter() - started
+    assert len(result.images) == images
     return {
         "size": size,
         "steps": steps,
-        "seconds_per_image": wall,
+        "images": images,
+        "seconds_per_call": wall,
+        "seconds_per_image": wall / images,
+        "images_per_second": images / wall,
         "peak_memory_mib": result.peak_memory_bytes / 2**20,
         **{f"{stage}_s": value for stage, value in result.timings.items()},
     }
 
 
-def measure(engine: DeepGenEngine, size: int, steps: int, repeats: int) -> dict[str, Any]:
-    run_request(engine, size, min(steps, 2))  # warm-up: allocator, kernels, lazy processor install
-    runs = [run_request(engine, size, steps, seed=index) for index in range(repeats)]
-    best = min(runs, key=lambda run: run["seconds_per_image"])
-    best["repeats"] = repeats
-    return best
+def measure(
+    engine: DeepGenEngine, size: int, steps: int, repeats: int, image_counts: list[int]
+) -> list[dict[str, Any]]:
+    """One row per image count: the best of `repeats` calls, the counts' calls interleaved so that
+    load from other processes hits every count alike."""
+    for images in image_counts:  # warm-up: allocator, kernels, lazy processor install
+        run_request(engine, size, min(steps, 2), images)
+    runs: dict[int, list[dict[str, Any]]] = {images: [] for images in image_counts}
+    for index in range(repeats):
+        for images in image_counts:
+            runs[images].append(run_request(engine, size, steps, images, seed=index))
+    rows = []
+    for images in image_counts:
+        best = min(runs[images], key=lambda run: run["seconds_per_call"])
+        best["repeats"] = repeats
+        best["seconds_per_call_median"] = statistics.median(run["seconds_per_call"] for run in runs[images])
+        rows.append(best)
+    return rows
 
 
-def tiny_rows(steps: int, repeats: int) -> list[dict[str, Any]]:
+def tiny_rows(steps: int, repeats: int, image_counts: list[int]) -> list[dict[str, Any]]:
     from worker.deepgen import tiny
 
     with tempfile.TemporaryDirectory() as folder:
         paths = tiny.write_tiny_model(Path(folder))
         engine = DeepGenEngine.from_env(tiny.tiny_env(paths))
         return [
-            dict(model="tiny", offload=False, **measure(engine, size, steps, repeats)) for size in (64, 512)
+            dict(model="tiny", offload=False, **row)
+            for size in (64, 512)
+            for row in measure(engine, size, steps, repeats, image_counts)
         ]
 
 
@@ -221,7 +246,7 @@ SMOKE_GEOMETRY = dict(
 
 
 def full_size_rows(
-    device: torch.device, size: int, steps: int, repeats: int, smoke: bool
+    device: torch.device, size: int, steps: int, repeats: int, smoke: bool, image_counts: list[int]
 ) -> list[dict[str, Any]]:
     geometry = SMOKE_GEOMETRY if smoke else FULL_GEOMETRY
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -236,27 +261,52 @@ def full_size_rows(
             env = dataclasses.replace(loaded.env, offload=offload, cuda_graphs=graphs)
             engine = DeepGenEngine(dataclasses.replace(loaded, env=env))
             before = dict(cuda_graphs.graph_counts)
-            row = measure(engine, size, steps, repeats)
-            # Proof that the graph path ran (a silent eager fallback would show fell_back > 0).
+            measured = measure(engine, size, steps, repeats, image_counts)
+            # Proof that the graph path ran (a silent eager fallback would show fell_back > 0); counted
+            # over the configuration's calls, every image count together.
             graph_stats = {
                 f"graphs_{key}": cuda_graphs.graph_counts[key] - before.get(key, 0)
                 for key in ("captured", "replayed", "fell_back")
             }
-            rows.append(
-                dict(
-                    model=geometry["name"],
-                    dtype=str(dtype),
-                    offload=offload,
-                    cuda_graphs=graphs,
-                    **row,
-                    **graph_stats,
+            for row in measured:
+                rows.append(
+                    dict(
+                        model=geometry["name"],
+                        dtype=str(dtype),
+                        offload=offload,
+                        cuda_graphs=graphs,
+                        **row,
+                        **graph_stats,
+                    )
                 )
-            )
-            print(json.dumps(rows[-1]), f"[{time.perf_counter() - started:.1f} s]", flush=True)
+                print(json.dumps(rows[-1]), f"[{time.perf_counter() - started:.1f} s]", flush=True)
             del engine
     del loaded
     gc.collect()
     return rows
+
+
+def batch_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per configuration: images per second at each N, relative to N=1."""
+    groups: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["model"], row["offload"], row.get("cuda_graphs"), row["size"], row["steps"])
+        groups.setdefault(key, {})[row["images"]] = row
+    lines = []
+    for (model, offload, graphs, size, steps), by_count in groups.items():
+        if 1 not in by_count or len(by_count) < 2:
+            continue
+        base = by_count[1]["images_per_second"]
+        parts = [
+            f"N={count}: {row['images_per_second']:.2f} img/s (x{row['images_per_second'] / base:.2f}, "
+            f"peak {row['peak_memory_mib']:.0f} MiB)"
+            for count, row in sorted(by_count.items())
+        ]
+        graph_note = "" if graphs is None else f", graphs {graphs}"
+        lines.append(
+            f"* {model}, offload {offload}{graph_note}, {size}px, {steps} steps: " + "; ".join(parts)
+        )
+    return lines
 
 
 def write_markdown(path: Path, command: str, machine: str, rows: list[dict[str, Any]]) -> None:
@@ -266,7 +316,10 @@ def write_markdown(path: Path, command: str, machine: str, rows: list[dict[str, 
         "cuda_graphs",
         "size",
         "steps",
-        "seconds_per_image",
+        "images",
+        "seconds_per_call",
+        "seconds_per_call_median",
+        "images_per_second",
         "encode_s",
         "denoise_per_step_s",
         "decode_s",
@@ -277,8 +330,11 @@ def write_markdown(path: Path, command: str, machine: str, rows: list[dict[str, 
         "# DeepGen engine benchmark\n",
         f"Command: `{command}`\n",
         f"Machine: {machine}\n",
-        "Seconds are the best of the repeats after one warm-up call; peak memory is CUDA "
-        "`max_memory_allocated` on a GPU, else the call's peak RSS growth.\n",
+        "Seconds are the best (and the median) of the repeats after one warm-up call, the image counts' "
+        "calls interleaved; `images` is num_images_per_prompt "
+        "(one batched DiT call per step makes them all; the VAE decodes them one at a time), "
+        "`images_per_second` = images / seconds_per_call; peak memory is CUDA `max_memory_allocated` "
+        "on a GPU, else the call's peak RSS growth.\n",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
@@ -288,6 +344,7 @@ def write_markdown(path: Path, command: str, machine: str, rows: list[dict[str, 
             for column in columns
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.extend(["", *batch_summary(rows)])
     lines.append("\nRaw rows:\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")
     path.write_text("\n".join(lines))
 
@@ -304,18 +361,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default 4 (tiny) / 50 (full size)")
     parser.add_argument("--size", type=int, default=512, help="full-size mode image side")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (tiny) / 1 (full size)")
+    parser.add_argument(
+        "--images",
+        default="1,4",
+        help="comma-separated num_images_per_prompt values, each measured per configuration (default 1,4)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    image_counts = [int(value) for value in args.images.split(",") if value.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.full_size_random:
-        rows = full_size_rows(device, args.size, args.steps or 50, args.repeats or 1, args.smoke)
+        rows = full_size_rows(
+            device, args.size, args.steps or 50, args.repeats or 1, args.smoke, image_counts
+        )
         output = args.output or RESULTS / (
             "engine_full_size_smoke.md" if args.smoke else "engine_full_size.md"
         )
     else:
-        rows = tiny_rows(args.steps or 4, args.repeats or 3)
+        rows = tiny_rows(args.steps or 4, args.repeats or 3, image_counts)
         output = args.output or RESULTS / "engine.md"
     write_markdown(output, command, machine_description(device), rows)
     print(output.read_text())

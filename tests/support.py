@@ -237,7 +237,8 @@ class ImageRoutes(BaseHTTPRequestHandler):
 
 
 class FakeEngine:
-    """Draws a flat image; `on_step(step)` lets a test act in the middle of a run."""
+    """Draws flat images, one per `num_images_per_prompt` (image j a shade darker than image j - 1);
+    `on_step(step)` lets a test act in the middle of a run."""
 
     provenance: ClassVar[dict[str, str]] = {"config": "fake", "device": "cpu"}
 
@@ -260,8 +261,12 @@ class FakeEngine:
                 raise GenerationStopped(step, total)
         width = request.width or request.images[0].width
         height = request.height or request.images[0].height
+        images = [
+            Image.new("RGB", (width, height), tuple(max(0, channel - 8 * index) for channel in self.color))
+            for index in range(request.num_images_per_prompt)
+        ]
         return GenerationResult(
-            Image.new("RGB", (width, height), self.color), request.seed or 0, width, height, 0, {}
+            images=images, seed=request.seed or 0, width=width, height=height, peak_memory_bytes=0
         )
 
 

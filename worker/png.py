@@ -1,7 +1,7 @@
 """PNG bytes for artifacts: text metadata and facts for the artifact row.
 
 Each generated PNG carries our JSON record under the ``diffgentor`` text key (prompt, parameters,
-seed, model, job id), the A1111-style plain-text ``parameters`` line that image browsers and the
+seed, model, job id, and the image's position in its job's batch), the A1111-style plain-text ``parameters`` line that image browsers and the
 Stable Diffusion web UI show, and the prompt, seed, model and job id as plain keys.
 """
 
@@ -41,16 +41,28 @@ SAMPLER = "FlowMatchEuler"  # SD3.5's flow-matching Euler scheduler, as DeepGen 
 
 
 def generation_metadata(
-    *, prompt: str, parameters: Mapping[str, Any], seed: int, model: str, job_id: str, **extra: str
+    *,
+    prompt: str,
+    parameters: Mapping[str, Any],
+    seed: int,
+    model: str,
+    job_id: str,
+    image_index: int | None = None,
+    **extra: str,
 ) -> dict[str, str]:
     """The text chunks for a generated image.
 
-    * ``diffgentor``: our record as canonical JSON: prompt, parameters, seed, model, job_id (and
-      ``extra``), read back with `read_generation_metadata`;
+    * ``diffgentor``: our record as canonical JSON: prompt, parameters, seed, model, job_id,
+      ``image_index`` when given (and ``extra``), read back with `read_generation_metadata`;
     * ``parameters``: the A1111-style plain text other tools show (`a1111_parameters`);
-    * ``prompt``, ``seed``, ``model``, ``job_id`` (and ``extra``) as plain keys, for simple readers.
+    * ``prompt``, ``seed``, ``model``, ``job_id``, ``image_index`` (and ``extra``) as plain keys, for
+      simple readers.
+
+    ``image_index`` is the image's position j in its job's batch (``num_images_per_prompt`` images
+    share one seed; image j starts from row j of the seed's noise draw, so seed, j and the batch size
+    together reproduce it).
     """
-    record = {
+    record: dict[str, Any] = {
         "prompt": prompt,
         "parameters": dict(parameters),
         "seed": seed,
@@ -58,21 +70,25 @@ def generation_metadata(
         "job_id": str(job_id),
         **extra,
     }
+    plain = {"prompt": prompt, "seed": str(seed), "model": model, "job_id": str(job_id), **extra}
+    if image_index is not None:
+        record["image_index"] = image_index
+        plain["image_index"] = str(image_index)
     return {
         METADATA_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
-        A1111_KEY: a1111_parameters(prompt, parameters, seed=seed, model=model),
-        "prompt": prompt,
-        "seed": str(seed),
-        "model": model,
-        "job_id": str(job_id),
-        **extra,
+        A1111_KEY: a1111_parameters(prompt, parameters, seed=seed, model=model, image_index=image_index),
+        **plain,
     }
 
 
-def a1111_parameters(prompt: str, parameters: Mapping[str, Any], *, seed: int, model: str) -> str:
+def a1111_parameters(
+    prompt: str, parameters: Mapping[str, Any], *, seed: int, model: str, image_index: int | None = None
+) -> str:
     """Stable Diffusion web UI's ``parameters`` text: the prompt, ``Negative prompt: ...`` when there
     is one, then ``Steps: 50, Sampler: FlowMatchEuler, CFG scale: 4.0, Seed: 7, Size: 512x512, Model: deepgen``
-    (Size is width x height; a value with a comma, colon or line break is JSON-quoted, as A1111 does)."""
+    (Size is width x height; a value with a comma, colon or line break is JSON-quoted, as A1111 does).
+    An image of a batch (``num_images_per_prompt`` over 1) adds A1111's ``Batch size: 4, Batch pos: 2``
+    (the position counted from 0, as A1111 counts it)."""
     fields: list[tuple[str, Any]] = []
     if parameters.get("num_inference_steps") is not None:
         fields.append(("Steps", int(parameters["num_inference_steps"])))
@@ -83,6 +99,10 @@ def a1111_parameters(prompt: str, parameters: Mapping[str, Any], *, seed: int, m
     if parameters.get("width") and parameters.get("height"):
         fields.append(("Size", f"{int(parameters['width'])}x{int(parameters['height'])}"))
     fields.append(("Model", model))
+    batch_size = parameters.get("num_images_per_prompt")
+    if image_index is not None and batch_size is not None and int(batch_size) > 1:
+        fields.append(("Batch size", int(batch_size)))
+        fields.append(("Batch pos", image_index))
     lines = [prompt]
     negative = parameters.get("negative_prompt")
     if negative:

@@ -1,8 +1,9 @@
 """The body of one job, shared by the Celery task and the embedded in-process mode.
 
-claim -> (lease kept alive by a thread) -> engine (resident) -> inputs -> generate with a
-throttled progress/cancel callback -> PNG with metadata -> upload to an attempt-scoped key ->
-fenced completion with the artifact rows.
+claim -> (lease kept alive by a thread) -> engine (resident) -> inputs -> generate the job's
+num_images_per_prompt images (one batched engine call) with a throttled progress/cancel callback ->
+one PNG with metadata per image -> uploads to attempt-scoped keys (artifact indexes 0..N-1) ->
+one fenced completion with all the artifact rows.
 
 Infrastructure faults (object store, database; `worker.transient`) are retried in place
 within DG_TRANSIENT_RETRY_SECONDS; past that the job is handed back to the queue with a
@@ -44,7 +45,9 @@ class Engine(Protocol):
 
     def generate(
         self, request: GenerationRequest, step_callback: StepCallback | None = None
-    ) -> GenerationResult: ...
+    ) -> GenerationResult:
+        """`request.num_images_per_prompt` images in `result.images`; `step_callback` once per step."""
+        ...
 
 
 EngineProvider = Callable[[], Engine]
@@ -201,19 +204,25 @@ class JobRunner:
             height=params.height,
             width=params.width,
             seed=claimed.seed,
+            num_images_per_prompt=params.num_images_per_prompt,
         )
         progress = ProgressReporter(
             self.store, claimed.id, claimed.worker_id, lease, self.settings.progress_interval_seconds
         )
         result = engine.generate(request, progress)
+        if len(result.images) != params.num_images_per_prompt:
+            raise RuntimeError(
+                f"the engine returned {len(result.images)} image(s) for num_images_per_prompt="
+                f"{params.num_images_per_prompt}"
+            )
         self._check_lease(claimed, lease, params.num_inference_steps)
         provenance = _plain(engine.provenance)
-        artifact = self._upload(claimed, prompt, spec.model_dump(mode="json")["params"], result, lease)
+        artifacts = self._upload(claimed, prompt, spec.model_dump(mode="json")["params"], result, lease)
         done = self._retrying(
             lambda: self.store.finish_succeeded(
                 claimed.id,
                 claimed.worker_id,
-                artifacts=[artifact],
+                artifacts=artifacts,
                 seed=result.seed,
                 width=result.width,
                 height=result.height,
@@ -225,10 +234,10 @@ class JobRunner:
             log.warning(
                 "job %s finished here but was taken over meanwhile; result left to the owner", claimed.id
             )
-            self._remove_unless_recorded(claimed.id, [artifact.uri])
+            self._remove_unless_recorded(claimed.id, [artifact.uri for artifact in artifacts])
             return RunOutcome.LOST
-        log.info("job %s succeeded -> %s", claimed.id, artifact.uri)
-        self._remove_earlier_attempts(claimed)
+        log.info("job %s succeeded -> %s", claimed.id, ", ".join(artifact.uri for artifact in artifacts))
+        self._remove_earlier_attempts(claimed, len(artifacts))
         return RunOutcome.SUCCEEDED
 
     def _check_lease(self, claimed: ClaimedJob, lease: LeaseKeeper, total: int) -> None:
@@ -276,25 +285,59 @@ class JobRunner:
         params: dict[str, Any],
         result: GenerationResult,
         lease: LeaseKeeper,
+    ) -> list[ArtifactView]:
+        """One PNG per image, artifact index = the image's position in the batch.
+
+        If an upload fails (or the job is cancelled or taken over between two uploads), the
+        objects this run already stored are removed before the error goes on.
+        """
+        steps = params["num_inference_steps"]
+        params = {**params, "seed": result.seed, "height": result.height, "width": result.width}
+        artifacts: list[ArtifactView] = []
+        try:
+            for index, image in enumerate(result.images):
+                if index and lease.should_stop:  # cancelled or taken over meanwhile: stop uploading
+                    raise GenerationStopped(steps, steps)
+                artifacts.append(self._upload_one(claimed, prompt, params, result, index, image, lease))
+        except Exception:
+            for artifact in artifacts:
+                self._remove(artifact.uri)
+            raise
+        return artifacts
+
+    def _upload_one(
+        self,
+        claimed: ClaimedJob,
+        prompt: str,
+        params: dict[str, Any],
+        result: GenerationResult,
+        index: int,
+        image: Any,
+        lease: LeaseKeeper,
     ) -> ArtifactView:
         from worker.png import encode_png, generation_metadata, png_info
         from worker.storage import artifact_key
 
-        params = {**params, "seed": result.seed, "height": result.height, "width": result.width}
         metadata = generation_metadata(
-            prompt=prompt, parameters=params, seed=result.seed, model=claimed.model_name, job_id=claimed.id
+            prompt=prompt,
+            parameters=params,
+            seed=result.seed,
+            model=claimed.model_name,
+            job_id=claimed.id,
+            image_index=index,
         )
-        data = encode_png(result.image, metadata)
+        data = encode_png(image, metadata)
         summary = png_info(data)
         # Attempt-scoped key: a worker that lost the job meanwhile cannot touch the owner's object.
-        key = artifact_key(claimed.id, 0, attempt=claimed.attempts)
+        key = artifact_key(claimed.id, index, attempt=claimed.attempts)
         uri = self._retrying(
             lambda: self.artifact_store.put_bytes(key, data, "image/png"),
-            f"uploading the image of job {claimed.id}",
+            f"uploading the image of job {claimed.id}"
+            + (f", index {index}" if len(result.images) > 1 else ""),
             lease,
         )
         return ArtifactView(
-            index=0,
+            index=index,
             uri=uri,
             width=summary.width,
             height=summary.height,
@@ -302,12 +345,16 @@ class JobRunner:
             sha256=summary.sha256,
         )
 
-    def _remove_earlier_attempts(self, claimed: ClaimedJob) -> None:
-        """After a win: objects that earlier runs of this job may have left (they lost the job)."""
+    def _remove_earlier_attempts(self, claimed: ClaimedJob, image_count: int) -> None:
+        """After a win: objects that earlier runs of this job may have left (they lost the job).
+
+        Every run of a job makes the same number of images (the spec fixes it), indexes 0..N-1.
+        """
         from worker.storage import artifact_key
 
         for attempt in range(1, claimed.attempts):
-            self._remove(self.artifact_store.uri_for(artifact_key(claimed.id, 0, attempt=attempt)))
+            for index in range(image_count):
+                self._remove(self.artifact_store.uri_for(artifact_key(claimed.id, index, attempt=attempt)))
 
     def _remove_unless_recorded(self, job_id: str, uris: list[str]) -> None:
         """After a lost completion: remove this run's objects, unless the row names them after all

@@ -39,6 +39,23 @@ class PromptConditioning:
     def batch_size(self) -> int:
         return self.context.shape[0] // 2
 
+    def repeat(self, copies: int) -> PromptConditioning:
+        """One prompt's conditioning for `copies` samples: rows `[positive x copies, negative x copies]`.
+
+        The prompt is encoded once and its rows copied (docs/engine.md, 'Several images per prompt'),
+        so every sample sees exactly the one-sample conditioning, padding included.
+        """
+        if self.batch_size != 1:
+            raise ValueError(f"repeat() takes the conditioning of one prompt, not {self.batch_size}")
+        if copies == 1:
+            return self
+
+        # Rows are [positive; negative]: repeating each in place gives [positive x n; negative x n].
+        return PromptConditioning(
+            context=self.context.repeat_interleave(copies, dim=0),
+            pooled=self.pooled.repeat_interleave(copies, dim=0),
+        )
+
     def positive(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.batch_size
         return self.context[:b], self.pooled[:b]

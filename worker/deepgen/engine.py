@@ -4,7 +4,9 @@ Each call: validate -> prompt strings -> LLM + connector conditioning -> (edit) 
 flow-match sampling -> VAE decode, with per-stage timings and the call's peak memory. Several input
 images condition one edit: all of them sit in the VLM prompt's image blocks and are concatenated as
 reference latents into the one sample's DiT sequence (the reference tool edited only the first;
-docs/engine.md, 'Several input images').
+docs/engine.md, 'Several input images'). `num_images_per_prompt` images come from one batched
+denoise loop: the prompt (and the references) encoded once, one noise draw for the whole batch
+(docs/engine.md, 'Several images per prompt').
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_T2I_SIDE = 512
 MAX_INFERENCE_STEPS = 1000
 SEED_LIMIT = 2**63
+# The most images one call makes (schemas.specs.MAX_IMAGES_PER_PROMPT, repeated for direct engine use).
+MAX_IMAGES_PER_PROMPT = 8
 
 
 class InvalidGenerationRequest(ValueError):
@@ -132,11 +136,11 @@ class DeepGenEngine:
                     request, prepared, conditioning, reference_latents, seed, step_callback
                 )
             with self._timed(timings, "decode"), self.placement.active("vae"):
-                image = decode_to_images(self.vae, latents)[0]
+                images = decode_to_images(self.vae, latents)
             timings["denoise_per_step"] = timings["denoise"] / request.num_inference_steps
             timings["total"] = time.perf_counter() - started
         return GenerationResult(
-            image=image,
+            images=images,
             seed=seed,
             width=prepared.width,
             height=prepared.height,
@@ -154,8 +158,10 @@ class DeepGenEngine:
         step_callback: StepCallback | None,
     ) -> torch.Tensor:
         transformer = self.model.transformer
+        count = request.num_images_per_prompt
+        # One draw for the whole batch: its first row is the one-image draw of the same seed.
         latents = initial_noise(
-            batch_size=1,
+            batch_size=count,
             latent_channels=transformer.config["in_channels"],
             height=prepared.height,
             width=prepared.width,
@@ -168,7 +174,7 @@ class DeepGenEngine:
             transformer=transformer,
             scheduler=self.scheduler,
             latents=latents,
-            conditioning=conditioning,
+            conditioning=conditioning.repeat(count),
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             reference_latents=[latent.to(self.device) for latent in reference_latents],
@@ -238,6 +244,11 @@ class DeepGenEngine:
         if not math.isfinite(request.guidance_scale) or request.guidance_scale < 0:
             raise InvalidGenerationRequest(
                 f"guidance_scale must be finite and >= 0, got {request.guidance_scale!r}"
+            )
+        count = request.num_images_per_prompt
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_IMAGES_PER_PROMPT:
+            raise InvalidGenerationRequest(
+                f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}], got {count!r}"
             )
         if request.seed is not None and (
             isinstance(request.seed, bool) or not 0 <= request.seed < SEED_LIMIT

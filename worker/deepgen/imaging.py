@@ -17,6 +17,10 @@ from PIL import Image
 
 # Offset between the noise seed and the posterior-sample seed, so the two streams never coincide.
 POSTERIOR_SEED_OFFSET = 0x5EED
+# Images of one batch go through the VAE decoder one at a time: its activations at full resolution
+# are the largest tensors of a generation and would grow with the batch, while the decode is a
+# small share of the time (docs/engine.md, 'Several images per prompt').
+DECODE_IMAGES_PER_CALL = 1
 
 
 def vae_scale_factor(vae: Any) -> int:
@@ -27,8 +31,22 @@ def _shift_factor(vae: Any) -> float:
     return float(vae.config.get("shift_factor") or 0.0)
 
 
-def decode_to_images(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents -> RGB images: `clamp(127.5 x + 128, 0, 255)` truncated to uint8."""
+def decode_to_images(
+    vae: Any, latents: torch.Tensor, *, images_per_call: int = DECODE_IMAGES_PER_CALL
+) -> list[Image.Image]:
+    """Scaled latents (b, C, h, w) -> b RGB images: `clamp(127.5 x + 128, 0, 255)` truncated to uint8.
+
+    The VAE decodes `images_per_call` latents at a time (docs/engine.md, 'Several images per prompt').
+    """
+    if images_per_call < 1:
+        raise ValueError(f"images_per_call must be >= 1, got {images_per_call}")
+    images: list[Image.Image] = []
+    for chunk in latents.split(images_per_call):
+        images.extend(_decode_chunk(vae, chunk))
+    return images
+
+
+def _decode_chunk(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
     latents = latents / vae.config.scaling_factor + _shift_factor(vae)
     decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     # Same arithmetic (in the decoder's dtype) and truncation as the reference: ~round-half-up.

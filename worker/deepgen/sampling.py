@@ -34,7 +34,8 @@ def initial_noise(
     """The reference's starting latents: one `randn` from a fresh generator on the DiT's device and dtype.
 
     Drawing on the device (a CUDA generator on GPU) and directly in bf16 is what makes a seed mean the
-    same noise as in the reference tool.
+    same noise as in the reference tool. Several images of one prompt take one draw of `batch_size`
+    rows, never one draw per image (docs/engine.md, 'Several images per prompt').
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (batch_size, latent_channels, height // vae_scale_factor, width // vae_scale_factor)
@@ -80,8 +81,15 @@ def denoise(
 ) -> torch.Tensor:
     """Run the Euler loop from `latents` (b, C, h, w); every sample is conditioned by all references.
 
+    `conditioning` holds b positive and b negative rows (`PromptConditioning.repeat` for b images of
+    one prompt). With guidance the DiT batch is 2b rows, `[negative_0..b-1; positive_0..b-1]`, and
+    latent i sits in rows i and b + i. `step_callback` is called once per step, whatever b.
     `cuda_graphs`: on CUDA, capture the DiT forward once and replay it every step (see `cuda_graphs`).
     """
+    if conditioning.batch_size != latents.shape[0]:
+        raise ValueError(
+            f"conditioning for {conditioning.batch_size} sample(s) but {latents.shape[0]} latent(s)"
+        )
     scheduler = fresh_scheduler(scheduler)
     # The DiT's diffusers config (read by attribute, as a test double's namespace is); nn.Module
     # types unknown attributes as Tensor | Module.

@@ -34,13 +34,21 @@ class GenerationRequest:
     height: int | None = None  # None: 512 for t2i, the first input's resized size for edit
     width: int | None = None
     seed: int | None = None  # None: one is drawn and returned in the result
+    # Images made from this prompt in one batched DiT call; image j starts from slice j of one noise
+    # draw of shape (N, C, h, w) (docs/engine.md, 'Several images per prompt').
+    num_images_per_prompt: int = 1
 
 
 @dataclass
 class GenerationResult:
-    image: Image.Image
+    images: list[Image.Image]  # num_images_per_prompt images, in batch order
     seed: int
     width: int
     height: int
     peak_memory_bytes: int  # accelerator peak when on CUDA, else the process's peak RSS growth
     timings: dict[str, float] = field(default_factory=dict)  # seconds: encode, denoise, decode, ...
+
+    @property
+    def image(self) -> Image.Image:
+        """The first image (the only one when num_images_per_prompt is 1)."""
+        return self.images[0]
