@@ -33,7 +33,8 @@ _RETURN_WHEN = (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED)
 class JobHandle:
     """One submitted job. ``created`` is False when `submit_many` found an existing job by its
     idempotency key instead of inserting one. ``view`` is the row as last read; ``status``,
-    ``done()`` and ``refresh()`` read it again."""
+    ``done()`` and ``refresh()`` read it again; the view's other fields (``seed``, ``spec``,
+    ``artifacts``, ...) read through as they were last read."""
 
     def __init__(self, client: DiffgentorClient, view: JobView, *, created: bool = True) -> None:
         self._client = client
@@ -108,6 +109,13 @@ class JobHandle:
         if not self.refresh().is_terminal:
             self.view = self._client.wait(self.view.id, timeout=timeout)
         return self.view
+
+    def __getattr__(self, name: str) -> Any:
+        # The row's other fields as last read (handle.seed, handle.spec, handle.artifacts, ...), so
+        # code written when submit_* returned a JobView keeps working.
+        if name in JobView.model_fields and name != "view":
+            return getattr(self.__dict__["view"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.view.id} {self.view.status.value}>"

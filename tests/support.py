@@ -8,6 +8,7 @@ so importing this module stays cheap for the client and storage tests.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -322,3 +323,26 @@ def fail_job(store: Any, job_id: str, *, message: str = "boom", worker_id: str =
 
 
 # ------------------------------------------------------------------------------- services
+
+
+# ---------------------------------------------------------------------------------------- clients
+
+
+@contextlib.contextmanager
+def embedded_client(home: Path, model_environ: Mapping[str, str], poll_seconds: float = 0.1) -> Iterator[Any]:
+    """A `DiffgentorClient` on the embedded default in this process: no DG_* variable but the tiny
+    model's and short leases, its home in ``home``; closed (its jobs finished) on exit."""
+    import pytest
+
+    from api_client import DiffgentorClient
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key in list(os.environ):
+            if key.startswith("DG_"):
+                patch.delenv(key)
+        quick = {"DG_LEASE_SECONDS": "3", "DG_HEARTBEAT_SECONDS": "0.5", "DG_PROGRESS_INTERVAL_SECONDS": "0"}
+        for key, value in {**model_environ, **quick}.items():
+            patch.setenv(key, value)
+        with DiffgentorClient(home=home, poll_seconds=poll_seconds) as client:
+            assert client.embedded
+            yield client

@@ -3,7 +3,6 @@ list filters, cancel and retry, timeouts and parameter errors."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -15,6 +14,7 @@ from PIL import Image
 from api_client import DiffgentorClient
 from api_client.errors import ConfigurationError, WaitTimeout
 from schemas.views import JobView
+from tests.support import embedded_client
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 SLOW = {"num_inference_steps": 200, "height": 256, "width": 256}
@@ -24,19 +24,8 @@ SLOW = {"num_inference_steps": 200, "height": 256, "width": 256}
 def client(
     tmp_path_factory: pytest.TempPathFactory, tiny_environ: dict[str, str]
 ) -> Iterator[DiffgentorClient]:
-    with pytest.MonkeyPatch.context() as patch:
-        for key in list(os.environ):
-            if key.startswith("DG_"):
-                patch.delenv(key)
-        for key, value in tiny_environ.items():
-            patch.setenv(key, value)
-        patch.setenv("DG_LEASE_SECONDS", "3")
-        patch.setenv("DG_HEARTBEAT_SECONDS", "0.5")
-        patch.setenv("DG_PROGRESS_INTERVAL_SECONDS", "0")
-        home = tmp_path_factory.mktemp("client_home")
-        with DiffgentorClient(home=home, poll_seconds=0.1) as embedded:
-            assert embedded.embedded
-            yield embedded
+    with embedded_client(tmp_path_factory.mktemp("client_home"), tiny_environ) as embedded:
+        yield embedded
 
 
 def wait_until_running(client: DiffgentorClient, job: JobView, timeout: float = 60) -> None:

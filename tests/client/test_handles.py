@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +21,7 @@ from api_client import (
 from api_client.errors import JobStateError
 from schemas.enums import JobStatus
 from schemas.specs import EditParams, EditSpec
+from tests.support import embedded_client
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 SLOW = {"num_inference_steps": 200, "height": 256, "width": 256}
@@ -31,14 +31,10 @@ SLOW = {"num_inference_steps": 200, "height": 256, "width": 256}
 def client(
     tmp_path_factory: pytest.TempPathFactory, tiny_environ: dict[str, str]
 ) -> Iterator[DiffgentorClient]:
-    with pytest.MonkeyPatch.context() as patch:
-        for key in list(os.environ):
-            if key.startswith("DG_"):
-                patch.delenv(key)
-        for key, value in {**tiny_environ, "DG_LEASE_SECONDS": "3", "DG_HEARTBEAT_SECONDS": "0.5"}.items():
-            patch.setenv(key, value)
-        with DiffgentorClient(home=tmp_path_factory.mktemp("handles_home"), poll_seconds=0.05) as embedded:
-            yield embedded
+    with embedded_client(
+        tmp_path_factory.mktemp("handles_home"), tiny_environ, poll_seconds=0.05
+    ) as embedded:
+        yield embedded
 
 
 def broken_edit(client: DiffgentorClient) -> JobHandle:
@@ -58,6 +54,9 @@ def test_result_returns_the_images_metadata(client: DiffgentorClient) -> None:
     assert handle.done() and handle.status == JobStatus.SUCCEEDED and handle.exception() is None
     assert [image.size for image in handle.open_images()] == [(64, 64), (64, 64)]
     assert client.get(handle).id == handle.id  # a handle is a job reference everywhere
+    assert handle.seed == 3 and handle.spec["prompt"] == "a fox"  # the row's fields read through
+    with pytest.raises(AttributeError, match="sede"):
+        handle.sede  # noqa: B018  # a typo is an error, not None
 
 
 def test_result_raises_on_failure_and_cancel_and_open_images_refuses(client: DiffgentorClient) -> None:
