@@ -180,15 +180,32 @@ class Batch:
         """Poll the counts (two index-only statements, whatever the size) until no row is queued or
         running; returns the final counts. Raises `WaitTimeout` (a `BatchWaitTimeout` naming the
         batch) when ``timeout`` seconds pass first. Embedded mode: unfinished rows that no process
-        runs (an interrupted run's) are run by this process first."""
+        runs (an interrupted run's) are run by this process first.
+
+        [issue 11] Subscribed to the batch's events before the first read: a job that starts or
+        ends makes it read the counts again at once (never sooner than POLL_COST_FACTOR x the last
+        read's time after it; progress at most every poll interval); without events it reads them
+        every DG_EVENTS_FALLBACK_SECONDS anyway, or every poll interval when events are off."""
+        from worker.events import ReadPacer, Reread
+
         deadline = None if timeout is None else time.monotonic() + timeout
         watched = self._run_unfinished_here()
         display = BatchProgressDisplay(self.view) if progress else None
+        subscription = self._client._subscribe(batch_ids=[self.id])  # before the first read of the counts
+        # A huge batch's counts take tens of ms: read them at most every POLL_COST_FACTOR x that
+        # (<= ~10 % of a database core); without events: every max(poll interval, that), as before.
+        pacer = ReadPacer(
+            subscription,
+            poll_seconds=self._client.poll_seconds,
+            fallback_seconds=self._client.events_fallback_seconds,
+            cost_factor=POLL_COST_FACTOR,
+        )
         try:
             while True:
                 polled = time.monotonic()
                 current = self.progress()
                 spent = time.monotonic() - polled
+                pacer.done(Reread(full=True), spent)
                 if display is not None:
                     display.update(current)
                 if on_update is not None:
@@ -196,11 +213,10 @@ class Batch:
                 self._raise_if_runner_stopped(watched)
                 if current.counts.unfinished == 0:
                     return current.counts.as_dict()
-                if deadline is not None and time.monotonic() >= deadline:
+                if pacer.next(deadline) is None:  # [issue 11] an event, the fallback, or the deadline
                     raise BatchWaitTimeout(self.id, current.counts.unfinished, timeout or 0.0)
-                # A huge batch's counts take tens of ms: poll it less often (<= ~10 % of a database core).
-                time.sleep(max(self._client.poll_seconds, POLL_COST_FACTOR * spent))
         finally:
+            subscription.close()
             if display is not None:
                 display.close()
 

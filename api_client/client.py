@@ -53,6 +53,7 @@ from worker.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from api_client.batches import Batch
+    from worker.events import Subscription
     from worker.publish import Publisher
     from worker.storage import ArtifactStore
 
@@ -144,7 +145,13 @@ class DiffgentorClient:
         from worker.jobstore import JobStore
 
         self.check_database()
-        return JobStore(session_factory(self._engine), max_attempts=self.settings.max_attempts)
+        from worker.events import events_for  # [issue 11] a cancel wakes the job's waiters
+
+        return JobStore(
+            session_factory(self._engine),
+            max_attempts=self.settings.max_attempts,
+            events=events_for(self.settings),
+        )
 
     @cached_property
     def artifacts(self) -> ArtifactStore:
@@ -578,10 +585,17 @@ class DiffgentorClient:
         progress: bool = False,
         on_update: Callable[[builtins.list[JobView]], None] | None = None,
     ) -> Any:
-        """Poll until every job is finished; returns the final view(s) (one job in, one view out).
+        """Wait until every job is finished; returns the final view(s) (one job in, one view out).
 
         Raises `WaitTimeout` (naming the unfinished jobs) when ``timeout`` seconds pass first.
+
+        [issue 11] Subscribed to the jobs' events before the first read: an event wakes it and the
+        jobs it names are read again at once (progress at most every ``poll_seconds``); every job is
+        read again every DG_EVENTS_FALLBACK_SECONDS regardless, so a lost event only delays. Without
+        events (DG_EVENTS=0, Redis down) it polls every ``poll_seconds`` as before (docs/events.md).
         """
+        from worker.events import ReadPacer
+
         if isinstance(jobs, str | JobView | JobHandle):
             single, ids = True, [self.resolve_job_id(jobs)]
         else:
@@ -589,6 +603,12 @@ class DiffgentorClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = WaitProgressBar(len(ids)) if progress else None
         stall = _StallWatch(self) if bar is not None and not self.embedded else None
+        subscription = self._subscribe(job_ids=ids)  # before the first read: no event falls between
+        pacer = ReadPacer(
+            subscription,
+            poll_seconds=self.poll_seconds,
+            fallback_seconds=self.events_fallback_seconds,
+        )
         try:
             views = dict(zip(ids, self.get_many(ids), strict=True))
             self._run_unfinished_here(list(views.values()))
@@ -605,13 +625,32 @@ class DiffgentorClient:
                 self.drive_embedded([view for view in current if not view.is_terminal])
                 if not pending:
                     return current[0] if single else current
-                if deadline is not None and time.monotonic() >= deadline:
+                reread = pacer.next(deadline)
+                if reread is None:
                     raise WaitTimeout(pending, timeout or 0.0)
-                time.sleep(self.poll_seconds)
-                views.update(zip(pending, self.get_many(pending), strict=True))
+                ask = pending if reread.full else [job_id for job_id in pending if job_id in reread.job_ids]
+                started = time.monotonic()
+                if ask:
+                    views.update(zip(ask, self.get_many(ask), strict=True))
+                pacer.done(reread, time.monotonic() - started)
         finally:
+            subscription.close()
             if bar is not None:
                 bar.close()
+
+    @property
+    def events_fallback_seconds(self) -> float:
+        """[issue 11] How often a waiter reads everything while events arrive: DG_EVENTS_FALLBACK_SECONDS
+        in queue mode; the poll interval in embedded mode (the local SQLite read is cheap, and an
+        in-process runner that stopped emits nothing)."""
+        return self.poll_seconds if self.embedded else self.settings.events_fallback_seconds
+
+    def _subscribe(self, *, job_ids: Sequence[str] = (), batch_ids: Sequence[str] = ()) -> Subscription:
+        """[issue 11] The events of these jobs and batches (Redis in queue mode, this process's hub
+        when embedded, `Polling` when DG_EVENTS=0 or Redis does not answer)."""
+        from worker.events import subscribe
+
+        return subscribe(self.settings, job_ids=job_ids, batch_ids=batch_ids)
 
     # ---- batches ---------------------------------------------------------------------------
 

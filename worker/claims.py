@@ -42,6 +42,7 @@ class ClaimedJob:
     requeues: int  # hand-backs after infrastructure faults so far (not counted against max_attempts)
     worker_id: str
     lease_expires_at: datetime
+    batch_id: str | None = None  # [issue 11] for the batch's event channel
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ClaimRefusal:
     job_id: str
     status: str | None  # None: no such job
     reason: str
+    ended_now: bool = False  # [issue 11] this claim itself ended the job (cancelled, or failed as poison)
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
             Job.requeues,
             Job.worker_id,
             Job.lease_expires_at,
+            Job.batch_id,  # [issue 11]
         )
         .execution_options(synchronize_session=False)
     )
@@ -216,7 +219,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
         )
         return ClaimRefusal(job_id, current, reason)
     if row.status != JobStatus.RUNNING.value:
-        return ClaimRefusal(job_id, row.status, f"job ended {row.status} at claim time")
+        return ClaimRefusal(job_id, row.status, f"job ended {row.status} at claim time", ended_now=True)
     return ClaimedJob(
         id=row.id,
         kind=row.kind,
@@ -228,6 +231,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
         requeues=row.requeues,
         worker_id=row.worker_id,
         lease_expires_at=row.lease_expires_at,
+        batch_id=row.batch_id,
     )
 
 

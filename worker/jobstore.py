@@ -27,6 +27,7 @@ from schemas.views import ArtifactView, JobView
 from worker import claims
 from worker.claims import ClaimedJob, ClaimRefusal, LeaseState
 from worker.db import Database, sqlite_locked
+from worker.events import LOCAL_HUB, EventSink, JobEvent
 
 if TYPE_CHECKING:
     from worker.batches import NewBatch
@@ -224,11 +225,32 @@ def _flat(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 class JobStore:
-    """The named operations on the job table; how they reach the database is `worker.db.Database`."""
+    """The named operations on the job table; how they reach the database is `worker.db.Database`.
 
-    def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int = 3) -> None:
+    [issue 11] After the commit of each fenced state change it makes, it emits a `JobEvent` to
+    ``events`` (default: this process's `worker.events.LOCAL_HUB`; `worker.events.events_for(settings)`
+    adds Redis pub/sub): a hint for waiters, never a failure of the operation (docs/events.md).
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], *, max_attempts: int = 3, events: EventSink | None = None
+    ) -> None:
         self._db = Database(sessions)
         self.max_attempts = max_attempts
+        self.events: EventSink = LOCAL_HUB if events is None else events
+        self._batch_of: dict[str, str | None] = {}  # [issue 11] jobs claimed here -> their batch
+
+    def _emit(self, kind: str, job_id: str, batch_id: str | None = None, **extra: Any) -> None:
+        """[issue 11] After a commit: tell waiters (best effort; never raises)."""
+        try:
+            self.events.emit(JobEvent(kind, job_id, batch_id or self._batch_of.get(job_id), **extra))
+        except Exception:  # an event is only a hint; the waiters' fallback reads find the change
+            log.debug("could not emit a %s event for job %s", kind, job_id, exc_info=True)
+
+    def _ended(self, kind: str, job_id: str) -> None:
+        """[issue 11] A job claimed here ended or went back to the queue: emit, forget its batch."""
+        self._emit(kind, job_id)
+        self._batch_of.pop(job_id, None)
 
     # ---- producer side -------------------------------------------------------------------
 
@@ -410,7 +432,10 @@ class JobStore:
                 .values(cancel_requested=True)
                 .execution_options(synchronize_session=False)
             )
-        return self.get(job_id)
+        view = self.get(job_id)
+        if view.status == JobStatus.CANCELLED:  # [issue 11] cancelled at once (a running job emits later)
+            self._emit(JobStatus.CANCELLED.value, job_id, view.batch_id)
+        return view
 
     def retry(self, job_id: str) -> JobView:
         """A failed or cancelled job becomes a new queued job (same spec and seed) linked to the old one.
@@ -475,13 +500,24 @@ class JobStore:
         self, job_id: str, worker_id: str, lease_seconds: float
     ) -> ClaimedJob | ClaimRefusal:
         # Durable: the claim is one conditional UPDATE ... RETURNING, atomic in autocommit too.
-        return self._db.write_one(lambda conn: claims.claim(conn, job_id, worker_id, lease_seconds))
+        outcome = self._db.write_one(lambda conn: claims.claim(conn, job_id, worker_id, lease_seconds))
+        if isinstance(outcome, ClaimedJob):  # [issue 11]
+            if len(self._batch_of) > 10_000:  # claims that never finished here (lost): forget them
+                self._batch_of.clear()
+            self._batch_of[job_id] = outcome.batch_id
+            self._emit("running", job_id)
+        elif outcome.ended_now and outcome.status is not None:
+            self._emit(outcome.status, job_id)
+        return outcome
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> LeaseState:
         return self._db.write_one(lambda conn: claims.renew_lease(conn, job_id, worker_id, lease_seconds))
 
     def record_progress(self, job_id: str, worker_id: str, step: int, total: int) -> LeaseState:
-        return self._db.write_one(lambda conn: claims.record_progress(conn, job_id, worker_id, step, total))
+        state = self._db.write_one(lambda conn: claims.record_progress(conn, job_id, worker_id, step, total))
+        if state.owned:  # [issue 11] as often as progress is written (DG_PROGRESS_INTERVAL_SECONDS)
+            self._emit("progress", job_id, step=step, total=total)
+        return state
 
     def record_artifacts(self, job_id: str, artifacts: Sequence[ArtifactView]) -> None:
         with self._db.transaction() as session:
@@ -523,7 +559,10 @@ class JobStore:
                 claims.upsert_artifacts(session, job_id, list(artifacts))  # one multi-row statement
             return done
 
-        return self._db.transaction(work)
+        done = self._db.transaction(work)
+        if done:
+            self._ended(JobStatus.SUCCEEDED.value, job_id)  # [issue 11]
+        return done
 
     def finish_failed(
         self,
@@ -534,7 +573,7 @@ class JobStore:
         error_message: str,
         error_class: ErrorClass = ErrorClass.PERMANENT,
     ) -> bool:
-        return self._db.transaction(
+        done = self._db.transaction(
             lambda session: claims.finish(
                 session,
                 job_id,
@@ -545,13 +584,16 @@ class JobStore:
                 error_class=error_class.value,
             )
         )
+        if done:
+            self._ended(JobStatus.FAILED.value, job_id)  # [issue 11]
+        return done
 
     def requeue(
         self, job_id: str, worker_id: str, *, delay_seconds: float, error_type: str, error_message: str
     ) -> bool:
         """Hand an owned job back to the queue after an infrastructure fault (`claims.requeue`)."""
         available_at = utcnow() + timedelta(seconds=delay_seconds)
-        return self._db.transaction(
+        handed_back = self._db.transaction(
             lambda session: claims.requeue(
                 session,
                 job_id,
@@ -561,19 +603,28 @@ class JobStore:
                 error_message=error_message,
             )
         )
+        if handed_back:
+            self._ended(JobStatus.QUEUED.value, job_id)  # [issue 11]
+        return handed_back
 
     def fail_killed_process_job(
         self, job_id: str, worker_id_prefix: str, *, error_type: str, error_message: str
     ) -> bool:
         with self._db.transaction() as session:
-            return claims.fail_killed_process_job(
+            failed = claims.fail_killed_process_job(
                 session, job_id, worker_id_prefix, error_type=error_type[:255], error_message=error_message
             )
+        if failed:
+            self._emit(JobStatus.FAILED.value, job_id)  # [issue 11]
+        return failed
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
-        return self._db.transaction(
+        done = self._db.transaction(
             lambda session: claims.finish(session, job_id, worker_id, JobStatus.CANCELLED)
         )
+        if done:
+            self._ended(JobStatus.CANCELLED.value, job_id)  # [issue 11]
+        return done
 
     # ---- sweeper side --------------------------------------------------------------------
 
@@ -634,7 +685,10 @@ class JobStore:
     def release_expired(self, job_ids: Sequence[str]) -> builtins.list[str]:
         """Expired running jobs back to queued (unpublished, due now); the ids actually released."""
         with self._db.transaction() as session:
-            return claims.release_expired(session, list(job_ids), utcnow())
+            released = claims.release_expired(session, list(job_ids), utcnow())
+        for job_id in released:
+            self._emit(JobStatus.QUEUED.value, job_id)  # [issue 11]
+        return released
 
     def requeue_published_queued(self) -> int:
         """After the broker lost its data: every queued job published before now is due again.
@@ -739,4 +793,10 @@ def open_job_store(settings: Any) -> JobStore:
 
     if settings.database_url.startswith("sqlite"):
         upgrade(settings.database_url)
-    return JobStore(session_factory(make_engine(settings.database_url)), max_attempts=settings.max_attempts)
+    from worker.events import events_for  # [issue 11]
+
+    return JobStore(
+        session_factory(make_engine(settings.database_url)),
+        max_attempts=settings.max_attempts,
+        events=events_for(settings),
+    )

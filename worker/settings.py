@@ -66,6 +66,10 @@ class Settings:
     # Buckets s3:// edit inputs may name (DG_INPUT_S3_BUCKETS); None: the artifact bucket of
     # storage_url when it is s3://, else none. ("*",): any bucket the credentials reach.
     input_s3_buckets: tuple[str, ...] | None = None
+    # [issue 11] Job events (docs/events.md): Redis pub/sub hints after each fenced change; waiters
+    # re-read the table at least every events_fallback_seconds.
+    events: bool = True
+    events_fallback_seconds: float = 5.0
 
     @property
     def embedded(self) -> bool:
@@ -222,4 +226,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         input_allow_private_networks=_read(env, "DG_INPUT_ALLOW_PRIVATE_NETWORKS", _bool, broker_url is None),
         # A job spec must not make a worker read every bucket its credentials reach.
         input_s3_buckets=_read(env, "DG_INPUT_S3_BUCKETS", _bucket_list, None),
+        # [issue 11] events (docs/events.md)
+        events=_read(env, "DG_EVENTS", _bool, True),
+        events_fallback_seconds=_read(env, "DG_EVENTS_FALLBACK_SECONDS", float, 5.0, pos),
     )

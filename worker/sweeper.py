@@ -80,7 +80,11 @@ class Sweeper:
     @property
     def store(self) -> JobStore:
         if self._store is None:
-            self._store = JobStore(self._sessions(), max_attempts=self.settings.max_attempts)
+            from worker.events import events_for  # [issue 11] released leases wake their waiters
+
+            self._store = JobStore(
+                self._sessions(), max_attempts=self.settings.max_attempts, events=events_for(self.settings)
+            )
         return self._store
 
     def _sessions(self) -> sessionmaker[Session]:
