@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch_commands(commands)  # `batches` and `batch show|wait|...` (api_client/batch_cli.py)
 
+    from api_client.prune_cli import add_prune_command  # [issue 11 retention]
+
+    add_prune_command(commands)  # `prune --older-than DAYS ...` (api_client/prune_cli.py)
+
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight DeepGen (for tests and demos)")
     tiny.add_argument("directory", type=Path)
     tiny.set_defaults(handler=_cmd_tiny_model)
@@ -770,6 +774,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             f"{len(report.stale)} stale, {len(report.expired)} lease-expired{lost}",
             flush=True,
         )
+        if report.pruned:  # [issue 11 retention] DG_RETENTION_DAYS
+            print(f"{stamp} retention pruned {report.pruned} job(s) (DG_RETENTION_DAYS)", flush=True)
         if report.error:
             print(
                 f"warning: publishing failed, the jobs stay for the next sweep: {report.error}",

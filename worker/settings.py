@@ -40,6 +40,9 @@ class Settings:
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     sweep_interval_seconds: float = 30.0
+    # [issue 11 retention] docs/retention.md: the sweeper prunes jobs finished more than this many
+    # days ago, with their artifact rows and objects (DG_RETENTION_DAYS); None: off.
+    retention_days: float | None = None
     publish_grace_seconds: float = 30.0
     visibility_timeout_seconds: int = 7200
     # A queued job published longer ago than this is published again: its message may be gone
@@ -165,6 +168,17 @@ def _bucket_list(raw: str) -> tuple[str, ...]:
 _bucket_list.__name__ = "comma-separated bucket name list"
 
 
+def _days(raw: str) -> float:  # [issue 11 retention]
+    """A finite number of days, at most a hundred years (DG_RETENTION_DAYS)."""
+    value = float(raw)
+    if value != value or value > 36_500:  # NaN, inf, a typo
+        raise ValueError(raw)
+    return value
+
+
+_days.__name__ = "number of days (at most 36500)"
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     home = Path(env.get("DG_HOME", "").strip() or DEFAULT_HOME).expanduser()
@@ -201,6 +215,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         lease_seconds=_read(env, "DG_LEASE_SECONDS", float, 60.0, pos),
         heartbeat_seconds=_read(env, "DG_HEARTBEAT_SECONDS", float, 10.0, pos),
         sweep_interval_seconds=_read(env, "DG_SWEEP_INTERVAL_SECONDS", float, 30.0, pos),
+        # [issue 11 retention] unset: off; fractions allowed (0.5 = 12 h); 0 refused (a job would
+        # be deleted before its client fetched the images).
+        retention_days=_read(env, "DG_RETENTION_DAYS", _days, None, pos),
         publish_grace_seconds=_read(env, "DG_PUBLISH_GRACE_SECONDS", float, 30.0, nonneg),
         visibility_timeout_seconds=visibility_timeout,
         republish_stale_seconds=_read(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,6 +43,8 @@ class SweepReport:
         False  # the broker lost its data and queued jobs were published again (worker.broker_epoch)
     )
     error: str | None = None  # set when publishing failed; the rows stay for the next sweep
+    # [issue 11 retention] jobs pruned by this sweep (DG_RETENTION_DAYS); None: no prune ran
+    pruned: int | None = None
 
     @property
     def republished(self) -> int:
@@ -76,6 +78,10 @@ class Sweeper:
         self._owns_publisher = publisher is None
         self._epoch: BrokerEpoch | None = None
         self._registered = False
+        # [issue 11 retention] DG_RETENTION_DAYS: a bounded prune at most hourly (worker.retention)
+        from worker.retention import RetentionSchedule
+
+        self.retention = RetentionSchedule.from_settings(settings)
 
     @property
     def store(self) -> JobStore:
@@ -114,6 +120,10 @@ class Sweeper:
         report = _sweep(self.settings, self.store, lambda: self.publisher, self.epoch, limit, max_pages)
         if report.error is None:
             self._record_sweep()
+        if self.retention is not None:  # [issue 11 retention] never raises (logs, backs off)
+            pruned = self.retention.run_if_due(self.store)
+            if pruned is not None:
+                report = replace(report, pruned=pruned.jobs)
         return report
 
     def _record_sweep(self) -> None:
