@@ -124,11 +124,14 @@ def test_unsupported_backend_lists_supported(capsys: pytest.CaptureFixture[str],
     assert "Traceback" not in err
 
 
-def test_num_images_per_prompt_other_than_one_is_refused(
-    capsys: pytest.CaptureFixture[str], clean_env
+@pytest.mark.parametrize("count", ["0", "9", "-1"])
+def test_num_images_per_prompt_out_of_range_is_refused(
+    count: str, capsys: pytest.CaptureFixture[str], clean_env
 ) -> None:
-    code = main(["t2i", "--prompt", "x", "--output_dir", "o", "--num_images_per_prompt", "2"])
-    assert code == 2 and "--num_images_per_prompt must be 1" in capsys.readouterr().err
+    code = main(["t2i", "--prompt", "x", "--output_dir", "o", "--num_images_per_prompt", count])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--num_images_per_prompt must be between 1 and 8, got {count}" in err
+    assert err.count("\n") == 1  # one line
 
 
 def test_time_filters_accept_ages_and_iso_times() -> None:
