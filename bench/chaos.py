@@ -819,6 +819,8 @@ def bucket_objects(s: Stack) -> dict[str, dict[str, KeyInfo]]:
     prefix = f"{STORAGE_PREFIX}/jobs/"
     for page in s.s3.get_paginator("list_object_versions").paginate(Bucket=s.bucket, Prefix=prefix):
         for version in page.get("Versions", []):
+            if ".thumb." in version["Key"]:  # [issue 12] a PNG's thumbnail: made from it, cleaned up with it
+                continue
             job_id = version["Key"][len(prefix) :].split("/", 1)[0]
             info = found.setdefault(job_id, {}).setdefault(version["Key"], KeyInfo())
             info.puts += 1

@@ -199,6 +199,9 @@ class Artifact(Base):
     bytes: Mapped[int] = mapped_column(sa.BigInteger)
     sha256: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # [issue 12, thumbnails] The small WebP beside the PNG (worker/thumbnails.py), for galleries;
+    # NULL for images stored before thumbnails existed (the dashboard shrinks those itself).
+    thumbnail_uri: Mapped[str | None] = mapped_column(sa.Text)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
 

@@ -20,6 +20,8 @@ class ArtifactView(BaseModel):
     height: int
     bytes: int
     sha256: str
+    # [issue 12] <index>.thumb.webp beside the PNG; None: stored before thumbnails existed.
+    thumbnail_uri: str | None = None
 
 
 class JobView(BaseModel):

@@ -396,6 +396,7 @@ def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactView
             "bytes": a.bytes,
             "sha256": a.sha256,
             "created_at": now,
+            "thumbnail_uri": a.thumbnail_uri,  # [issue 12] worker/thumbnails.py
         }
         for a in artifacts
     ]
@@ -403,6 +404,9 @@ def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactView
     excluded = statement.excluded
     statement = statement.on_conflict_do_update(
         index_elements=[Artifact.job_id, Artifact.index],
-        set_={name: excluded[name] for name in ("uri", "width", "height", "bytes", "sha256", "created_at")},
+        set_={
+            name: excluded[name]
+            for name in ("uri", "width", "height", "bytes", "sha256", "created_at", "thumbnail_uri")
+        },
     )
     session.execute(statement)

@@ -234,7 +234,7 @@ class JobRunner:
             log.warning(
                 "job %s finished here but was taken over meanwhile; result left to the owner", claimed.id
             )
-            self._remove_unless_recorded(claimed.id, [artifact.uri for artifact in artifacts])
+            self._remove_unless_recorded(claimed.id, _object_uris(artifacts))
             return RunOutcome.LOST
         log.info("job %s succeeded -> %s", claimed.id, ", ".join(artifact.uri for artifact in artifacts))
         self._remove_earlier_attempts(claimed, len(artifacts))
@@ -302,6 +302,8 @@ class JobRunner:
         except Exception:
             for artifact in artifacts:
                 self._remove(artifact.uri)
+                if artifact.thumbnail_uri:  # [issue 12]
+                    self._remove(artifact.thumbnail_uri)
             raise
         return artifacts
 
@@ -336,6 +338,11 @@ class JobRunner:
             + (f", index {index}" if len(result.images) > 1 else ""),
             lease,
         )
+        try:
+            thumbnail_uri = self._upload_thumbnail(claimed, key, data, index, lease)  # [issue 12]
+        except Exception:  # a soft time limit: this image's PNG is not in the caller's list yet
+            self._remove(uri)
+            raise
         return ArtifactView(
             index=index,
             uri=uri,
@@ -343,7 +350,31 @@ class JobRunner:
             height=summary.height,
             bytes=summary.size,
             sha256=summary.sha256,
+            thumbnail_uri=thumbnail_uri,
         )
+
+    def _upload_thumbnail(
+        self, claimed: ClaimedJob, png_key: str, data: bytes, index: int, lease: LeaseKeeper
+    ) -> str | None:
+        """[issue 12] The gallery's small WebP beside the PNG (`worker.thumbnails`), under the same
+        attempt-scoped prefix. A job never fails for want of one: the dashboard makes a missing
+        thumbnail from the PNG, so any error here is logged and the artifact records none."""
+        from worker.thumbnails import make_thumbnail, thumbnail_key
+
+        try:
+            thumbnail = make_thumbnail(data)
+            return self._retrying(
+                lambda: self.artifact_store.put_bytes(
+                    thumbnail_key(png_key), thumbnail.data, thumbnail.content_type
+                ),
+                f"uploading the thumbnail of job {claimed.id}, index {index}",
+                lease,
+            )
+        except Exception as exc:
+            if is_soft_time_limit(exc):
+                raise
+            log.warning("job %s: no thumbnail for image %d (%s)", claimed.id, index, one_line(exc))
+            return None
 
     def _remove_earlier_attempts(self, claimed: ClaimedJob, image_count: int) -> None:
         """After a win: objects that earlier runs of this job may have left (they lost the job).
@@ -351,16 +382,19 @@ class JobRunner:
         Every run of a job makes the same number of images (the spec fixes it), indexes 0..N-1.
         """
         from worker.storage import artifact_key
+        from worker.thumbnails import thumbnail_key
 
         for attempt in range(1, claimed.attempts):
             for index in range(image_count):
-                self._remove(self.artifact_store.uri_for(artifact_key(claimed.id, index, attempt=attempt)))
+                key = artifact_key(claimed.id, index, attempt=attempt)
+                self._remove(self.artifact_store.uri_for(key))
+                self._remove(self.artifact_store.uri_for(thumbnail_key(key)))  # [issue 12]
 
     def _remove_unless_recorded(self, job_id: str, uris: list[str]) -> None:
         """After a lost completion: remove this run's objects, unless the row names them after all
         (the completion did commit and only its reply was lost)."""
         try:
-            recorded = {artifact.uri for artifact in self.store.get(job_id).artifacts}
+            recorded = set(_object_uris(self.store.get(job_id).artifacts))
         except Exception as exc:
             log.warning("could not read job %s to clean up its objects: %s", job_id, one_line(exc))
             return
@@ -456,6 +490,11 @@ class JobRunner:
             )
             return RunOutcome.FAILED
         return RunOutcome.FAILED if recorded else RunOutcome.LOST
+
+
+def _object_uris(artifacts: list[ArtifactView]) -> list[str]:
+    """Every object a run stored: the PNGs and their thumbnails ([issue 12])."""
+    return [uri for a in artifacts for uri in (a.uri, a.thumbnail_uri) if uri]
 
 
 def _unexpected(exc: Exception) -> bool:

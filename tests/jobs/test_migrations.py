@@ -18,7 +18,7 @@ from worker.db import alembic_config, current_revision, make_engine, session_fac
 from worker.jobstore import JobStore
 from worker.testing import temporary_database
 
-HEAD = "0003"
+HEAD = "0004"  # [issue 12] 0004: artifacts.thumbnail_uri
 PG_ADMIN_URL = os.environ.get("DG_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -117,5 +117,30 @@ def test_0003_upgrades_a_0002_database_with_jobs_in_place(empty_db_url: str) -> 
         assert current_revision(empty_db_url) == "0002" and _links(engine) == before
         with engine.connect() as connection:
             assert "batches" not in sa.inspect(connection).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_0004_adds_thumbnail_uri_to_existing_artifacts(empty_db_url: str) -> None:
+    """[issue 12] Images stored before thumbnails keep their rows with no thumbnail (NULL), and the
+    column goes away again on the way down with the rows kept."""
+    upgrade(empty_db_url, "0002")
+    engine = make_engine(empty_db_url)
+    try:
+        _fill_0002(engine)
+        upgrade(empty_db_url, "0003")
+        before = _links(engine)
+        upgrade(empty_db_url)
+        assert current_revision(empty_db_url) == HEAD and _links(engine) == before
+        [artifact] = JobStore(session_factory(engine)).get("old-2").artifacts
+        assert artifact.uri == "file:///a.png" and artifact.thumbnail_uri is None
+        with engine.begin() as connection:
+            config = alembic_config(empty_db_url)
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0003")
+        assert current_revision(empty_db_url) == "0003" and _links(engine) == before
+        with engine.connect() as connection:
+            columns = {column["name"] for column in sa.inspect(connection).get_columns("artifacts")}
+        assert "thumbnail_uri" not in columns
     finally:
         engine.dispose()

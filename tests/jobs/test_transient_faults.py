@@ -194,11 +194,14 @@ def test_stalled_uploader_cannot_change_the_winners_object(
     # The loser's object was written beside the winner's, then removed by the loser itself.
     versions = artifacts.client.list_object_versions(Bucket=s3_bucket, Prefix=f"late/jobs/{job_id}/")
     live = [v["Key"] for v in versions.get("Versions", []) if v["IsLatest"]]
-    assert live == [f"late/jobs/{job_id}/2/0.png"]
+    # [issue 12] each PNG with its thumbnail beside it (worker/thumbnails.py), removed with it
+    assert sorted(live) == [f"late/jobs/{job_id}/2/0.png", f"late/jobs/{job_id}/2/0.thumb.webp"]
     puts = sorted(v["Key"] for v in versions.get("Versions", []))
     assert puts == [
         f"late/jobs/{job_id}/1/0.png",
+        f"late/jobs/{job_id}/1/0.thumb.webp",
         f"late/jobs/{job_id}/2/0.png",
+        f"late/jobs/{job_id}/2/0.thumb.webp",
     ]  # one PUT each, none over the other
 
 
