@@ -296,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     workers.set_defaults(handler=worker_health.cmd_workers)
     health.set_defaults(handler=worker_health.cmd_health)
 
+    from api_client.webhook_cli import add_webhook_commands  # [issue 11]
+
+    add_webhook_commands(commands)  # `webhooks deliver|show` (api_client/webhook_cli.py)
+
     from api_client.batch_cli import add_batch_commands
 
     add_batch_commands(commands)  # `batches` and `batch show|wait|...` (api_client/batch_cli.py)
@@ -417,6 +421,9 @@ def _add_generation_options(parser: argparse.ArgumentParser, *, edit: bool) -> N
     parser.add_argument(
         "--batch_name", help="name of this run's batch (default: the prompts file, CSV or output folder name)"
     )
+    from api_client.webhook_cli import add_webhook_flags  # [issue 11]
+
+    add_webhook_flags(parser)  # --webhook_url, --webhook_events
     ignored = [flag for flag in IGNORED_FLAGS if edit or flag not in _EDIT_ONLY_IGNORED]
     compat = parser.add_argument_group(
         "DeepGen CLI flags accepted with no effect here",
@@ -603,20 +610,24 @@ def _note_ignored_flags(args: argparse.Namespace) -> None:
 def _cmd_t2i(args: argparse.Namespace) -> int:
     _quiet_job_logs()
     from api_client.inputs import PromptRow, load_prompts
+    from api_client.webhook_cli import apply_webhook_flags  # [issue 11]
 
     options = _generation_options(args, "t2i")
     rows = load_prompts(args.prompts_file) if args.prompts_file else [PromptRow(0, args.prompt)]
     with _client() as client:
+        apply_webhook_flags(client, args)  # [issue 11] refused (exit 4) before anything is submitted
         return run_t2i(client, rows, options)
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
     _quiet_job_logs()
     from api_client.inputs import load_edit_rows
+    from api_client.webhook_cli import apply_webhook_flags  # [issue 11]
 
     options = _generation_options(args, "edit")
     results_csv = args.output_csv or args.output_dir / "results.csv"
     with _client() as client:  # its settings give DG_INPUT_MAX_PIXELS for the local images
+        apply_webhook_flags(client, args)  # [issue 11] refused (exit 4) before anything is submitted
         rows = load_edit_rows(
             args.input, instruction_key=args.instruction_key, max_pixels=client.settings.input_max_pixels
         )
@@ -760,6 +771,7 @@ def _debug() -> bool:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from api_client.client import DiffgentorClient
     from worker.sweeper import Sweeper, SweepReport, run_loop
+    from worker.webhooks import start_delivery_thread  # [issue 11]
 
     client = DiffgentorClient.from_env()
     if not args.loop:  # one sweep: fail fast on a service that is down
@@ -788,7 +800,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             # SIGTERM (docker stop) ends it cleanly: the sweeper's health row is removed.
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            # [issue 11] webhooks from the outbox, beside the sweeps (not without DG_WEBHOOK_SECRET)
+            deliveries = start_delivery_thread(client.settings, sweeper.store, stop)
             run_loop(sweeper, stop=stop, on_report=show)
+            if deliveries is not None:
+                deliveries.join(timeout=client.settings.webhook_timeout_seconds + 5)
         else:
             show(sweeper.sweep())
     finally:

@@ -88,8 +88,13 @@ class DiffgentorClient:
         s3_public_endpoint_url: str | None = None,
         home: str | os.PathLike[str] | None = None,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] | None = None,
     ) -> None:
-        """Arguments override the matching `DG_*` variable; `settings` replaces the environment."""
+        """Arguments override the matching `DG_*` variable; `settings` replaces the environment.
+
+        [issue 11] ``webhook_url`` / ``webhook_events``: the webhook of every job this client submits
+        whose spec names none (docs/events.md); checked at submit."""
         overrides = {
             "DG_DATABASE_URL": database_url,
             "DG_BROKER_URL": broker_url,
@@ -104,6 +109,8 @@ class DiffgentorClient:
             settings = _load_settings(base) if settings is None else _replace_settings(settings, overrides)
         self.settings = settings
         self.poll_seconds = poll_seconds
+        self.webhook_url = webhook_url  # [issue 11]
+        self.webhook_events = list(webhook_events) if webhook_events is not None else None
         self.no_worker_notice_seconds = NO_WORKER_NOTICE_SECONDS
         self._checked_db = False
         self._detached = False
@@ -283,6 +290,8 @@ class DiffgentorClient:
         model_name: str = DEFAULT_MODEL_NAME,
         priority: int = MIN_PRIORITY,
         idempotency_key: str | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         **params: Any,
     ) -> T2ISpec:
         return _validated(
@@ -292,6 +301,7 @@ class DiffgentorClient:
                 priority=priority,
                 idempotency_key=idempotency_key,
                 params=GenerationParams(**_without_none(params)),
+                **self._webhook_fields(webhook_url, webhook_events),  # [issue 11]
             )
         )
 
@@ -303,6 +313,8 @@ class DiffgentorClient:
         model_name: str = DEFAULT_MODEL_NAME,
         priority: int = MIN_PRIORITY,
         idempotency_key: str | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         **params: Any,
     ) -> EditSpec:
         """Build an edit spec; local images are uploaded (content-addressed) to the storage first."""
@@ -315,8 +327,30 @@ class DiffgentorClient:
                 priority=priority,
                 idempotency_key=idempotency_key,
                 params=EditParams(**_without_none(params)),
+                **self._webhook_fields(webhook_url, webhook_events),  # [issue 11]
             )
         )
+
+    def _webhook_fields(self, url: str | None, events: Sequence[str] | None) -> dict[str, Any]:
+        """[issue 11] A spec's webhook: the one given, else this client's (none: no fields)."""
+        url = url or self.webhook_url
+        if url is None:
+            return {}
+        chosen = events if events is not None else self.webhook_events
+        return {"webhook_url": url, "webhook_events": list(chosen) if chosen is not None else None}
+
+    def check_webhook(self, url: str) -> None:
+        """[issue 11] Refuse (`ConfigurationError`, exit 4, one line) a webhook this configuration could not
+        send: DG_WEBHOOK_SECRET unset (webhooks are always signed), not http(s), or a host that resolves
+        to a private, loopback or link-local address (unless DG_WEBHOOK_ALLOW_PRIVATE_NETWORKS)."""
+        from worker.webhooks import WebhookRefused, WebhooksUnsigned, check_webhook_url
+
+        if not self.settings.webhook_secret:
+            raise ConfigurationError(str(WebhooksUnsigned("submitting a job with a webhook")))
+        try:
+            check_webhook_url(url, allow_private_networks=self.settings.webhook_allow_private_networks)
+        except WebhookRefused as exc:
+            raise ConfigurationError(str(exc)) from None
 
     def submit_t2i(self, prompt: str, **options: Any) -> JobHandle:
         """Submit one text-to-image job. Options: model_name, priority, idempotency_key, params."""
@@ -359,6 +393,8 @@ class DiffgentorClient:
 
         if not specs:
             return []
+        for url in sorted({spec.webhook_url for spec in specs if spec.webhook_url}):  # [issue 11]
+            self.check_webhook(url)
         batch = NewBatch(batch_name) if batch_name is not None else None
         self._check_before_submit()
         try:

@@ -31,6 +31,8 @@ MAX_PRIORITY = 9  # most urgent
 MAX_MODEL_NAME_CHARS = 64
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 MIN_IMAGES_PER_PROMPT = 1
+MAX_WEBHOOK_URL_CHARS = 2048  # [issue 11]
+WEBHOOK_EVENTS = ("succeeded", "failed", "cancelled")  # [issue 11] what a webhook can be sent for
 MAX_IMAGES_PER_PROMPT = 8  # one batched DiT call makes them all; artifacts are indexes 0..N-1
 
 # Defaults of a job that does not say (the CLI's flags and the client's arguments use these).
@@ -144,6 +146,13 @@ class _SpecBase(_StrictModel):
     model_name: str = Field(default=DEFAULT_MODEL_NAME, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     priority: int = Field(default=MIN_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)
+    # [issue 11] A signed POST of the job when it ends (docs/events.md); only for the events listed
+    # (None: succeeded, failed and cancelled). The address check (no private networks) is the
+    # client's at submit and the deliverer's at every attempt: it depends on their settings.
+    webhook_url: str | None = Field(default=None, max_length=MAX_WEBHOOK_URL_CHARS)
+    webhook_events: list[Literal["succeeded", "failed", "cancelled"]] | None = Field(
+        default=None, min_length=1
+    )
 
     @field_validator("model_name")
     @classmethod
@@ -156,6 +165,42 @@ class _SpecBase(_StrictModel):
     @classmethod
     def _idempotency_key_text(cls, value: str | None) -> str | None:
         return None if value is None else _storable_text("idempotency_key", value)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:  # [issue 11]
+        if value is None:
+            return None
+        problem = webhook_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events(cls, value: list[str] | None) -> list[str] | None:  # [issue 11] stored in one order
+        return None if value is None else [event for event in WEBHOOK_EVENTS if event in value]
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """[issue 11] Why ``url`` cannot be a webhook (not http(s), no host, credentials, spaces), or None."""
+    from urllib.parse import urlsplit
+
+    shown = repr(url[:80])
+    if text_problem(url) is not None or any(char.isspace() for char in url):
+        return f"webhook_url {shown} is not a valid URL"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return f"webhook_url {shown} is not a valid URL"
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"webhook_url must be an http:// or https:// URL, got {shown}"
+    if not parts.hostname:
+        return f"webhook_url {shown} has no host"
+    if parts.username is not None or parts.password is not None:
+        return "webhook_url must not carry credentials (user:password@); check the signature instead"
+    return None
 
 
 def _non_blank(name: str, value: str) -> str:

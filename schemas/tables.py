@@ -238,3 +238,44 @@ class WorkerRecord(Base):
         sa.Index("ix_workers_model_name_heartbeat_at", "model_name", "heartbeat_at"),
         sa.Index("ix_workers_node", "node"),
     )
+
+
+_PENDING_WEBHOOK = sa.text("status = 'pending'")
+
+
+class WebhookOutbox(Base):
+    """[issue 11] One webhook event of a job (worker/webhooks.py, docs/events.md).
+
+    Rows are inserted by a trigger on `jobs` (migration 0005) in the same transaction that ends a
+    job whose spec has a `webhook_url`; `id` is the event id every delivery attempt carries. A
+    deliverer claims due `pending` rows with a lease, then marks them `delivered` or, after its
+    last attempt, `dead` with the last error.
+    """
+
+    __tablename__ = "webhook_outbox"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(sa.String(16))  # succeeded | failed | cancelled
+    url: Mapped[str] = mapped_column(sa.Text)
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending")  # pending | delivered | dead
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime]
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(255))
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+
+    __table_args__ = (
+        # The deliverer's scan: due pending rows only, so delivered history costs it nothing.
+        sa.Index(
+            "ix_webhook_outbox_due",
+            "next_attempt_at",
+            postgresql_where=_PENDING_WEBHOOK,
+            sqlite_where=_PENDING_WEBHOOK,
+        ),
+        sa.Index("ix_webhook_outbox_job_id", "job_id"),  # a job's events; the cascade of a job delete
+    )

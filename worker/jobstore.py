@@ -201,7 +201,8 @@ class IdempotencyConflict(ValueError):
 
 
 # Scheduling, not part of the request: resubmitting with another priority finds the same job.
-_NOT_THE_REQUEST = frozenset({"priority"})
+# [issue 11] Nor is where its webhook goes: the job found keeps its own.
+_NOT_THE_REQUEST = frozenset({"priority", "webhook_url", "webhook_events"})
 
 
 def _check_same_request(key: str, stored_spec: dict[str, Any], spec: T2ISpec | EditSpec) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -73,6 +73,14 @@ class Settings:
     # re-read the table at least every events_fallback_seconds.
     events: bool = True
     events_fallback_seconds: float = 5.0
+    # [issue 11] Signed webhooks from the outbox (worker/webhooks.py); the secret is never printed.
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_allow_private_networks: bool = False
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = 12
+    webhook_retry_seconds: float = 10.0
+    webhook_max_age_seconds: float = 86400.0
+    webhook_poll_seconds: float = 1.0
 
     @property
     def embedded(self) -> bool:
@@ -246,4 +254,31 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         # [issue 11] events (docs/events.md)
         events=_read(env, "DG_EVENTS", _bool, True),
         events_fallback_seconds=_read(env, "DG_EVENTS_FALLBACK_SECONDS", float, 5.0, pos),
+        # [issue 11] webhooks
+        webhook_secret=_webhook_secret(env),
+        # As for inputs: embedded webhooks are the user's own (a local receiver is the usual case).
+        webhook_allow_private_networks=_read(
+            env, "DG_WEBHOOK_ALLOW_PRIVATE_NETWORKS", _bool, broker_url is None
+        ),
+        webhook_timeout_seconds=_read(env, "DG_WEBHOOK_TIMEOUT_SECONDS", float, 10.0, pos),
+        webhook_max_attempts=_read(env, "DG_WEBHOOK_MAX_ATTEMPTS", int, 12, pos),
+        webhook_retry_seconds=_read(env, "DG_WEBHOOK_RETRY_SECONDS", float, 10.0, pos),
+        webhook_max_age_seconds=_read(env, "DG_WEBHOOK_MAX_AGE_SECONDS", float, 86400.0, pos),
+        webhook_poll_seconds=_read(env, "DG_WEBHOOK_POLL_SECONDS", float, 1.0, pos),
     )
+
+
+MIN_WEBHOOK_SECRET_CHARS = 16  # [issue 11]
+
+
+def _webhook_secret(env: Mapping[str, str]) -> str | None:
+    """[issue 11] DG_WEBHOOK_SECRET: the HMAC-SHA256 key webhooks are signed with (never logged)."""
+    raw = env.get("DG_WEBHOOK_SECRET", "")
+    if not raw.strip():
+        return None
+    if len(raw) < MIN_WEBHOOK_SECRET_CHARS:
+        raise SettingsError(
+            f"DG_WEBHOOK_SECRET must be at least {MIN_WEBHOOK_SECRET_CHARS} characters long "
+            f"(it has {len(raw)}); e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`"
+        )
+    return raw
