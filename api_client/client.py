@@ -644,6 +644,7 @@ class DiffgentorClient:
             subscription,
             poll_seconds=self.poll_seconds,
             fallback_seconds=self.events_fallback_seconds,
+            cost_factor=1.0,  # reads by id are cheap: an ending job is read right after the one that started
         )
         try:
             views = dict(zip(ids, self.get_many(ids), strict=True))
