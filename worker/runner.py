@@ -28,7 +28,7 @@ from schemas.views import ArtifactView
 from worker.claims import ClaimedJob, ClaimRefusal
 from worker.deepgen.types import GenerationRequest, GenerationResult, GenerationStopped, StepCallback
 from worker.errors import describe_error, free_accelerator_memory, is_soft_time_limit
-from worker.jobstore import JobStore
+from worker.jobstore import JobNotFound, JobStore
 from worker.lease import LeaseKeeper, ProgressReporter
 from worker.settings import Settings
 from worker.transient import is_transient, one_line, retry_transient
@@ -395,6 +395,8 @@ class JobRunner:
         (the completion did commit and only its reply was lost)."""
         try:
             recorded = set(_object_uris(self.store.get(job_id).artifacts))
+        except JobNotFound:
+            recorded = set()  # pruned meanwhile: nothing can record these objects any more
         except Exception as exc:
             log.warning("could not read job %s to clean up its objects: %s", job_id, one_line(exc))
             return

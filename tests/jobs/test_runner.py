@@ -304,3 +304,31 @@ def test_an_engine_that_returns_too_few_images_fails_the_job(
     job = store.get(job_id)
     assert "returned 2 image(s) for num_images_per_prompt=3" in (job.error_message or "")
     assert job.artifacts == []
+
+
+def test_a_job_deleted_during_its_uploads_leaves_none_of_its_images(
+    store: JobStore, runner: JobRunner, db_engine: Any
+) -> None:
+    """A prune (or an operator) deletes the row while the worker uploads: nothing can record this
+    run's objects any more, so the worker removes them instead of leaving orphans."""
+    import sqlalchemy as sa
+
+    from schemas.tables import Job
+
+    job_id = store.submit([T2I])[0].job.id
+    inner = runner.artifact_store
+
+    class DeletingStore:
+        def put_bytes(self, key: str, data: bytes, content_type: str = "image/png") -> str:
+            uri = inner.put_bytes(key, data, content_type)
+            if key.endswith(".png"):
+                with db_engine.begin() as conn:
+                    conn.execute(sa.delete(Job).where(Job.id == job_id))
+            return uri
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+    runner.artifact_store = DeletingStore()
+    assert runner.run(job_id, "w1") is RunOutcome.LOST
+    assert not [path for path in Path(inner.root).rglob("*") if path.is_file()]
