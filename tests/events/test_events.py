@@ -234,3 +234,17 @@ def test_stray_messages_are_ignored(garbage: bytes) -> None:
     assert JobEvent.from_json(garbage) is None
     event = JobEvent("progress", "j", "b", step=2, total=5)
     assert JobEvent.from_json(event.to_json()) == replace(event, at=round(event.at, 6))
+
+
+def test_the_workers_own_wiring_publishes(settings: Settings, engine: FakeEngine) -> None:
+    """`JobRunner.from_settings` (what a Celery worker builds) publishes to the broker's Redis."""
+    production = JobRunner.from_settings(settings, lambda: engine)
+    job = production.store.submit([T2I])[0].job
+    assert settings.broker_url is not None
+    subscription = RedisSubscription(settings.broker_url, [job_channel(job.id)])
+    try:
+        assert production.run(job.id, "w1") is RunOutcome.SUCCEEDED
+        events = _collect(subscription, lambda seen: any(e.terminal for e in seen))
+        assert _types(events, job.id) == ["running", "progress", "progress", "succeeded"]
+    finally:
+        subscription.close()
