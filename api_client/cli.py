@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output_dir", type=Path, help="default: DG_HOME/demo")
     demo.add_argument("--num_inference_steps", type=int, default=None)
     demo.set_defaults(handler=_cmd_demo)
+
+    _add_dashboard_parser(commands)  # [issue 12] `dashboard` (api_client/dashboard/command.py)
     for command_parser in _all_subparsers(parser):
         command_parser.set_defaults(command_parser=command_parser)
     return parser
@@ -823,6 +825,18 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     for name, value in tiny_env(paths).items():
         print(f"export {name}={value}")
     return int(ExitCode.OK)
+
+
+def _add_dashboard_parser(commands: Any) -> None:
+    """[issue 12] `diffgentor dashboard`: options and command in api_client/dashboard/command.py
+    (Starlette, Jinja2 and uvicorn, the `dashboard` extra, are imported only when it runs)."""
+    from api_client.dashboard.command import add_arguments, cmd_dashboard
+
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the web dashboard: batches, galleries, jobs, workers (the dashboard extra)"
+    )
+    add_arguments(dashboard)
+    dashboard.set_defaults(handler=cmd_dashboard)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
