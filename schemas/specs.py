@@ -113,7 +113,9 @@ class GenerationParams(_StrictModel):
     width: int | None = DEFAULT_T2I_SIDE
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_images_per_prompt: int = Field(default=MIN_IMAGES_PER_PROMPT, ge=MIN_IMAGES_PER_PROMPT, le=MAX_IMAGES_PER_PROMPT)
+    num_images_per_prompt: int = Field(
+        default=MIN_IMAGES_PER_PROMPT, ge=MIN_IMAGES_PER_PROMPT, le=MAX_IMAGES_PER_PROMPT
+    )
 
     @field_validator("guidance_scale", mode="before")
     @classmethod
