@@ -4,7 +4,8 @@
 A `JobHandle` is a submitted job seen from the producer: ``.id``, ``.done()``, ``.status``,
 ``.result(timeout)`` (the images' metadata, or the job's failure raised) and ``.cancel()``. The
 module functions `as_completed` and `wait` take any number of handles, like their namesakes in
-`concurrent.futures`; they poll the job table in one query per round (docs/cli.md, Python API).
+`concurrent.futures`; they wake on the jobs' events and read the job table in one query per round
+(docs/cli.md, Python API; docs/events.md).
 
     handles = client.submit_many([client.t2i_spec(p) for p in prompts])
     for handle in as_completed(handles, timeout=3600):
@@ -134,18 +135,15 @@ def as_completed(handles: Iterable[JobHandle], timeout: float | None = None) -> 
     """
     pending = _unique(handles)
     deadline = None if timeout is None else time.monotonic() + timeout
-    while pending:
-        _refresh_all(pending)
-        finished = [handle for handle in pending if handle.view.is_terminal]
-        finished.sort(key=_finish_order)
-        for handle in finished:
-            pending.remove(handle)
-            yield handle
-        if not pending:
-            return
-        if deadline is not None and time.monotonic() >= deadline:
-            raise WaitTimeout([handle.id for handle in pending], timeout or 0.0)
-        time.sleep(_poll_seconds(pending))
+    with _Watch(pending) as watch:
+        while pending:
+            watch.refresh(pending)
+            finished = sorted((handle for handle in pending if handle.view.is_terminal), key=_finish_order)
+            for handle in finished:
+                pending.remove(handle)
+                yield handle
+            if pending and not watch.until_next_read(deadline):
+                raise WaitTimeout([handle.id for handle in pending], timeout or 0.0)
 
 
 def wait(
@@ -159,15 +157,77 @@ def wait(
         raise ValueError(f"return_when must be one of {', '.join(_RETURN_WHEN)}, got {return_when!r}")
     every = _unique(handles)
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        _refresh_all(every)
-        done = {handle for handle in every if handle.view.is_terminal}
-        not_done = set(every) - done
-        if _satisfied(return_when, done, not_done):
-            return DoneAndNotDone(done, not_done)
-        if deadline is not None and time.monotonic() >= deadline:
-            return DoneAndNotDone(done, not_done)
-        time.sleep(_poll_seconds(every))
+    with _Watch(every) as watch:
+        while True:
+            watch.refresh(every)
+            done = {handle for handle in every if handle.view.is_terminal}
+            not_done = set(every) - done
+            if _satisfied(return_when, done, not_done) or not watch.until_next_read(deadline):
+                return DoneAndNotDone(done, not_done)
+
+
+class _Watch:
+    """When to read the handles' rows again. With one client (the usual case) it subscribes to the
+    jobs' events before the first read, as `DiffgentorClient.wait` does: an event names the jobs to
+    read at once, and everything is read every DG_EVENTS_FALLBACK_SECONDS anyway (docs/events.md).
+    Handles of several clients are polled, each client's jobs in one query per round."""
+
+    def __init__(self, handles: Sequence[JobHandle]) -> None:
+        from worker.events import ReadPacer, Reread
+
+        clients = {id(handle._client): handle._client for handle in handles}
+        self._pacer: Any = None
+        self._subscription: Any = None
+        self._next = Reread(full=True)
+        self._poll = min((client.poll_seconds for client in clients.values()), default=0.5)
+        if len(clients) == 1:
+            [client] = clients.values()
+            self._subscription = client._subscribe(job_ids=[handle.id for handle in handles])
+            self._pacer = ReadPacer(
+                self._subscription,
+                poll_seconds=client.poll_seconds,
+                fallback_seconds=client.events_fallback_seconds,
+                cost_factor=1.0,
+            )
+
+    def refresh(self, handles: Sequence[JobHandle]) -> None:
+        """One `get_many` per client for the unfinished handles the next read names."""
+        started = time.monotonic()
+        by_client: dict[int, list[JobHandle]] = {}
+        for handle in handles:
+            if not handle.view.is_terminal and (self._next.full or handle.id in self._next.job_ids):
+                by_client.setdefault(id(handle._client), []).append(handle)
+        for group in by_client.values():
+            client = group[0]._client
+            client.drive_embedded([handle.view for handle in group])
+            for handle, view in zip(group, client.get_many([handle.id for handle in group]), strict=True):
+                handle.view = view
+        if self._pacer is not None:
+            self._pacer.done(self._next, time.monotonic() - started)
+
+    def until_next_read(self, deadline: float | None) -> bool:
+        """Block until the next read is due; False when ``deadline`` (monotonic) came first."""
+        from worker.events import Reread
+
+        if self._pacer is not None:
+            reread = self._pacer.next(deadline)
+            if reread is None:
+                return False
+            self._next = reread
+            return True
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return False
+        time.sleep(self._poll if deadline is None else min(self._poll, deadline - now))
+        self._next = Reread(full=True)
+        return True
+
+    def __enter__(self) -> _Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
 
 
 def _satisfied(return_when: str, done: set[JobHandle], not_done: set[JobHandle]) -> bool:
@@ -194,23 +254,6 @@ def _unique(handles: Iterable[JobHandle]) -> list[JobHandle]:
             raise TypeError(f"expected JobHandle objects (what submit_* return), got {type(handle).__name__}")
         seen.setdefault(id(handle), handle)
     return list(seen.values())
-
-
-def _refresh_all(handles: Sequence[JobHandle]) -> None:
-    """One `get_many` per client for the handles not yet finished."""
-    by_client: dict[int, list[JobHandle]] = {}
-    for handle in handles:
-        if not handle.view.is_terminal:
-            by_client.setdefault(id(handle._client), []).append(handle)
-    for group in by_client.values():
-        client = group[0]._client
-        client.drive_embedded([handle.view for handle in group])
-        for handle, view in zip(group, client.get_many([handle.id for handle in group]), strict=True):
-            handle.view = view
-
-
-def _poll_seconds(handles: Sequence[JobHandle]) -> float:
-    return min((handle._client.poll_seconds for handle in handles), default=0.5)
 
 
 def _finish_order(handle: JobHandle) -> tuple[float, str]:
