@@ -70,6 +70,7 @@ _SHOWN_CANDIDATES = 5
 # their model and, when there are none, say so on the progress line (with the command to start one).
 NO_WORKER_NOTICE_SECONDS = 15.0
 CONNECT_TIMEOUT_SECONDS = 5
+BAR_REFRESH_SECONDS = 1.0  # a waiting progress bar redraws its clock (and notice) at least this often
 
 
 # Kept for code that names the type: submit_many returns handles, which carry ``.job`` and ``.created``.
@@ -662,9 +663,14 @@ class DiffgentorClient:
                 self.drive_embedded([view for view in current if not view.is_terminal])
                 if not pending:
                     return current[0] if single else current
-                reread = pacer.next(deadline)
+                # A progress bar wakes at least every BAR_REFRESH_SECONDS for its clock and the
+                # no-live-worker notice (no read of the jobs: events or the fallback bring those).
+                wake = deadline if bar is None else _sooner(deadline, time.monotonic() + BAR_REFRESH_SECONDS)
+                reread = pacer.next(wake)
                 if reread is None:
-                    raise WaitTimeout(pending, timeout or 0.0)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise WaitTimeout(pending, timeout or 0.0)
+                    continue
                 ask = pending if reread.full else [job_id for job_id in pending if job_id in reread.job_ids]
                 started = time.monotonic()
                 if ask:
@@ -854,6 +860,10 @@ def _refuse_finished(view: JobView) -> None:
     if view.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         again = "; `diffgentor retry` runs it again" if view.status == JobStatus.FAILED else ""
         raise JobStateError(f"job {view.id} already {view.status.value}: there is nothing to cancel{again}")
+
+
+def _sooner(deadline: float | None, moment: float) -> float:
+    return moment if deadline is None else min(deadline, moment)
 
 
 def _script_name() -> str:
