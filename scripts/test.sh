@@ -10,4 +10,7 @@ python3 -m venv .venv
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy  # schemas, worker, api_client (pyproject.toml [tool.mypy])
-HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Three pytest-xdist workers (DG_TEST_WORKERS): most slow tests wait on worker subprocesses, so three
+# share two cores well; each worker is its own session with its own PostgreSQL database, Redis database
+# number and tiny model (tests/conftest.py). DG_TEST_WORKERS=0 runs in one process.
+HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider -n "${DG_TEST_WORKERS:-3}" "$@"
