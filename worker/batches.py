@@ -272,37 +272,9 @@ class BatchStore:
     def cancel(self, batch_id: str) -> BatchCancel:
         """Every unfinished row: queued ones (and running ones whose lease expired) are cancelled
         at once, running ones are asked to stop at their next step (as `JobStore.cancel`)."""
-        now = utcnow()
         with self._db.transaction() as session:
-            cancelled = session.execute(
-                sa.update(Job)
-                .where(
-                    _latest(batch_id),
-                    sa.or_(
-                        Job.status == JobStatus.QUEUED.value,
-                        sa.and_(
-                            Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < claims.db_now_plus()
-                        ),
-                    ),
-                )
-                .values(
-                    status=JobStatus.CANCELLED.value,
-                    cancel_requested=True,
-                    finished_at=now,
-                    lease_expires_at=None,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            stopping = session.execute(
-                sa.update(Job)
-                .where(
-                    _latest(batch_id),
-                    Job.status == JobStatus.RUNNING.value,
-                    Job.cancel_requested == sa.false(),
-                )
-                .values(cancel_requested=True)
-                .execution_options(synchronize_session=False)
-            )
+            cancelled = session.execute(claims.cancel_now(_latest(batch_id)))
+            stopping = session.execute(claims.request_stop(_latest(batch_id)))
             return BatchCancel(claims.rowcount(cancelled), claims.rowcount(stopping))
 
     def retry_failed_page(

@@ -134,6 +134,38 @@ def _owned_by(job_id: str, worker_id: str) -> sa.ColumnElement[bool]:
     return sa.and_(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING.value)
 
 
+def cancel_now(rows: sa.ColumnElement[bool]) -> sa.Update:
+    """Cancel at once the selected jobs that no worker runs: queued ones, and running ones whose
+    lease expired (their worker is gone). Running jobs with a live lease are `request_stop`'s."""
+    return (
+        sa.update(Job)
+        .where(
+            rows,
+            sa.or_(
+                Job.status == JobStatus.QUEUED.value,
+                sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < db_now_plus()),
+            ),
+        )
+        .values(
+            status=JobStatus.CANCELLED.value,
+            cancel_requested=True,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def request_stop(rows: sa.ColumnElement[bool]) -> sa.Update:
+    """Ask the running ones of the selected jobs to stop at their next step (cooperative cancel)."""
+    return (
+        sa.update(Job)
+        .where(rows, Job.status == JobStatus.RUNNING.value, Job.cancel_requested == sa.false())
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) -> ClaimedJob | ClaimRefusal:
     """Take a queued job, or a running one whose lease expired, in ONE conditional UPDATE.
 

@@ -406,33 +406,9 @@ class JobStore:
     def cancel(self, job_id: str) -> JobView:
         """Queued, or running with an expired lease (its worker is gone): cancelled at once (a later
         claim or a late write of the old worker fails). Running with a live lease: ask the worker to stop."""
-        now = utcnow()
         with self._db.transaction() as session:
-            session.execute(
-                sa.update(Job)
-                .where(
-                    Job.id == job_id,
-                    sa.or_(
-                        Job.status == JobStatus.QUEUED.value,
-                        sa.and_(
-                            Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < claims.db_now_plus()
-                        ),
-                    ),
-                )
-                .values(
-                    status=JobStatus.CANCELLED.value,
-                    cancel_requested=True,
-                    finished_at=now,
-                    lease_expires_at=None,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            session.execute(
-                sa.update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
-                .values(cancel_requested=True)
-                .execution_options(synchronize_session=False)
-            )
+            session.execute(claims.cancel_now(Job.id == job_id))
+            session.execute(claims.request_stop(Job.id == job_id))
         view = self.get(job_id)
         if view.status == JobStatus.CANCELLED:  # [issue 11] cancelled at once (a running job emits later)
             self._emit(JobStatus.CANCELLED.value, job_id, view.batch_id)
