@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from api_client.client import DiffgentorClient
     from worker.batches import BatchCancel, BatchStore
 
-BATCH_ID_LENGTH = 36
-MIN_BATCH_ID_PREFIX = 4
-_SHOWN_CANDIDATES = 5
 EXPORT_FORMATS = ("csv", "jsonl")
 EXPORT_COLUMNS = ("index", "job_id", "status", "seed", "prompt", "params", "artifact_uris", "sha256", "error")
 PLAIN_INTERVAL_SECONDS = 10.0
@@ -73,26 +70,17 @@ def batch_store(client: DiffgentorClient) -> BatchStore:
 
 def resolve_batch_id(client: DiffgentorClient, batch: str | Batch | BatchView) -> str:
     """A batch id, or a unique prefix of one (at least 4 characters), as `resolve_job_id` takes jobs."""
+    from api_client.refs import resolve_prefix
+
     if isinstance(batch, Batch | BatchView):
         return batch.id
-    text = str(batch).strip()
-    if len(text) >= BATCH_ID_LENGTH:
-        return text
-    if len(text) < MIN_BATCH_ID_PREFIX:
-        raise UsageError(
-            f"batch id {text!r} is too short: give the full id or at least "
-            f"{MIN_BATCH_ID_PREFIX} characters of it (`diffgentor batches` shows the ids)"
-        )
-    matches = batch_store(client).resolve_prefix(text, limit=_SHOWN_CANDIDATES + 1)
-    if not matches:
-        raise BatchNotFound(text)
-    if len(matches) > 1:
-        shown = ", ".join(matches[:_SHOWN_CANDIDATES])
-        more = " and more" if len(matches) > _SHOWN_CANDIDATES else ""
-        raise UsageError(
-            f"batch id prefix {text} is ambiguous: it matches {shown}{more}; give more characters"
-        )
-    return matches[0]
+    return resolve_prefix(
+        str(batch),
+        noun="batch",
+        listing="diffgentor batches",
+        lookup=lambda prefix, limit: batch_store(client).resolve_prefix(prefix, limit=limit),
+        not_found=BatchNotFound,
+    )
 
 
 def open_batch(client: DiffgentorClient, batch: str | Batch | BatchView) -> Batch:

@@ -63,9 +63,6 @@ ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
 JobRef: TypeAlias = "str | JobView | JobHandle"
 
 DEFAULT_POLL_SECONDS = 0.5
-JOB_ID_LENGTH = 36  # a UUID; shorter references are prefixes
-MIN_JOB_ID_PREFIX = 4
-_SHOWN_CANDIDATES = 5
 # Queue mode: jobs waiting this long without any progress make `wait` look for live workers of
 # their model and, when there are none, say so on the progress line (with the command to start one).
 NO_WORKER_NOTICE_SECONDS = 15.0
@@ -498,26 +495,19 @@ class DiffgentorClient:
         An unknown id or prefix raises `JobNotFound`; a prefix of several jobs raises `UsageError`
         listing them; a shorter one raises `UsageError`.
         """
+        from api_client.refs import resolve_prefix
+
         if isinstance(job, JobView | JobHandle):
             return job.id
-        text = str(job).strip()
-        if len(text) >= JOB_ID_LENGTH:
-            return text
-        if len(text) < MIN_JOB_ID_PREFIX:
-            raise UsageError(
-                f"job id {text!r} is too short: give the full id or at least "
-                f"{MIN_JOB_ID_PREFIX} characters of it (`diffgentor list` shows the ids)"
-            )
-        matches = self._store_call(lambda: self.store.resolve_prefix(text, limit=_SHOWN_CANDIDATES + 1))
-        if not matches:
-            raise JobNotFound(text)
-        if len(matches) > 1:
-            shown = ", ".join(matches[:_SHOWN_CANDIDATES])
-            more = " and more" if len(matches) > _SHOWN_CANDIDATES else ""
-            raise UsageError(
-                f"job id prefix {text} is ambiguous: it matches {shown}{more}; give more characters"
-            )
-        return str(matches[0])
+        return resolve_prefix(
+            str(job),
+            noun="job",
+            listing="diffgentor list",
+            lookup=lambda prefix, limit: self._store_call(
+                lambda: self.store.resolve_prefix(prefix, limit=limit)
+            ),
+            not_found=JobNotFound,
+        )
 
     def get(self, job: JobRef) -> JobView:
         job_id = self.resolve_job_id(job)
