@@ -11,10 +11,16 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from worker.testing import free_port, temporary_database
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from worker.jobstore import JobStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -96,6 +102,25 @@ def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
         conn.execute(sa.text("TRUNCATE artifacts, workers, jobs, batches CASCADE"))
     engine.dispose()
     return url
+
+
+@pytest.fixture
+def db_engine(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on `db_url` (both dialects), disposed after the test."""
+    from worker.db import make_engine
+
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(db_engine: sa.Engine) -> JobStore:
+    """A `JobStore` on `db_engine` (three attempts)."""
+    from worker.db import session_factory
+    from worker.jobstore import JobStore
+
+    return JobStore(session_factory(db_engine), max_attempts=3)
 
 
 @pytest.fixture(scope="session")

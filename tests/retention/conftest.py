@@ -1,29 +1,13 @@
-"""Fixtures for the retention tests: a job store on each dialect (`db_url`, tests/conftest.py) and an
+"""Fixtures for the retention tests: a job store on each dialect (`store`, tests/conftest.py) and an
 artifact store of each kind (a `file://` folder, and a moto S3 bucket under a key prefix)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from worker.db import make_engine, session_factory
-from worker.jobstore import JobStore
 from worker.storage import ArtifactStore, FileArtifactStore, open_store
-
-
-@pytest.fixture
-def db_engine(db_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(db_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(db_engine: sa.Engine) -> JobStore:
-    return JobStore(session_factory(db_engine), max_attempts=3)
 
 
 @pytest.fixture
