@@ -36,14 +36,34 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id[:8]}", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
+        return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.stop()
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop renewing (idempotent; any thread). [issue 13] With an overlapped finish this runs on
+        the finisher's thread after the job's completion (or failure) is written, not when the
+        task returns: the lease stays live through the encode, uploads and completion."""
         self._stopped.set()
-        self._thread.join(timeout=self._heartbeat_seconds + 5)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._heartbeat_seconds + 5)
+
+    def abandon(self) -> None:
+        """[issue 13] A finish ran past its deadline: stop renewing and count the job as lost here,
+        so the stuck finish, if it comes back, writes nothing (the sweeper re-runs the job)."""
+        self.lost.set()
+        self.stop()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
 
     @property
     def should_stop(self) -> bool:

@@ -51,7 +51,7 @@ JOBS_FINISHED = Counter(
 )
 JOB_RUN_SECONDS = Histogram(
     "diffgentor_job_run_seconds",
-    "Wall time of one delivery in the worker, claim to completion",
+    "Wall time of one delivery in the worker, claim to completion (an overlapped finish included)",
     ["model", "status"],
     buckets=RUN_BUCKETS,
     registry=REGISTRY,
@@ -217,11 +217,16 @@ def job_started(model: str) -> None:
     WORKER_BUSY.labels(model).set(1)
 
 
-def job_finished(model: str, status: str, run_seconds: float) -> None:
+def job_finished(model: str, status: str, run_seconds: float, *, busy: bool = False) -> None:
+    """`busy`: [issue 13] another job is already running (its finish overlapped the next job)."""
     JOBS_FINISHED.labels(model, status).inc()
     JOB_RUN_SECONDS.labels(model, status).observe(run_seconds)
-    WORKER_BUSY.labels(model).set(0)
+    WORKER_BUSY.labels(model).set(1 if busy else 0)
     LAST_JOB_FINISHED.labels(model).set(time.time())
+
+
+def set_busy(model: str, busy: bool) -> None:
+    WORKER_BUSY.labels(model).set(1 if busy else 0)
 
 
 def queue_waited(model: str, seconds: float) -> None:

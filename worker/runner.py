@@ -28,6 +28,7 @@ from schemas.views import ArtifactView
 from worker.claims import ClaimedJob, ClaimRefusal
 from worker.deepgen.types import GenerationRequest, GenerationResult, GenerationStopped, StepCallback
 from worker.errors import describe_error, free_accelerator_memory, is_soft_time_limit
+from worker.finisher import Finisher
 from worker.jobstore import JobNotFound, JobStore
 from worker.lease import LeaseKeeper, ProgressReporter
 from worker.settings import Settings
@@ -78,6 +79,18 @@ class RunOutcome(str, Enum):
     CANCELLED = "cancelled"
     REQUEUED = "requeued"  # an infrastructure fault outlasted the retries: back to the queue, delayed
     LOST = "lost"  # another worker took the job over; nothing was written
+    # [issue 13] the images exist; encode, uploads and completion run on the finisher's thread
+    FINISHING = "finishing"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Generated:
+    """What a job's generation hands to its finish (possibly on the finisher's thread)."""
+
+    prompt: str
+    params: dict[str, Any]
+    result: GenerationResult
+    provenance: dict[str, Any] | None
 
 
 def load_deepgen_engine() -> Engine:
@@ -102,6 +115,8 @@ class JobRunner:
         self.store = store
         self.artifact_store = artifact_store
         self.input_store_factory = input_store_factory
+        # [issue 13] told the outcome of each finish done on a finisher's thread
+        self.on_done: Callable[[str, str, float], None] | None = None
 
     @classmethod
     def from_settings(
@@ -137,7 +152,15 @@ class JobRunner:
             input_store_factory=input_store,
         )
 
-    def run(self, job_id: str, worker_id: str) -> RunOutcome:
+    def run(self, job_id: str, worker_id: str, finisher: Finisher | None = None) -> RunOutcome:
+        """Claim and run one job. With a `finisher` ([issue 13]) the encode, uploads and completion
+        are handed to its thread once the images exist, and `FINISHING` is returned at once; the
+        job's lease keeper goes with them and stops only after the completion (or failure) is
+        written. The finish's outcome reaches `on_done(job_id, outcome, seconds)`."""
+        if finisher is not None and finisher.holds(job_id):
+            # The claim would grant it again to this same worker id (a retried claim): drop it here.
+            log.info("dropping delivery of job %s: its finish is pending in this worker", job_id)
+            return RunOutcome.SKIPPED
         outcome = self.store.claim_or_refusal(job_id, worker_id, self.settings.lease_seconds)
         if isinstance(outcome, ClaimRefusal):
             log.info("dropping delivery of job %s: %s", job_id, outcome.reason)
@@ -153,21 +176,47 @@ class JobRunner:
             lease_seconds=self.settings.lease_seconds,
             heartbeat_seconds=self.settings.heartbeat_seconds,
         )
-        with lease:
-            try:
-                return self._execute(claimed, lease)
-            except GenerationStopped:
-                return self._stopped(claimed, lease)
-            except Exception as exc:
-                # BaseException (KeyboardInterrupt, SystemExit, hard kills) is left to the worker:
-                # the lease then expires and the job is retried up to the attempts cap.
-                if not is_soft_time_limit(exc) and self._must_stop(claimed, lease):
-                    # Cancelled or taken over meanwhile: the error is most likely the stop itself
-                    # (e.g. an embedded model load cut short at interpreter exit), not the job's.
-                    return self._stopped(claimed, lease)
-                if is_transient(exc) and not is_soft_time_limit(exc):
-                    return self._requeue(claimed, exc)
+        lease.start()
+        handed_over = False
+        try:
+            generated = self._guarded(claimed, lease, lambda: self._generate(claimed, lease))
+            if isinstance(generated, RunOutcome):
+                return generated
+
+            def finish() -> RunOutcome:
+                return self._guarded(claimed, lease, lambda: self._finish(claimed, lease, generated))
+
+            if finisher is None:
+                return finish()
+            try:  # blocks while the previous job's finish is pending (at most one)
+                finisher.submit(
+                    claimed.id, finish, release=lease.stop, abandon=lease.abandon, on_done=self.on_done
+                )
+            except Exception as exc:  # the soft time limit of this job, while it waited
                 return self._failed(claimed, exc)
+            handed_over = True
+            log.info("job %s generated; encode, upload and completion handed to the finisher", claimed.id)
+            return RunOutcome.FINISHING
+        finally:
+            if not handed_over:
+                lease.stop()
+
+    def _guarded(self, claimed: ClaimedJob, lease: LeaseKeeper, body: Callable[[], _T]) -> _T | RunOutcome:
+        """`body`, with every exception ending the job as docs/jobs.md says (stopped, requeued, failed)."""
+        try:
+            return body()
+        except GenerationStopped:
+            return self._stopped(claimed, lease)
+        except Exception as exc:
+            # BaseException (KeyboardInterrupt, SystemExit, hard kills) is left to the worker:
+            # the lease then expires and the job is retried up to the attempts cap.
+            if not is_soft_time_limit(exc) and self._must_stop(claimed, lease):
+                # Cancelled or taken over meanwhile: the error is most likely the stop itself
+                # (e.g. an embedded model load cut short at interpreter exit), not the job's.
+                return self._stopped(claimed, lease)
+            if is_transient(exc) and not is_soft_time_limit(exc):
+                return self._requeue(claimed, exc)
+            return self._failed(claimed, exc)
 
     def _retrying(self, operation: Callable[[], _T], what: str, lease: LeaseKeeper | None = None) -> _T:
         """`operation` retried in place over transient faults, while this worker still owns the job."""
@@ -178,7 +227,8 @@ class JobRunner:
             should_stop=(lambda: lease.should_stop) if lease is not None else (lambda: False),
         )
 
-    def _execute(self, claimed: ClaimedJob, lease: LeaseKeeper) -> RunOutcome:
+    def _generate(self, claimed: ClaimedJob, lease: LeaseKeeper) -> _Generated:
+        """Inputs, the engine call, the check that the job is still ours and not cancelled."""
         spec = parse_job_spec(claimed.spec)
         engine = self.engine_provider()
         if lease.should_stop:  # cancelled (or taken over) while the model was loading
@@ -216,8 +266,20 @@ class JobRunner:
                 f"{params.num_images_per_prompt}"
             )
         self._check_lease(claimed, lease, params.num_inference_steps)
-        provenance = _plain(engine.provenance)
-        artifacts = self._upload(claimed, prompt, spec.model_dump(mode="json")["params"], result, lease)
+        return _Generated(
+            prompt=prompt,
+            params=spec.model_dump(mode="json")["params"],
+            result=result,
+            provenance=_plain(engine.provenance),
+        )
+
+    def _finish(self, claimed: ClaimedJob, lease: LeaseKeeper, generated: _Generated) -> RunOutcome:
+        """One PNG per image, the uploads, the fenced completion with the artifact rows."""
+        result, provenance = generated.result, generated.provenance
+        artifacts = self._upload(claimed, generated.prompt, generated.params, result, lease)
+        if lease.lost.is_set():  # taken over, or [issue 13] an abandoned finish that came back late
+            self._remove_unless_recorded(claimed.id, _object_uris(artifacts))
+            return RunOutcome.LOST
         done = self._retrying(
             lambda: self.store.finish_succeeded(
                 claimed.id,

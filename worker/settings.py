@@ -61,6 +61,11 @@ class Settings:
     requeue_delay_seconds: float = 15.0
     soft_shutdown_timeout_seconds: float = 30.0
     progress_interval_seconds: float = 0.5
+    # [issue 13] docs/jobs.md, "Overlapped finish": a Celery worker encodes, uploads and completes
+    # job N on a background thread while job N+1 generates (at most one finish pending); each
+    # finish gets finish_timeout_seconds before its lease is let go (the sweeper then re-runs it).
+    overlap_finish: bool = True
+    finish_timeout_seconds: float = 600.0
     input_max_bytes: int = 32 * 1024 * 1024
     input_timeout_seconds: float = 30.0
     input_max_pixels: int = 40_000_000
@@ -241,6 +246,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         requeue_delay_seconds=_read(env, "DG_REQUEUE_DELAY_SECONDS", float, 15.0, nonneg),
         soft_shutdown_timeout_seconds=_read(env, "DG_SOFT_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0, nonneg),
         progress_interval_seconds=_read(env, "DG_PROGRESS_INTERVAL_SECONDS", float, 0.5, nonneg),
+        # [issue 13] overlapped finish (Celery workers only; embedded mode always finishes in line)
+        overlap_finish=_read(env, "DG_OVERLAP_FINISH", _bool, True),
+        finish_timeout_seconds=_read(env, "DG_FINISH_TIMEOUT_SECONDS", float, 600.0, pos),
         input_max_bytes=_read(env, "DG_INPUT_MAX_BYTES", int, 32 * 1024 * 1024, pos),
         input_timeout_seconds=_read(env, "DG_INPUT_TIMEOUT_SECONDS", float, 30.0, pos),
         input_max_pixels=_read(env, "DG_INPUT_MAX_PIXELS", int, 40_000_000, pos),

@@ -17,6 +17,7 @@ from celery.worker.request import Request
 
 from worker import hooks, metrics, process
 from worker.celery_app import SWEEP_TASK_NAME, app
+from worker.finisher import Finisher, process_finisher
 from worker.publish import RUN_JOB_TASK_NAME
 from worker.runner import JobRunner, ResidentEngine, RunOutcome, load_deepgen_engine
 from worker.settings import Settings
@@ -59,7 +60,16 @@ def runner() -> JobRunner:
         _runner = JobRunner.from_settings(
             settings(), ResidentEngine(metrics.instrument_engine(load_deepgen_engine))
         )
+        _runner.on_done = hooks.finish_done  # [issue 13] a handed-over job's end, for metrics/registry
     return _runner
+
+
+def finisher() -> Finisher | None:
+    """[issue 13] The process's finisher when DG_OVERLAP_FINISH is on and a Celery worker delivered
+    the task; a direct call (`run_job.run(id)`, tests, tools) finishes in line."""
+    if not settings().overlap_finish or run_job.request.called_directly:
+        return None
+    return process_finisher(settings().finish_timeout_seconds)
 
 
 class JobRequest(Request):
@@ -117,7 +127,7 @@ def run_job(job_id: str) -> str:
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     try:
-        outcome = runner().run(job_id, worker_id())
+        outcome = runner().run(job_id, worker_id(), finisher())
     except (DBAPIError, PoolTimeout) as exc:
         # The database failed before or during the claim (a failure inside the job body is
         # recorded by the runner): acking now would lose the only message of a queued job.

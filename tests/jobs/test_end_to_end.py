@@ -464,3 +464,66 @@ def test_broker_data_loss_recovers_with_default_settings(
         sweeper.stop()
         publisher.close()
         redis_server.stop()
+
+
+def test_kill_9_while_a_finish_is_pending_then_a_new_worker_completes_each_job_once(
+    store: JobStore,
+    publisher: CeleryPublisher,
+    start_worker: Any,
+    model_name: str,
+    worker_env: dict[str, str],
+    s3_endpoint: str,
+    s3_bucket: str,
+) -> None:
+    """[issue 13] Job A's message is acked once its images exist; its finish (upload, completion)
+    hangs on a hung S3 while job B generates; kill -9 of the whole worker. A is `running` with a
+    lease that expires; the sweeper releases and re-publishes A (and B); a new worker completes
+    each once: attempts 2, one artifact, only the winner's objects in the bucket."""
+    from worker.faults import FaultProxy
+
+    host, port = s3_endpoint.removeprefix("http://").split(":")
+    with FaultProxy(host, int(port)) as proxy:
+        through_proxy = {"DG_S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        first = start_worker(through_proxy)
+        proxy.hang()
+        [a, b] = [
+            s.job.id
+            for s in submit_jobs(
+                store,
+                publisher,
+                [
+                    {"kind": "t2i", "prompt": f"pending finish {i}", "model_name": model_name, "params": FAST}
+                    for i in range(2)
+                ],
+            )
+        ]
+        # A handed over (its message acked); B generated, waiting for A's finish.
+        for marker in (f"job {a} generated", f"job {b} waits for the pending finish of {a}"):
+            wait_for(
+                lambda marker=marker: marker in first.log_text(),
+                60,
+                lambda: f"not handed over; log:\n{first.log_text()[-3000:]}",
+            )
+        assert [j.status for j in store.get_many([a, b])] == [JobStatus.RUNNING] * 2
+        first.kill()
+        proxy.restore()
+        second = start_worker(through_proxy)
+        settings = load_settings({**worker_env, **through_proxy})
+
+        def swept_and_done() -> bool:
+            sweep_once(settings)  # releases the expired leases (3 s) and publishes at top priority
+            return all(j.status in TERMINAL_STATUSES for j in store.get_many([a, b]))
+
+        wait_for(swept_and_done, 60, lambda: f"not finished: {store.get_many([a, b])}", interval=0.5)
+    s3 = _s3(s3_endpoint)
+    for job in store.get_many([a, b]):
+        assert job.status == JobStatus.SUCCEEDED, (job.error_type, job.error_message)
+        assert job.attempts == 2 and len(job.artifacts) == 1
+        assert second.log_text().count(f"job {job.id} succeeded") == 1
+        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"e2e/jobs/{job.id}/")
+        keys = sorted(o["Key"] for o in listed.get("Contents", []))
+        [artifact] = job.artifacts
+        named = sorted(
+            uri.split(f"s3://{s3_bucket}/", 1)[1] for uri in (artifact.uri, artifact.thumbnail_uri) if uri
+        )
+        assert keys == named and all("/2/" in key for key in keys), keys
