@@ -8,6 +8,7 @@ Sweeper side: `sweep_candidates`, `release_expired`, `requeue_published_queued`.
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import secrets
 import uuid
@@ -17,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -124,6 +126,16 @@ _MARK_PUBLISHED = (
     )
     .values(published_at=sa.bindparam("now"))
 )
+# [issue 13] PostgreSQL: the ids as ONE array parameter (`= ANY`), not 1000 expanded placeholders
+# that SQLAlchemy renders and the server parses on every bulk submit.
+_MARK_PUBLISHED_PG = (
+    sa.update(Job)
+    .where(
+        Job.id == sa.any_(sa.bindparam("job_ids", type_=postgresql.ARRAY(sa.String))),
+        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+    )
+    .values(published_at=sa.bindparam("now"))
+)
 _MARK_PUBLISHED_BY_DIALECT: dict[str, Any] = {}
 
 
@@ -131,8 +143,50 @@ def _mark_published_statement(conn: sa.Connection) -> Any:
     # Built once per dialect: constructing it per single submit cost more than running it.
     dialect = conn.dialect.name
     if dialect not in _MARK_PUBLISHED_BY_DIALECT:
-        _MARK_PUBLISHED_BY_DIALECT[dialect] = claims.relaxed(_MARK_PUBLISHED, conn)
+        statement = _MARK_PUBLISHED_PG if dialect == "postgresql" else _MARK_PUBLISHED
+        _MARK_PUBLISHED_BY_DIALECT[dialect] = claims.relaxed(statement, conn)
     return _MARK_PUBLISHED_BY_DIALECT[dialect]
+
+
+# [issue 13] Bulk submits on PostgreSQL: COPY FROM STDIN (psycopg) in the submit's transaction
+# instead of one INSERT per row (executemany); from this many rows on.
+COPY_MIN_ROWS = 50
+_JSON_COLUMNS = frozenset(c.name for c in _JOBS_TABLE.columns if isinstance(c.type, sa.JSON))
+
+
+def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> bool:
+    """COPY the new rows in the session's transaction (as durable as the INSERT: same commit).
+    False (nothing written) where COPY does not apply: not psycopg 3, or a column with a
+    Python-side default that the rows leave out (Core's INSERT would fill it, COPY would not)."""
+    names = list(rows[0])
+    if any(c.name not in rows[0] and c.default is not None for c in _JOBS_TABLE.columns):
+        return False
+    driver = session.connection().connection.driver_connection
+    if driver is None or type(driver).__module__.split(".")[0] != "psycopg":
+        return False
+    preparer = session.get_bind().dialect.identifier_preparer
+    sql = (
+        f"COPY {preparer.format_table(_JOBS_TABLE)} "
+        f"({', '.join(preparer.quote(name) for name in names)}) FROM STDIN"
+    )
+    json_at = [i for i, name in enumerate(names) if name in _JSON_COLUMNS]
+    with driver.cursor() as cursor, cursor.copy(sql) as copy:
+        for row in rows:
+            values = list(row.values())
+            for i in json_at:
+                if values[i] is not None:
+                    values[i] = json.dumps(values[i])
+            copy.write_row(values)
+    return True
+
+
+def _ids_and_seeds(count: int) -> tuple[list[str], list[int]]:
+    """[issue 13] Fresh uuid4 ids and seeds for `count` new rows from ONE read of the OS's entropy
+    (`secrets`/`uuid4` read it once per value, a syscall each)."""
+    entropy = secrets.token_bytes(20 * count)
+    ids = [str(uuid.UUID(bytes=entropy[20 * i : 20 * i + 16], version=4)) for i in range(count)]
+    seeds = [int.from_bytes(entropy[20 * i + 16 : 20 * i + 20], "big") % SEED_RANGE for i in range(count)]
+    return ids, seeds
 
 
 def new_job_values(
@@ -143,11 +197,14 @@ def new_job_values(
     *,
     batch_id: str | None = None,
     batch_index: int | None = None,
+    job_id: str | None = None,
 ) -> dict[str, Any]:
-    """Every column of a new queued row (also what its JobView is built from, without a read back)."""
+    """Every column of a new queued row (also what its JobView is built from, without a read back).
+
+    ``seed``: used when the spec has none (default: drawn now); ``job_id``: default a new uuid4."""
     params = spec.params
     return {
-        "id": str(uuid.uuid4()),
+        "id": job_id or str(uuid.uuid4()),
         "kind": spec.kind,
         "model_name": spec.model_name,
         "status": JobStatus.QUEUED.value,
@@ -316,6 +373,7 @@ class JobStore:
             rows: list[dict[str, Any]] = []
             results: list[Submitted] = []
             batch_id = str(uuid.uuid4()) if batch is not None else None
+            fresh_ids, seeds = _ids_and_seeds(len(specs))
             for position, spec in enumerate(specs):
                 key = spec.idempotency_key
                 if key and key in existing:
@@ -325,8 +383,10 @@ class JobStore:
                 values = new_job_values(
                     spec,
                     self.max_attempts,
+                    seed=seeds[position],
                     batch_id=batch_id,
                     batch_index=indexes[position] if indexes is not None else None,
+                    job_id=fresh_ids[position],
                 )
                 rows.append(values)
                 view = JobView.model_validate(values)
@@ -339,7 +399,9 @@ class JobStore:
                 # Before its jobs (their foreign key), in the same transaction: both or neither.
                 models = [row["model_name"] for row in rows]
                 session.execute(_BATCHES_TABLE.insert(), [batch_values(batch, batch_id, models, len(rows))])
-            if rows:
+            if rows and not (
+                len(rows) >= COPY_MIN_ROWS and self._db.dialect == "postgresql" and _copy_rows(session, rows)
+            ):
                 session.execute(_JOBS_TABLE.insert(), rows)  # Core executemany: batched multi-row INSERTs
             return results
 

@@ -72,3 +72,39 @@ def test_in_process_publisher_runs_jobs_during_publish(tmp_path: Path) -> None:
     retried = retry_job(store, publisher, failed.id)
     assert retried.status == JobStatus.SUCCEEDED and retried.retry_of == failed.id
     assert retried.seed == failed.seed
+
+
+def test_bulk_submit_rows_read_back_as_returned(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[issue 13] A bulk submit (COPY on PostgreSQL, executemany elsewhere) writes exactly the rows
+    whose views it returns: ids, seeds (drawn in one go, or the spec's own), batch fields, JSON spec."""
+    from worker import jobstore
+    from worker.batches import NewBatch
+
+    copied: list[int] = []
+    real_copy = jobstore._copy_rows
+
+    def spy(session: object, rows: list[dict[str, object]]) -> bool:
+        written = real_copy(session, rows)  # type: ignore[arg-type]
+        copied.append(len(rows) if written else 0)
+        return written
+
+    monkeypatch.setattr(jobstore, "_copy_rows", spy)
+    specs = [{**T2I, "prompt": f'fox {i} ünïcode "q" \\ \t'} for i in range(jobstore.COPY_MIN_ROWS + 5)]
+    specs[3] = {**T2I, "params": {**T2I["params"], "seed": 7}}
+    specs[4] = {**T2I, "idempotency_key": "bulk-key"}
+    submitted = store.submit(specs, batch=NewBatch(name="bulk"))
+    views = [s.job for s in submitted]
+    assert store.get_many([v.id for v in views]) == views
+    assert len({v.id for v in views}) == len(specs) and views[3].seed == 7
+    assert all(v.batch_id == views[0].batch_id and v.batch_index == i for i, v in enumerate(views))
+    assert len({v.seed for v in views}) > len(specs) // 2  # drawn, not one value for all
+    assert copied == ([len(specs)] if store.database.dialect == "postgresql" else [])
+    again = store.submit([{**T2I, "idempotency_key": "bulk-key"}] * 2)
+    assert [s.created for s in again] == [False, False] and again[0].job.id == views[4].id
+
+
+def test_published_at_is_set_after_a_bulk_publish(store: JobStore) -> None:
+    publisher = RecordingPublisher()
+    submitted = submit_jobs(store, publisher, [T2I] * 60)
+    assert [t.job_id for t in publisher.sent] == [s.job.id for s in submitted]
+    assert all(job.published_at is not None for job in store.get_many([s.job.id for s in submitted]))
