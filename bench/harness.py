@@ -188,6 +188,7 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "sqlalchemy": sqlalchemy.__version__,
         "load1": f"{os.getloadavg()[0]:.2f}",
+        "loadavg_1_5_15": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 
 
