@@ -4,8 +4,10 @@
 
 Single mode runs once with one producer and once with several producer threads (realistic:
 many clients), bulk mode sends `--batch` specs per call. Each job takes the full producer path
-(`worker.submission.submit_jobs`): durable INSERT (one transaction), publish the id to its Redis
-queue, record `published_at` (a relaxed, non-durable commit); the views are not read back.
+(`worker.submission.submit_jobs`): durable INSERT (one transaction; COPY for a bulk call on
+PostgreSQL), publish the id to its Redis queue (`CeleryPublisher`'s Redis template path), record
+`published_at` (a relaxed, non-durable commit); the views are not read back.
+Set DG_BENCH_REDIS_DB when another benchmark may run at the same time (each flushes its database).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from worker.submission import submit_jobs
 
     with pg_database() as db, redis_url() as broker:
-        engine = make_engine(db)
+        # A pool at least as large as the producer threads: with the default 5 (+10 overflow) the
+        # extra connections are opened and closed per submit (145 new connections in 1000 x8 submits).
+        engine = make_engine(db, pool_size=max(5, args.producers))
         store = JobStore(session_factory(engine))
         publisher = CeleryPublisher(broker)
         spec = {"kind": "t2i", "prompt": "a red fox in the snow", "model_name": "bench-unconsumed"}
@@ -67,16 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         assert depth == expected, f"expected {expected} messages, found {depth}"
         publisher.close()
         engine.dispose()
+    # [issue 13] targets: >= 1,500 jobs/s with 8 producer threads, >= 10,000 jobs/s in batches of 1000.
     Report("c submit single", args.n, {"jobs_per_s": single}, ">= 500 jobs/s", single >= 500).emit()
     Report(
         f"c submit single x{args.producers} producers",
         per_thread * args.producers,
         {"jobs_per_s": concurrent},
-        ">= 500 jobs/s",
-        concurrent >= 500,
+        ">= 1500 jobs/s",
+        concurrent >= 1500,
     ).emit()
     Report(
-        "c submit bulk", args.n, {"jobs_per_s": bulk, "batch": args.batch}, ">= 5000 jobs/s", bulk >= 5000
+        "c submit bulk", args.n, {"jobs_per_s": bulk, "batch": args.batch}, ">= 10000 jobs/s", bulk >= 10000
     ).emit()
     return 0
 

@@ -11,11 +11,12 @@ import builtins
 import json
 import logging
 import secrets
+import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -245,6 +246,95 @@ def _new_row(spec: T2ISpec | EditSpec, max_attempts: int, **values: Any) -> Job:
     return Job(**new_job_values(spec, max_attempts, **values))
 
 
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class _Waiter:
+    __slots__ = ("done", "error", "lead", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.lead = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class GroupWriter(Generic[_Item, _Result]):
+    """[issue 13] Group commit: concurrent callers' items go out in ONE write, and each caller
+    returns only after that write committed (with its result, or raising its error).
+
+    No thread of its own and no waiting for company: a caller that finds no write in flight
+    writes its own item at once (one producer: exactly the single write it was); callers that
+    arrive while a write is in flight queue up, and the first of them writes them all when it
+    ends. ``write(items)`` returns one result for all. A failed group of several items whose
+    error belongs to a row (``alone_on``: a constraint, a bad value; nothing was committed) is
+    written again one item per caller, so each sees only its own outcome; any other error (a lost
+    connection) is every caller's.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[list[_Item]], _Result],
+        *,
+        alone_on: tuple[type[BaseException], ...] = (),
+        max_items: int = 1000,
+    ) -> None:
+        self._write = write
+        self._alone_on = alone_on
+        self._max_items = max_items
+        self._lock = threading.Lock()
+        self._queue: list[tuple[_Item, _Waiter]] = []
+        self._busy = False
+
+    def __call__(self, item: _Item) -> _Result:
+        waiter = _Waiter()
+        with self._lock:
+            self._queue.append((item, waiter))
+            waiter.lead = not self._busy
+            self._busy = True
+        if not waiter.lead:
+            waiter.done.wait()
+            if waiter.lead:  # handed the next group: write it
+                waiter.done.clear()
+                self._lead()
+        elif waiter.lead:
+            self._lead()
+        if waiter.error is not None:
+            raise waiter.error
+        return cast(_Result, waiter.result)
+
+    def _lead(self) -> None:
+        with self._lock:
+            group, self._queue = self._queue[: self._max_items], self._queue[self._max_items :]
+        try:
+            result = self._write([item for item, _ in group])
+            for _, waiter in group:
+                waiter.result = result
+        except BaseException as exc:
+            if len(group) > 1 and isinstance(exc, self._alone_on):
+                for item, waiter in group:
+                    try:
+                        waiter.result = self._write([item])
+                    except BaseException as own:  # handed to its caller
+                        waiter.error = own
+            else:
+                for _, waiter in group:
+                    waiter.error = exc
+        finally:
+            with self._lock:
+                following = self._queue[0][1] if self._queue else None
+                if following is None:
+                    self._busy = False
+                else:
+                    following.lead = True  # stays busy: the next group's writer
+            for _, waiter in group:
+                waiter.lead = False
+                waiter.done.set()
+            if following is not None:
+                following.done.set()
+
+
 class IdempotencyConflict(ValueError):
     """An idempotency key already names a job whose spec differs from the one submitted now."""
 
@@ -297,6 +387,20 @@ class JobStore:
         self.max_attempts = max_attempts
         self.events: EventSink = LOCAL_HUB if events is None else events
         self._batch_of: dict[str, str | None] = {}  # [issue 11] jobs claimed here -> their batch
+        # [issue 13] PostgreSQL: concurrent single submits share one INSERT and one durable commit,
+        # concurrent `mark_published` calls one UPDATE (`GroupWriter`); each caller still returns
+        # after its own row is committed. Other dialects: one write per call, as before.
+        grouped = self._db.dialect == "postgresql"
+        self._insert_single: Callable[[dict[str, Any]], None] = (
+            GroupWriter(self._insert_rows, alone_on=(sa.exc.IntegrityError, sa.exc.DataError))
+            if grouped
+            else lambda values: self._insert_rows([values])
+        )
+        self._publish_marker: Callable[[str], datetime] = (
+            GroupWriter(self._mark_published_now)
+            if grouped
+            else lambda job_id: self._mark_published_now([job_id])
+        )
 
     def _emit(self, kind: str, job_id: str, batch_id: str | None = None, **extra: Any) -> None:
         """[issue 11] After a commit: tell waiters (best effort; never raises)."""
@@ -361,7 +465,7 @@ class JobStore:
             # commit). Not retried on a lost connection: a commit whose reply was lost would
             # be inserted twice; the caller sees the error instead.
             values = new_job_values(specs[0], self.max_attempts)
-            self._db.write_once(lambda conn: conn.execute(_JOBS_TABLE.insert(), [values]))
+            self._insert_single(values)  # returns once this row is committed (group commit)
             return [Submitted(JobView.model_validate(values), True)]
         with self._db.transaction() as session:  # SQLite: read the keys under the write lock
             existing: dict[str, JobView] = {}
@@ -407,6 +511,11 @@ class JobStore:
 
     def mark_published(self, job_ids: Sequence[str]) -> datetime:
         """Set `published_at` (still queued or running jobs only); returns the time written."""
+        if len(job_ids) == 1:
+            return self._publish_marker(job_ids[0])  # concurrent single submits: one UPDATE
+        return self._mark_published_now(job_ids)
+
+    def _mark_published_now(self, job_ids: Sequence[str]) -> datetime:
         now = utcnow()
         if not job_ids:
             return now
@@ -415,6 +524,12 @@ class JobStore:
         params = {"job_ids": list(job_ids), "now": now}
         self._db.write_one(lambda conn: conn.execute(_mark_published_statement(conn), params))
         return now
+
+    def _insert_rows(self, rows: list[dict[str, Any]]) -> None:
+        """New rows in one INSERT and one durable commit (autocommit: one round trip). Not retried
+        on a lost connection: a commit whose reply was lost would be inserted twice; the callers
+        see the error instead."""
+        self._db.write_once(lambda conn: conn.execute(_JOBS_TABLE.insert(), rows))
 
     def get(self, job_id: str) -> JobView:
         # The hot polling path: Core, one statement, no ORM identity map, no transaction.

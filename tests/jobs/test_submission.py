@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,3 +109,65 @@ def test_published_at_is_set_after_a_bulk_publish(store: JobStore) -> None:
     submitted = submit_jobs(store, publisher, [T2I] * 60)
     assert [t.job_id for t in publisher.sent] == [s.job.id for s in submitted]
     assert all(job.published_at is not None for job in store.get_many([s.job.id for s in submitted]))
+
+
+def test_group_writer_shares_one_write_and_keeps_each_callers_outcome() -> None:
+    """[issue 13] Concurrent callers wait for one write holding all their items; a row error
+    (here ValueError) makes each item be written alone, so only its caller fails."""
+    import threading
+
+    from worker.jobstore import GroupWriter
+
+    groups: list[list[int]] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def write(items: list[int]) -> str:
+        groups.append(list(items))
+        if items == [0]:
+            first_started.set()
+            assert release.wait(10)
+        if 13 in items:
+            raise ValueError(f"bad item 13 in {items}")
+        return f"wrote {len(items)}"
+
+    writer: GroupWriter[int, str] = GroupWriter(write, alone_on=(ValueError,))
+    outcomes: dict[int, str] = {}
+
+    def call(item: int) -> None:
+        try:
+            outcomes[item] = writer(item)
+        except ValueError as exc:
+            outcomes[item] = f"error: {exc}"
+
+    threads = [threading.Thread(target=call, args=(0,))]
+    threads[0].start()
+    assert first_started.wait(10)
+    threads += [threading.Thread(target=call, args=(i,)) for i in range(1, 20)]
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(writer._queue) < 19 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert groups[0] == [0] and sorted(groups[1]) == list(range(1, 20))  # one write for the 19 waiting
+    assert outcomes[0] == "wrote 1" and outcomes[13] == "error: bad item 13 in [13]"
+    assert all(outcomes[i] == "wrote 1" for i in range(1, 20) if i != 13)  # each written alone after
+    assert writer(42) == "wrote 1" and not writer._busy
+
+
+def test_concurrent_single_submits_each_return_their_committed_row(store: JobStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    publisher = RecordingPublisher()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda i: submit_jobs(store, publisher, [{**T2I, "prompt": f"p{i}"}]), range(80))
+        )
+    views = [submitted.job for [submitted] in results]
+    assert [v.spec["prompt"] for v in views] == [f"p{i}" for i in range(80)]
+    stored = store.get_many([v.id for v in views])
+    assert [s.spec["prompt"] for s in stored] == [f"p{i}" for i in range(80)]
+    assert all(s.published_at is not None and s.status == JobStatus.QUEUED for s in stored)
+    assert sorted(t.job_id for t in publisher.sent) == sorted(v.id for v in views)
