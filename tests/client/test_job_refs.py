@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,8 @@ def jobs(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> DiffgentorClient:
     upgrade(database_url)
     monkeypatch.setenv("DG_DATABASE_URL", database_url)
     monkeypatch.setenv("DG_BROKER_URL", "memory://")
-    fixed = iter(uuid.UUID(job_id) for job_id in IDS)
-    with monkeypatch.context() as patch:
-        patch.setattr(worker.jobstore.uuid, "uuid4", lambda: next(fixed))
+    with monkeypatch.context() as patch:  # the ids and seeds of new rows come from one function
+        patch.setattr(worker.jobstore, "_ids_and_seeds", lambda count: (IDS[:count], [7] * count))
         client = DiffgentorClient.from_env()
         client.store.submit([client.t2i_spec(f"prompt {n}") for n in range(3)])
     return client
