@@ -65,6 +65,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+_OUR_PACKAGES = frozenset({"worker", "api_client", "schemas", "bench", "tests"})
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """Undo what a test did to logger levels: an in-process Celery worker hijacks the root logger,
+    uvicorn configures its own, `diffgentor t2i` quiets `worker.runner`. Left in place, such a change
+    silences the log records later tests in the same process assert on (with pytest-xdist the order of
+    tests in a process varies from run to run). Root handlers are pytest's to manage and stay as they are."""
+    root = logging.getLogger()
+    saved_root = (root.level, root.disabled)
+    saved = {
+        name: (logger.level, logger.disabled, logger.propagate, list(logger.handlers))
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    yield
+    root.setLevel(saved_root[0])
+    root.disabled = saved_root[1]
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        if name in saved:
+            level, logger.disabled, logger.propagate, logger.handlers[:] = saved[name]
+            logger.setLevel(level)
+        else:  # created during the test: others keep what their modules set, ours start clean
+            logger.disabled = False
+            if name.split(".")[0] in _OUR_PACKAGES:
+                logger.setLevel(logging.NOTSET)
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this session, dropped afterwards."""
