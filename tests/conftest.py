@@ -44,6 +44,7 @@ SERVICE_FIXTURES = frozenset(
         "pg_url",
         "migrated_pg_url",
         "db_url",
+        "empty_db_url",  # tests/jobs/test_migrations.py: a database of its own, PostgreSQL among them
         "redis_db",
         "redis_url",
         "s3_endpoint",
