@@ -187,6 +187,23 @@ class Job(Base):
     )
 
 
+class PendingPublish(Base):
+    """[issue 13] A job committed by a producer that publishes it right after the commit.
+
+    Written in the job's own transaction (the job row carries `published_at`, so no UPDATE of the
+    jobs table follows the publish); the producer deletes it once the broker took the message. A
+    row left past the publish grace (the producer died, or its publish failed and the database was
+    unreachable to say so) is published by the sweeper. No foreign key: the check would cost every
+    bulk submit a lookup per row, and the sweeper drops rows whose job is gone or no longer queued
+    (docs/jobs.md, "Publishing").
+    """
+
+    __tablename__ = "pending_publishes"
+
+    job_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    created_at: Mapped[datetime]
+
+
 class Artifact(Base):
     __tablename__ = "artifacts"
 

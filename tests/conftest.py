@@ -131,7 +131,7 @@ def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
     url = request.getfixturevalue("migrated_pg_url")  # lazily: SQLite-only runs need no server
     engine = make_engine(url)
     with engine.begin() as conn:  # one database for the session, emptied per test
-        conn.execute(sa.text("TRUNCATE artifacts, workers, jobs, batches CASCADE"))
+        conn.execute(sa.text("TRUNCATE artifacts, workers, jobs, batches, pending_publishes CASCADE"))
     engine.dispose()
     return url
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from schemas.enums import ErrorClass, JobStatus
 from schemas.specs import MAX_PRIORITY, EditSpec, T2ISpec, parse_job_spec
-from schemas.tables import Artifact, Batch, Job, utcnow
+from schemas.tables import Artifact, Batch, Job, PendingPublish, utcnow
 from schemas.views import ArtifactView, JobView
 from worker import claims
 from worker.claims import ClaimedJob, ClaimRefusal, LeaseState
@@ -43,6 +43,7 @@ _T = TypeVar("_T")
 # Job.__table__ is typed as a FromClause (declarative allows other selectables); it is this Table.
 _JOBS_TABLE = Job.metadata.tables[Job.__tablename__]
 _BATCHES_TABLE = Batch.metadata.tables[Batch.__tablename__]
+_PENDING_TABLE = PendingPublish.metadata.tables[PendingPublish.__tablename__]
 
 # The columns a JobView is built from, and its artifacts', for the Core read path.
 _VIEW_JOB_COLUMNS = [Job.__table__.c[name] for name in JobView.model_fields if name != "artifacts"]
@@ -138,6 +139,17 @@ _MARK_PUBLISHED_PG = (
     .values(published_at=sa.bindparam("now"))
 )
 _MARK_PUBLISHED_BY_DIALECT: dict[str, Any] = {}
+# [issue 13] Drop pending-publish rows (the publish went through, or is recorded as failed).
+_CONFIRM = _PENDING_TABLE.delete().where(_PENDING_TABLE.c.job_id.in_(sa.bindparam("job_ids", expanding=True)))
+_CONFIRM_PG = _PENDING_TABLE.delete().where(
+    _PENDING_TABLE.c.job_id == sa.any_(sa.bindparam("job_ids", type_=postgresql.ARRAY(sa.String)))
+)
+_CONFIRM_BY_DIALECT: dict[str, Any] = {}
+_UNMARK_PUBLISHED = (
+    sa.update(Job)
+    .where(Job.id.in_(sa.bindparam("job_ids", expanding=True)), Job.status == JobStatus.QUEUED.value)
+    .values(published_at=None)
+)
 
 
 def _mark_published_statement(conn: sa.Connection) -> Any:
@@ -149,28 +161,35 @@ def _mark_published_statement(conn: sa.Connection) -> Any:
     return _MARK_PUBLISHED_BY_DIALECT[dialect]
 
 
+def _confirm_statement(conn: sa.Connection) -> Any:
+    dialect = conn.dialect.name
+    if dialect not in _CONFIRM_BY_DIALECT:
+        statement = _CONFIRM_PG if dialect == "postgresql" else _CONFIRM
+        _CONFIRM_BY_DIALECT[dialect] = claims.relaxed(statement, conn)
+    return _CONFIRM_BY_DIALECT[dialect]
+
+
 # [issue 13] Bulk submits on PostgreSQL: COPY FROM STDIN (psycopg) in the submit's transaction
 # instead of one INSERT per row (executemany); from this many rows on.
 COPY_MIN_ROWS = 50
-_JSON_COLUMNS = frozenset(c.name for c in _JOBS_TABLE.columns if isinstance(c.type, sa.JSON))
 
 
-def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> bool:
+def _copy_rows(session: Session, table: sa.Table, rows: list[dict[str, Any]]) -> bool:
     """COPY the new rows in the session's transaction (as durable as the INSERT: same commit).
     False (nothing written) where COPY does not apply: not psycopg 3, or a column with a
     Python-side default that the rows leave out (Core's INSERT would fill it, COPY would not)."""
     names = list(rows[0])
-    if any(c.name not in rows[0] and c.default is not None for c in _JOBS_TABLE.columns):
+    if any(c.name not in rows[0] and c.default is not None for c in table.columns):
         return False
     driver = session.connection().connection.driver_connection
     if driver is None or type(driver).__module__.split(".")[0] != "psycopg":
         return False
     preparer = session.get_bind().dialect.identifier_preparer
     sql = (
-        f"COPY {preparer.format_table(_JOBS_TABLE)} "
+        f"COPY {preparer.format_table(table)} "
         f"({', '.join(preparer.quote(name) for name in names)}) FROM STDIN"
     )
-    json_at = [i for i, name in enumerate(names) if name in _JSON_COLUMNS]
+    json_at = [i for i, name in enumerate(names) if isinstance(table.c[name].type, sa.JSON)]
     with driver.cursor() as cursor, cursor.copy(sql) as copy:
         for row in rows:
             values = list(row.values())
@@ -179,6 +198,48 @@ def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> bool:
                     values[i] = json.dumps(values[i])
             copy.write_row(values)
     return True
+
+
+def _insert(session: Session, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """Rows into ``table`` in the session's transaction: COPY on PostgreSQL from COPY_MIN_ROWS
+    rows on, else Core's executemany (batched multi-row INSERTs)."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if not (len(rows) >= COPY_MIN_ROWS and dialect == "postgresql" and _copy_rows(session, table, rows)):
+        session.execute(table.insert(), rows)
+
+
+def _pending_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """[issue 13] The pending-publish rows of new job rows written with `published_at` (the
+    producer publishes them right after the commit; schemas.tables.PendingPublish)."""
+    return [{"job_id": r["id"], "created_at": r["created_at"]} for r in rows if r["published_at"] is not None]
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# [issue 13] PostgreSQL, the single submits of `GroupWriter`: the new rows and their pending-publish
+# rows in ONE statement (one round trip, atomic in autocommit), from one JSON parameter whatever
+# the group's size, so the statement text is the same every time (prepared once by the server).
+_PG_INSERT_WITH_PENDING: dict[tuple[str, ...], sa.TextClause] = {}
+
+
+def _pg_insert_with_pending(names: tuple[str, ...]) -> sa.TextClause:
+    statement = _PG_INSERT_WITH_PENDING.get(names)
+    if statement is None:
+        columns = ", ".join(f'"{name}"' for name in names)
+        statement = _PG_INSERT_WITH_PENDING[names] = sa.text(
+            f"WITH new_jobs AS (INSERT INTO jobs ({columns}) SELECT {columns} "
+            "FROM json_populate_recordset(NULL::jobs, CAST(:rows AS json)) "
+            "RETURNING id, created_at, published_at) "
+            "INSERT INTO pending_publishes (job_id, created_at) "
+            "SELECT id, created_at FROM new_jobs WHERE published_at IS NOT NULL"
+        )
+    return statement
 
 
 def _ids_and_seeds(count: int) -> tuple[list[str], list[int]]:
@@ -199,11 +260,18 @@ def new_job_values(
     batch_id: str | None = None,
     batch_index: int | None = None,
     job_id: str | None = None,
+    now: datetime | None = None,
+    publishing: bool = False,
 ) -> dict[str, Any]:
     """Every column of a new queued row (also what its JobView is built from, without a read back).
 
-    ``seed``: used when the spec has none (default: drawn now); ``job_id``: default a new uuid4."""
+    ``seed``: used when the spec has none (default: drawn now); ``job_id``: default a new uuid4;
+    ``now``: `created_at` (default: the clock now; one reading per bulk call, the clock is a
+    syscall on some VMs); ``publishing``: the caller publishes the job right after the commit, so
+    the row carries `published_at` (= `created_at`) and gets a pending-publish row (`_pending_rows`).
+    """
     params = spec.params
+    created_at = now or utcnow()
     return {
         "id": job_id or str(uuid.uuid4()),
         "kind": spec.kind,
@@ -228,8 +296,8 @@ def new_job_values(
         "error_class": None,
         "requeues": 0,
         "available_at": None,
-        "created_at": utcnow(),
-        "published_at": None,
+        "created_at": created_at,
+        "published_at": created_at if publishing else None,
         "started_at": None,
         "finished_at": None,
         "retry_of": retry_of,
@@ -396,10 +464,8 @@ class JobStore:
             if grouped
             else lambda values: self._insert_rows([values])
         )
-        self._publish_marker: Callable[[str], datetime] = (
-            GroupWriter(self._mark_published_now)
-            if grouped
-            else lambda job_id: self._mark_published_now([job_id])
+        self._confirm_single: Callable[[str], None] = (
+            GroupWriter(self._confirm_now) if grouped else lambda job_id: self._confirm_now([job_id])
         )
 
     def _emit(self, kind: str, job_id: str, batch_id: str | None = None, **extra: Any) -> None:
@@ -432,6 +498,7 @@ class JobStore:
         *,
         batch: NewBatch | None = None,
         batch_indexes: Sequence[int] | None = None,
+        publishing: bool = False,
     ) -> list[Submitted]:
         """Insert jobs in one transaction, in input order; known idempotency keys return the old job.
 
@@ -439,23 +506,32 @@ class JobStore:
         now; ``batch_indexes`` are their rows in it (default: the positions in ``specs``; unique
         integers >= 0). A job found by its idempotency key keeps the batch it has. No job created
         (all found): no batch record. Each new job's view carries ``batch_id`` / ``batch_index``.
+
+        ``publishing``: the caller publishes the new jobs right after this returns and then calls
+        `confirm_published` (or `unmark_published` if the publish failed): the rows carry
+        `published_at` and a pending-publish row each (worker.submission.submit_jobs). Without it
+        the rows wait unpublished and the sweeper publishes them after the grace period.
         """
         parsed = [parse_job_spec(spec) for spec in specs]
         indexes = _batch_indexes(len(parsed), batch_indexes) if batch is not None else None
         try:
-            return self._submit_once(parsed, batch, indexes)
+            return self._submit_once(parsed, batch, indexes, publishing)
         except IntegrityError:
             # A concurrent producer inserted one of our idempotency keys first: look again.
-            return self._submit_once(parsed, batch, indexes)
+            return self._submit_once(parsed, batch, indexes, publishing)
         except sa.exc.OperationalError as exc:
             # SQLite busy past busy_timeout: nothing was written (the transaction rolled back).
             if not sqlite_locked(exc):
                 raise
             log.warning("job database locked during submit; trying once more")
-            return self._submit_once(parsed, batch, indexes)
+            return self._submit_once(parsed, batch, indexes, publishing)
 
     def _submit_once(
-        self, specs: list[T2ISpec | EditSpec], batch: NewBatch | None, indexes: list[int] | None
+        self,
+        specs: list[T2ISpec | EditSpec],
+        batch: NewBatch | None,
+        indexes: list[int] | None,
+        publishing: bool,
     ) -> list[Submitted]:
         # Bulk path: one IN lookup for all idempotency keys and one multi-row INSERT (Core, not
         # per-object ORM flushes); the views are built from the inserted values, not read back.
@@ -464,7 +540,7 @@ class JobStore:
             # The common single submit: one INSERT in autocommit (one round trip, still a durable
             # commit). Not retried on a lost connection: a commit whose reply was lost would
             # be inserted twice; the caller sees the error instead.
-            values = new_job_values(specs[0], self.max_attempts)
+            values = new_job_values(specs[0], self.max_attempts, publishing=publishing)
             self._insert_single(values)  # returns once this row is committed (group commit)
             return [Submitted(JobView.model_validate(values), True)]
         with self._db.transaction() as session:  # SQLite: read the keys under the write lock
@@ -478,6 +554,7 @@ class JobStore:
             results: list[Submitted] = []
             batch_id = str(uuid.uuid4()) if batch is not None else None
             fresh_ids, seeds = _ids_and_seeds(len(specs))
+            now = utcnow()
             for position, spec in enumerate(specs):
                 key = spec.idempotency_key
                 if key and key in existing:
@@ -491,6 +568,8 @@ class JobStore:
                     batch_id=batch_id,
                     batch_index=indexes[position] if indexes is not None else None,
                     job_id=fresh_ids[position],
+                    now=now,
+                    publishing=publishing,
                 )
                 rows.append(values)
                 view = JobView.model_validate(values)
@@ -503,33 +582,76 @@ class JobStore:
                 # Before its jobs (their foreign key), in the same transaction: both or neither.
                 models = [row["model_name"] for row in rows]
                 session.execute(_BATCHES_TABLE.insert(), [batch_values(batch, batch_id, models, len(rows))])
-            if rows and not (
-                len(rows) >= COPY_MIN_ROWS and self._db.dialect == "postgresql" and _copy_rows(session, rows)
-            ):
-                session.execute(_JOBS_TABLE.insert(), rows)  # Core executemany: batched multi-row INSERTs
+            _insert(session, _JOBS_TABLE, rows)
+            _insert(session, _PENDING_TABLE, _pending_rows(rows))  # [issue 13] same commit as the jobs
             return results
 
     def mark_published(self, job_ids: Sequence[str]) -> datetime:
-        """Set `published_at` (still queued or running jobs only); returns the time written."""
-        if len(job_ids) == 1:
-            return self._publish_marker(job_ids[0])  # concurrent single submits: one UPDATE
-        return self._mark_published_now(job_ids)
-
-    def _mark_published_now(self, job_ids: Sequence[str]) -> datetime:
+        """Set `published_at` (still queued or running jobs only) and drop their pending-publish
+        rows (the sweeper's and the retries' publishes); returns the time written."""
         now = utcnow()
         if not job_ids:
             return now
         # Not durable on purpose: a lost published_at only makes the sweeper publish the job
         # again, and the conditional claim drops the duplicate delivery.
         params = {"job_ids": list(job_ids), "now": now}
-        self._db.write_one(lambda conn: conn.execute(_mark_published_statement(conn), params))
+
+        def mark(conn: sa.Connection) -> None:
+            conn.execute(_mark_published_statement(conn), params)
+            conn.execute(_confirm_statement(conn), params)
+
+        self._db.write_one(mark)
         return now
 
+    def confirm_published(self, job_ids: Sequence[str]) -> None:
+        """[issue 13] The broker took these jobs (submitted with ``publishing``): drop their
+        pending-publish rows. One DELETE on a small table instead of an UPDATE of every new job
+        row; concurrent single submits share one (`GroupWriter`)."""
+        if len(job_ids) == 1:
+            self._confirm_single(job_ids[0])
+        elif job_ids:
+            self._confirm_now(job_ids)
+
+    def _confirm_now(self, job_ids: Sequence[str]) -> None:
+        # Not durable on purpose: a lost delete only makes the sweeper publish the job again.
+        params = {"job_ids": list(job_ids)}
+        self._db.write_one(lambda conn: conn.execute(_confirm_statement(conn), params))
+
+    def unmark_published(self, job_ids: Sequence[str]) -> None:
+        """[issue 13] A publish of jobs submitted with ``publishing`` failed: they read as never
+        published (`published_at` NULL), and the sweeper sends them after the grace period.
+        Best effort: if the database cannot be reached either, their pending-publish rows make the
+        sweeper send them all the same."""
+        params = {"job_ids": list(job_ids)}
+
+        def unmark(conn: sa.Connection) -> None:
+            conn.execute(_UNMARK_PUBLISHED, params)
+            conn.execute(_confirm_statement(conn), params)
+
+        try:
+            self._db.transaction(lambda session: unmark(session.connection()))
+        except Exception as exc:
+            log.warning("could not record the failed publish of %d job(s): %s", len(job_ids), exc)
+
     def _insert_rows(self, rows: list[dict[str, Any]]) -> None:
-        """New rows in one INSERT and one durable commit (autocommit: one round trip). Not retried
-        on a lost connection: a commit whose reply was lost would be inserted twice; the callers
-        see the error instead."""
-        self._db.write_once(lambda conn: conn.execute(_JOBS_TABLE.insert(), rows))
+        """New rows, with the pending-publish rows of those written with `published_at`, in one
+        durable commit (PostgreSQL: one statement in autocommit, one round trip). Not retried on a
+        lost connection: a commit whose reply was lost would be inserted twice; the callers see
+        the error instead."""
+        pending = _pending_rows(rows)
+        if not pending:
+            self._db.write_once(lambda conn: conn.execute(_JOBS_TABLE.insert(), rows))
+        elif self._db.dialect == "postgresql":
+            statement = _pg_insert_with_pending(tuple(rows[0]))
+            params = {"rows": json.dumps(rows, default=_json_value)}
+            self._db.write_once(lambda conn: conn.execute(statement, params))
+        else:  # SQLite: write_once is one BEGIN IMMEDIATE transaction there
+
+            def insert(conn: sa.Connection) -> None:
+                conn.execute(_JOBS_TABLE.insert(), rows)
+                conn.execute(_PENDING_TABLE.insert(), pending)
+
+            self._db.write_once(insert)
 
     def get(self, job_id: str) -> JobView:
         # The hot polling path: Core, one statement, no ORM identity map, no transaction.
@@ -788,7 +910,8 @@ class JobStore:
         """What the sweeper must publish, oldest first, at most `limit` of each kind:
 
         - unpublished: queued jobs never published past the grace (the producer died or its
-          publish failed), or handed back after a fault and now due (`available_at` passed);
+          publish failed: no `published_at`, or a pending-publish row left), or handed back after
+          a fault and now due (`available_at` passed);
         - stale: queued jobs published longer ago than `republish_stale_seconds` (their message
           may be gone: acked after an error);
         - expired: running jobs whose lease expired (the worker died or was cut off).
@@ -811,9 +934,12 @@ class JobStore:
         )
 
         def scan(conn: sa.Connection) -> SweepCandidates:
-            # Autocommit on PostgreSQL: three statements, no BEGIN/ROLLBACK round trips.
+            # Autocommit on PostgreSQL: four statements, no BEGIN/ROLLBACK round trips.
+            never = self._targets(conn, unpublished, Job.created_at, limit)
+            left = self._pending_targets(conn, horizon, limit)
+            seen = {target.job_id for target in never}
             return SweepCandidates(
-                unpublished=self._targets(conn, unpublished, Job.created_at, limit),
+                unpublished=[*never, *(target for target in left if target.job_id not in seen)],
                 stale=[]
                 if stale_at is None
                 else self._targets(
@@ -835,6 +961,32 @@ class JobStore:
         urgent = sa.case((Job.attempts > 0, MAX_PRIORITY), else_=Job.priority)
         query = sa.select(Job.id, Job.model_name, urgent).where(where).order_by(order).limit(limit)
         return [PublishTarget(job_id, model, priority) for job_id, model, priority in conn.execute(query)]
+
+    @staticmethod
+    def _pending_targets(conn: sa.Connection, horizon: datetime, limit: int) -> builtins.list[PublishTarget]:
+        """[issue 13] Queued jobs whose pending-publish row outlived the grace (worker.submission)."""
+        pending = _PENDING_TABLE
+        urgent = sa.case((Job.attempts > 0, MAX_PRIORITY), else_=Job.priority)
+        query = (
+            sa.select(Job.id, Job.model_name, urgent)
+            .select_from(pending.join(Job.__table__, Job.id == pending.c.job_id))
+            .where(pending.c.created_at < horizon, Job.status == JobStatus.QUEUED.value)
+            .order_by(pending.c.created_at)
+            .limit(limit)
+        )
+        return [PublishTarget(job_id, model, priority) for job_id, model, priority in conn.execute(query)]
+
+    def drop_settled_pending(self, *, publish_grace_seconds: float) -> int:
+        """[issue 13] Delete pending-publish rows past the grace whose job is gone (pruned) or no
+        longer queued (claimed, cancelled): nothing is left to publish for them. Their producer
+        died before its confirmation, or the confirmation was lost."""
+        horizon = utcnow() - timedelta(seconds=publish_grace_seconds)
+        pending = _PENDING_TABLE
+        queued = (
+            sa.select(Job.id).where(Job.id == pending.c.job_id, Job.status == JobStatus.QUEUED.value).exists()
+        )
+        statement = pending.delete().where(pending.c.created_at < horizon, ~queued)
+        return self._db.write_one(lambda conn: int(claims.rowcount(conn.execute(statement)) or 0))
 
     def release_expired(self, job_ids: Sequence[str]) -> builtins.list[str]:
         """Expired running jobs back to queued (unpublished, due now); the ids actually released."""

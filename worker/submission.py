@@ -1,8 +1,11 @@
 """Producer flow: commit the rows first, then publish, then record the publish.
 
 Publishing after the commit means a worker never sees an id whose row is not there yet.
-If publishing fails the rows stay `queued` with no `published_at`, and the sweeper
-re-publishes them after the grace period: a job is never lost.
+A fresh submit commits its rows with `published_at` set and one pending-publish row each
+(schemas.tables.PendingPublish), publishes, then deletes the pending rows: no UPDATE of the
+new job rows follows the publish (issue 13, bench/results/submit.md). If publishing fails the
+rows are set back to no `published_at`; if the producer dies first, the pending rows remain.
+Either way the sweeper publishes them after the grace period: a job is never lost.
 """
 
 from __future__ import annotations
@@ -38,17 +41,19 @@ def submit_jobs(
     Raises the publisher's error after the rows are committed; the caller may report it,
     the sweeper delivers the jobs later.
     """
-    submitted = store.submit(specs, batch=batch, batch_indexes=batch_indexes)
-    fresh = [s.job for s in submitted if s.created]
-    published_at = _publish(store, publisher, fresh)
-    if not fresh:
-        return submitted
-    # The rows as inserted plus published_at; no read back (bulk speed). A job a publisher ran
+    submitted = store.submit(specs, batch=batch, batch_indexes=batch_indexes, publishing=True)
+    fresh = [s.job.id for s in submitted if s.created]
+    if fresh:
+        targets = [publish_target(s.job) for s in submitted if s.created]
+        try:
+            publisher.publish(targets)
+        except BaseException:
+            store.unmark_published(fresh)
+            raise
+        store.confirm_published(fresh)
+    # The rows as inserted (with published_at); no read back (bulk speed). A job a publisher ran
     # at once (worker.embedded.InProcessPublisher) is read with store.get / get_many.
-    return [
-        Submitted(s.job.model_copy(update={"published_at": published_at}) if s.created else s.job, s.created)
-        for s in submitted
-    ]
+    return submitted
 
 
 def retry_job(store: JobStore, publisher: Publisher, job_id: str) -> JobView:

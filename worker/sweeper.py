@@ -226,6 +226,7 @@ def _sweep(
     unpublished: list[str] = []
     stale: list[str] = []
     expired: list[str] = []
+    store.drop_settled_pending(publish_grace_seconds=settings.publish_grace_seconds)  # [issue 13]
     for _ in range(max_pages):
         found = store.sweep_candidates(
             publish_grace_seconds=settings.publish_grace_seconds,

@@ -18,7 +18,7 @@ from worker.db import alembic_config, current_revision, make_engine, session_fac
 from worker.jobstore import JobStore
 from worker.testing import temporary_database
 
-HEAD = "0005"  # [issue 12] 0004: artifacts.thumbnail_uri; [issue 11] 0005: webhook_outbox
+HEAD = "0006"  # [issue 12] 0004: artifacts.thumbnail_uri; [issue 11] 0005: webhook_outbox; [issue 13] 0006: pending_publishes
 PG_ADMIN_URL = os.environ.get("DG_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

@@ -34,6 +34,7 @@ def test_publish_failure_leaves_rows_for_the_sweeper(store: JobStore, tmp_path: 
         submit_jobs(store, RecordingPublisher(fail=True), [T2I, {**T2I, "priority": 9}])
     [low, high] = sorted(store.list(), key=lambda j: j.priority)
     assert low.status == JobStatus.QUEUED and low.published_at is None
+    assert _pending(store) == {}  # [issue 13] the failed publish is recorded as "never published"
     settings = load_settings({"DG_HOME": str(tmp_path), "DG_PUBLISH_GRACE_SECONDS": "0"})
     publisher = RecordingPublisher()
     report = sweep_once(settings, store=store, publisher=publisher)
@@ -84,8 +85,8 @@ def test_bulk_submit_rows_read_back_as_returned(store: JobStore, monkeypatch: py
     copied: list[int] = []
     real_copy = jobstore._copy_rows
 
-    def spy(session: object, rows: list[dict[str, object]]) -> bool:
-        written = real_copy(session, rows)  # type: ignore[arg-type]
+    def spy(session: object, table: object, rows: list[dict[str, object]]) -> bool:
+        written = real_copy(session, table, rows)  # type: ignore[arg-type]
         copied.append(len(rows) if written else 0)
         return written
 
@@ -93,15 +94,28 @@ def test_bulk_submit_rows_read_back_as_returned(store: JobStore, monkeypatch: py
     specs = [{**T2I, "prompt": f'fox {i} ünïcode "q" \\ \t'} for i in range(jobstore.COPY_MIN_ROWS + 5)]
     specs[3] = {**T2I, "params": {**T2I["params"], "seed": 7}}
     specs[4] = {**T2I, "idempotency_key": "bulk-key"}
-    submitted = store.submit(specs, batch=NewBatch(name="bulk"))
+    submitted = store.submit(specs, batch=NewBatch(name="bulk"), publishing=True)
     views = [s.job for s in submitted]
     assert store.get_many([v.id for v in views]) == views
     assert len({v.id for v in views}) == len(specs) and views[3].seed == 7
     assert all(v.batch_id == views[0].batch_id and v.batch_index == i for i, v in enumerate(views))
     assert len({v.seed for v in views}) > len(specs) // 2  # drawn, not one value for all
-    assert copied == ([len(specs)] if store.database.dialect == "postgresql" else [])
+    assert all(v.published_at == v.created_at for v in views)
+    # The jobs, then their pending-publish rows (COPY both on PostgreSQL).
+    assert copied == ([len(specs)] * 2 if store.database.dialect == "postgresql" else [])
+    assert _pending(store) == {v.id: v.created_at for v in views}
     again = store.submit([{**T2I, "idempotency_key": "bulk-key"}] * 2)
     assert [s.created for s in again] == [False, False] and again[0].job.id == views[4].id
+
+
+def _pending(store: JobStore) -> dict[str, object]:
+    """The pending-publish rows (job id -> created_at)."""
+    import sqlalchemy as sa
+
+    from schemas.tables import PendingPublish
+
+    with store.sessions() as session:
+        return {row.job_id: row.created_at for row in session.scalars(sa.select(PendingPublish))}
 
 
 def test_published_at_is_set_after_a_bulk_publish(store: JobStore) -> None:
@@ -109,6 +123,46 @@ def test_published_at_is_set_after_a_bulk_publish(store: JobStore) -> None:
     submitted = submit_jobs(store, publisher, [T2I] * 60)
     assert [t.job_id for t in publisher.sent] == [s.job.id for s in submitted]
     assert all(job.published_at is not None for job in store.get_many([s.job.id for s in submitted]))
+    assert _pending(store) == {}  # confirmed after the publish
+
+
+@pytest.mark.parametrize("count", [1, 60])
+def test_a_producer_dead_between_commit_and_publish_leaves_pending_rows_the_sweeper_sends(
+    store: JobStore, tmp_path: Path, count: int
+) -> None:
+    """[issue 13] The rows commit with `published_at` and a pending-publish row each; a producer that
+    dies before its publish (here: never publishes) leaves the pending rows, and the sweeper sends
+    each job once after the grace, then drops the rows (the next sweep sends nothing)."""
+    made = [s.job for s in store.submit([T2I] * count, publishing=True)]
+    assert all(job.published_at is not None for job in made) and set(_pending(store)) == {j.id for j in made}
+    waiting = load_settings({"DG_HOME": str(tmp_path), "DG_PUBLISH_GRACE_SECONDS": "3600"})
+    publisher = RecordingPublisher()
+    assert sweep_once(waiting, store=store, publisher=publisher).republished == 0  # within the grace
+    due = load_settings({"DG_HOME": str(tmp_path), "DG_PUBLISH_GRACE_SECONDS": "0"})
+    report = sweep_once(due, store=store, publisher=publisher)
+    assert sorted(report.unpublished) == sorted(j.id for j in made)
+    assert sorted(t.job_id for t in publisher.sent) == sorted(j.id for j in made)
+    assert _pending(store) == {} and sweep_once(due, store=store, publisher=publisher).republished == 0
+
+
+def test_pending_rows_of_claimed_cancelled_or_pruned_jobs_are_dropped_not_sent(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """[issue 13] A pending row whose job is no longer queued (claimed, cancelled) or gone (pruned)
+    has nothing left to publish: the sweep deletes it and publishes only the queued job."""
+    import sqlalchemy as sa
+
+    from schemas.tables import Job
+
+    claimed, cancelled, pruned, queued = (s.job.id for s in store.submit([T2I] * 4, publishing=True))
+    assert store.claim(claimed, "worker-a", 60) is not None
+    store.cancel(cancelled)
+    with store.database.transaction() as session:
+        session.execute(sa.delete(Job).where(Job.id == pruned))
+    publisher = RecordingPublisher()
+    settings = load_settings({"DG_HOME": str(tmp_path), "DG_PUBLISH_GRACE_SECONDS": "0"})
+    assert sweep_once(settings, store=store, publisher=publisher).unpublished == [queued]
+    assert [t.job_id for t in publisher.sent] == [queued] and _pending(store) == {}
 
 
 def test_group_writer_shares_one_write_and_keeps_each_callers_outcome() -> None:
@@ -171,3 +225,4 @@ def test_concurrent_single_submits_each_return_their_committed_row(store: JobSto
     assert [s.spec["prompt"] for s in stored] == [f"p{i}" for i in range(80)]
     assert all(s.published_at is not None and s.status == JobStatus.QUEUED for s in stored)
     assert sorted(t.job_id for t in publisher.sent) == sorted(v.id for v in views)
+    assert _pending(store) == {}  # [issue 13] inserted with the jobs, confirmed after each publish
