@@ -265,6 +265,9 @@ class DiffgentorClient:
         publisher = self.__dict__.get("_publisher")
         if publisher is not None and hasattr(publisher, "close"):
             publisher.close()
+        store = self.__dict__.get("store")
+        if store is not None:
+            store.close()  # [issue 13] pending publish confirmations first, while the engine is open
         engine = self.__dict__.get("_engine")
         if engine is not None:
             engine.dispose()

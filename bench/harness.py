@@ -258,6 +258,7 @@ def stack(workdir: Path, workers: int = 1, **worker_extra: str) -> Iterator[Stac
             for worker in started:
                 worker.stop()
             publisher.close()
+            store.close()  # its held publish confirmations, before the database is dropped
             engine.dispose()
 
 

@@ -37,6 +37,7 @@ from worker.jobstore import (
     JobStore,
     _views_from_rows,
     new_job_values,
+    new_job_view,
 )
 
 DEFAULT_WINDOW_SECONDS = 600.0  # throughput and ETA: jobs finished in the last 10 minutes
@@ -318,4 +319,4 @@ class BatchStore:
                 .execution_options(synchronize_session=False)
             )
             session.execute(_JOBS_TABLE.insert(), rows)
-            return [JobView.model_validate(values) for values in rows]
+            return [new_job_view(values) for values in rows]

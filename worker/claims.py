@@ -7,6 +7,7 @@ decides, on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -83,6 +84,10 @@ class _DbNowPlus(FunctionElement[datetime]):
     inherit_cache = True
 
 
+def _seconds(seconds: float) -> str:
+    return f"{float(seconds):+.6f}"
+
+
 def db_now_plus(seconds: float = 0.0) -> _DbNowPlus:
     """SQL for "the database's now + ``seconds``", comparable with and storable in a UtcDateTime column.
 
@@ -93,7 +98,7 @@ def db_now_plus(seconds: float = 0.0) -> _DbNowPlus:
     formatted like SQLAlchemy's stored text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC, no offset),
     so that the text comparison SQLite does orders it correctly against stored values.
     """
-    return _DbNowPlus(sa.literal(f"{float(seconds):+.6f}", sa.String()))
+    return _DbNowPlus(sa.literal(_seconds(seconds), sa.String()))
 
 
 @compiles(_DbNowPlus, "postgresql")
@@ -166,23 +171,14 @@ def request_stop(rows: sa.ColumnElement[bool]) -> sa.Update:
     )
 
 
-def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) -> ClaimedJob | ClaimRefusal:
-    """Take a queued job, or a running one whose lease expired, in ONE conditional UPDATE.
-
-    The same statement ends the job instead when it must not run again: `cancelled` if a
-    cancel was requested before the lease expired, `failed` (poison) when the attempts cap
-    is reached; the caller drops the delivery in both cases.
-
-    Attempts count claims; hand-backs after an infrastructure fault (`requeue`) are subtracted,
-    so only runs that ended without a word (a killed worker) count towards the cap. The claim
-    number itself keeps growing, which keeps each run's artifact key unique.
-
-    A job already running under this same worker id is granted again, without counting an
-    attempt or hitting the cap: the claim of the same delivery retried after its commit reply
-    was lost, or the delivery requeued after a database error. A worker id is unique per
-    process and a process runs one job at a time, so no run of it is still going.
-    """
-    now = utcnow()  # started_at / finished_at; the lease is judged and set on the database's clock
+@functools.cache
+def _claim_statement() -> sa.Update:
+    """[issue 13] The claim's UPDATE, built once with bind parameters (job_id, worker_id, now,
+    lease): building this expression for every claim cost more than the round trip."""
+    job_id = sa.bindparam("job_id", type_=sa.String())
+    worker_id = sa.bindparam("worker_id", type_=sa.String())
+    now = sa.bindparam("now", type_=UtcDateTime())
+    lease_seconds = sa.bindparam("lease", type_=sa.String())
     mine = sa.and_(Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
     exhausted = sa.and_(Job.attempts - Job.requeues >= Job.max_attempts, sa.not_(mine))
     stop = sa.or_(Job.cancel_requested.is_(True), exhausted)
@@ -191,7 +187,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
         (exhausted, JobStatus.FAILED.value),
         else_=JobStatus.RUNNING.value,
     )
-    statement = (
+    return (
         sa.update(Job)
         .where(
             Job.id == job_id,
@@ -205,7 +201,7 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
             status=new_status,
             attempts=sa.case((stop, Job.attempts), (mine, Job.attempts), else_=Job.attempts + 1),
             worker_id=sa.case((stop, Job.worker_id), else_=worker_id),
-            lease_expires_at=sa.case((stop, None), else_=db_now_plus(lease_seconds)),
+            lease_expires_at=sa.case((stop, None), else_=_DbNowPlus(lease_seconds)),
             available_at=None,
             started_at=sa.case((stop, Job.started_at), else_=now),
             finished_at=sa.case((stop, now), else_=None),
@@ -243,7 +239,27 @@ def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) 
         )
         .execution_options(synchronize_session=False)
     )
-    row = session.execute(statement).one_or_none()
+
+
+def claim(session: Executor, job_id: str, worker_id: str, lease_seconds: float) -> ClaimedJob | ClaimRefusal:
+    """Take a queued job, or a running one whose lease expired, in ONE conditional UPDATE.
+
+    The same statement ends the job instead when it must not run again: `cancelled` if a
+    cancel was requested before the lease expired, `failed` (poison) when the attempts cap
+    is reached; the caller drops the delivery in both cases.
+
+    Attempts count claims; hand-backs after an infrastructure fault (`requeue`) are subtracted,
+    so only runs that ended without a word (a killed worker) count towards the cap. The claim
+    number itself keeps growing, which keeps each run's artifact key unique.
+
+    A job already running under this same worker id is granted again, without counting an
+    attempt or hitting the cap: the claim of the same delivery retried after its commit reply
+    was lost, or the delivery requeued after a database error. A worker id is unique per
+    process and a process runs one job at a time, so no run of it is still going.
+    """
+    # started_at / finished_at from this host's clock; the lease is judged and set on the database's.
+    params = {"job_id": job_id, "worker_id": worker_id, "now": utcnow(), "lease": _seconds(lease_seconds)}
+    row = session.execute(_claim_statement(), params).one_or_none()
     if row is None:
         current = session.execute(sa.select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
         reason = (

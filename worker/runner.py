@@ -19,6 +19,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from enum import Enum
 from typing import Any, Protocol, TypeVar
 
@@ -117,6 +118,13 @@ class JobRunner:
         self.input_store_factory = input_store_factory
         # [issue 13] told the outcome of each finish done on a finisher's thread
         self.on_done: Callable[[str, str, float], None] | None = None
+        self._thumbnail_thread: ThreadPoolExecutor | None = None  # made on first use (after a fork)
+
+    def _beside(self) -> ThreadPoolExecutor:
+        """[issue 13] One thread that makes and stores each PNG's thumbnail while the PNG uploads."""
+        if self._thumbnail_thread is None:
+            self._thumbnail_thread = ThreadPoolExecutor(1, thread_name_prefix="thumbnail")
+        return self._thumbnail_thread
 
     @classmethod
     def from_settings(
@@ -394,16 +402,23 @@ class JobRunner:
         summary = png_info(data)
         # Attempt-scoped key: a worker that lost the job meanwhile cannot touch the owner's object.
         key = artifact_key(claimed.id, index, attempt=claimed.attempts)
-        uri = self._retrying(
-            lambda: self.artifact_store.put_bytes(key, data, "image/png"),
-            f"uploading the image of job {claimed.id}"
-            + (f", index {index}" if len(result.images) > 1 else ""),
-            lease,
-        )
+        # [issue 12, 13] The thumbnail is made and stored beside, while the PNG uploads.
+        thumbnail = self._beside().submit(self._upload_thumbnail, claimed, key, data, index, lease)
         try:
-            thumbnail_uri = self._upload_thumbnail(claimed, key, data, index, lease)  # [issue 12]
-        except Exception:  # a soft time limit: this image's PNG is not in the caller's list yet
+            uri = self._retrying(
+                lambda: self.artifact_store.put_bytes(key, data, "image/png"),
+                f"uploading the image of job {claimed.id}"
+                + (f", index {index}" if len(result.images) > 1 else ""),
+                lease,
+            )
+        except BaseException:
+            self._remove_when_stored(thumbnail)
+            raise
+        try:
+            thumbnail_uri = thumbnail.result()
+        except BaseException:  # a soft time limit: this image's PNG is not in the caller's list yet
             self._remove(uri)
+            self._remove_when_stored(thumbnail)
             raise
         return ArtifactView(
             index=index,
@@ -437,6 +452,16 @@ class JobRunner:
                 raise
             log.warning("job %s: no thumbnail for image %d (%s)", claimed.id, index, one_line(exc))
             return None
+
+    def _remove_when_stored(self, thumbnail: Future[str | None]) -> None:
+        """Remove the thumbnail once its upload ends, if it stored one (without waiting for it)."""
+
+        def remove(done: Future[str | None]) -> None:
+            uri = None if done.cancelled() or done.exception() is not None else done.result()
+            if uri is not None:
+                self._remove(uri)
+
+        thumbnail.add_done_callback(remove)
 
     def _remove_earlier_attempts(self, claimed: ClaimedJob, image_count: int) -> None:
         """After a win: objects that earlier runs of this job may have left (they lost the job).

@@ -223,6 +223,8 @@ def test_concurrent_single_submits_each_return_their_committed_row(store: JobSto
     assert [v.spec["prompt"] for v in views] == [f"p{i}" for i in range(80)]
     stored = store.get_many([v.id for v in views])
     assert [s.spec["prompt"] for s in stored] == [f"p{i}" for i in range(80)]
+    assert stored == views  # the views returned are the rows as written (JSON statement on PostgreSQL)
     assert all(s.published_at is not None and s.status == JobStatus.QUEUED for s in stored)
     assert sorted(t.job_id for t in publisher.sent) == sorted(v.id for v in views)
-    assert _pending(store) == {}  # [issue 13] inserted with the jobs, confirmed after each publish
+    assert store.flush_confirmations()  # [issue 13] deleted in rounds by a thread on PostgreSQL
+    assert _pending(store) == {}  # inserted with the jobs, confirmed after each publish
