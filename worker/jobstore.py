@@ -8,15 +8,15 @@ Sweeper side: `sweep_candidates`, `release_expired`, `requeue_published_queued`.
 from __future__ import annotations
 
 import builtins
+import itertools
 import json
 import logging
 import secrets
-import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -32,6 +32,7 @@ from worker.claims import ClaimedJob, ClaimRefusal, LeaseState
 from worker.confirmations import PublishConfirmations
 from worker.db import Database, sqlite_locked
 from worker.events import LOCAL_HUB, EventSink, JobEvent
+from worker.grouping import GroupWriter
 
 if TYPE_CHECKING:
     from worker.batches import NewBatch
@@ -175,30 +176,53 @@ def _confirm_statement(conn: sa.Connection) -> Any:
 COPY_MIN_ROWS = 50
 
 
-def _copy_rows(session: Session, table: sa.Table, rows: list[dict[str, Any]]) -> bool:
-    """COPY the new rows in the session's transaction (as durable as the INSERT: same commit).
-    False (nothing written) where COPY does not apply: not psycopg 3, or a column with a
-    Python-side default that the rows leave out (Core's INSERT would fill it, COPY would not)."""
-    names = list(rows[0])
-    if any(c.name not in rows[0] and c.default is not None for c in table.columns):
-        return False
+def _copy_rows(
+    session: Session,
+    table: sa.Table,
+    rows: Iterable[dict[str, Any]],
+    *,
+    meanwhile: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> tuple[bool, list[dict[str, Any]]]:
+    """COPY the new rows in the session's transaction (as durable as the INSERT: same commit);
+    returns (copied, the rows as a list). Not copied (nothing written) where COPY does not apply:
+    not psycopg 3, or a column with a Python-side default that the rows leave out (Core's INSERT
+    would fill it, COPY would not); the caller inserts the list instead.
+
+    [issue 13] ``rows`` may be a generator: each row goes to the server as it is made (psycopg
+    sends the data in chunks), so the server stores the first rows while this process makes the
+    next ones; ``meanwhile(rows)`` runs after the last row is sent and before the COPY is waited for.
+    The server's side of a COPY of 1,000 job rows (about 28 ms, every index of the table) then
+    overlaps this process's work instead of following it (bench/results/submit.md)."""
+    iterator = iter(rows)
+    first = next(iterator, None)
+    if first is None:
+        return True, []
     driver = session.connection().connection.driver_connection
-    if driver is None or type(driver).__module__.split(".")[0] != "psycopg":
-        return False
+    if (
+        driver is None
+        or type(driver).__module__.split(".")[0] != "psycopg"
+        or any(c.name not in first and c.default is not None for c in table.columns)
+    ):
+        return False, [first, *iterator]
+    names = list(first)
     preparer = session.get_bind().dialect.identifier_preparer
     sql = (
         f"COPY {preparer.format_table(table)} "
         f"({', '.join(preparer.quote(name) for name in names)}) FROM STDIN"
     )
     json_at = [i for i, name in enumerate(names) if isinstance(table.c[name].type, sa.JSON)]
+    written: list[dict[str, Any]] = []
     with driver.cursor() as cursor, cursor.copy(sql) as copy:
-        for row in rows:
+        for row in itertools.chain((first,), iterator):
+            written.append(row)
             values = list(row.values())
             for i in json_at:
                 if values[i] is not None:
                     values[i] = json.dumps(values[i])
             copy.write_row(values)
-    return True
+        if meanwhile is not None:
+            meanwhile(written)
+    return True, written
 
 
 def _insert(session: Session, table: sa.Table, rows: list[dict[str, Any]]) -> None:
@@ -207,8 +231,11 @@ def _insert(session: Session, table: sa.Table, rows: list[dict[str, Any]]) -> No
     if not rows:
         return
     dialect = session.get_bind().dialect.name
-    if not (len(rows) >= COPY_MIN_ROWS and dialect == "postgresql" and _copy_rows(session, table, rows)):
-        session.execute(table.insert(), rows)
+    if len(rows) >= COPY_MIN_ROWS and dialect == "postgresql":
+        copied, rows = _copy_rows(session, table, rows)
+        if copied:
+            return
+    session.execute(table.insert(), rows)
 
 
 def _pending_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -319,95 +346,6 @@ def new_job_view(values: dict[str, Any]) -> JobView:
 
 def _new_row(spec: T2ISpec | EditSpec, max_attempts: int, **values: Any) -> Job:
     return Job(**new_job_values(spec, max_attempts, **values))
-
-
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
-
-
-class _Waiter:
-    __slots__ = ("done", "error", "lead", "result")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.lead = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
-class GroupWriter(Generic[_Item, _Result]):
-    """[issue 13] Group commit: concurrent callers' items go out in ONE write, and each caller
-    returns only after that write committed (with its result, or raising its error).
-
-    No thread of its own and no waiting for company: a caller that finds no write in flight
-    writes its own item at once (one producer: exactly the single write it was); callers that
-    arrive while a write is in flight queue up, and the first of them writes them all when it
-    ends. ``write(items)`` returns one result for all. A failed group of several items whose
-    error belongs to a row (``alone_on``: a constraint, a bad value; nothing was committed) is
-    written again one item per caller, so each sees only its own outcome; any other error (a lost
-    connection) is every caller's.
-    """
-
-    def __init__(
-        self,
-        write: Callable[[list[_Item]], _Result],
-        *,
-        alone_on: tuple[type[BaseException], ...] = (),
-        max_items: int = 1000,
-    ) -> None:
-        self._write = write
-        self._alone_on = alone_on
-        self._max_items = max_items
-        self._lock = threading.Lock()
-        self._queue: list[tuple[_Item, _Waiter]] = []
-        self._busy = False
-
-    def __call__(self, item: _Item) -> _Result:
-        waiter = _Waiter()
-        with self._lock:
-            self._queue.append((item, waiter))
-            waiter.lead = not self._busy
-            self._busy = True
-        if not waiter.lead:
-            waiter.done.wait()
-            if waiter.lead:  # handed the next group: write it
-                waiter.done.clear()
-                self._lead()
-        elif waiter.lead:
-            self._lead()
-        if waiter.error is not None:
-            raise waiter.error
-        return cast(_Result, waiter.result)
-
-    def _lead(self) -> None:
-        with self._lock:
-            group, self._queue = self._queue[: self._max_items], self._queue[self._max_items :]
-        try:
-            result = self._write([item for item, _ in group])
-            for _, waiter in group:
-                waiter.result = result
-        except BaseException as exc:
-            if len(group) > 1 and isinstance(exc, self._alone_on):
-                for item, waiter in group:
-                    try:
-                        waiter.result = self._write([item])
-                    except BaseException as own:  # handed to its caller
-                        waiter.error = own
-            else:
-                for _, waiter in group:
-                    waiter.error = exc
-        finally:
-            with self._lock:
-                following = self._queue[0][1] if self._queue else None
-                if following is None:
-                    self._busy = False
-                else:
-                    following.lead = True  # stays busy: the next group's writer
-            for _, waiter in group:
-                waiter.lead = False
-                waiter.done.set()
-            if following is not None:
-                following.done.set()
 
 
 class IdempotencyConflict(ValueError):
@@ -559,6 +497,8 @@ class JobStore:
             values = new_job_values(specs[0], self.max_attempts, publishing=publishing)
             self._insert_single(values)  # returns once this row is committed (group commit)
             return [Submitted(new_job_view(values), True)]
+        if not keys and len(specs) >= COPY_MIN_ROWS and self._db.dialect == "postgresql":
+            return self._submit_streamed(specs, batch, indexes, publishing)
         with self._db.transaction() as session:  # SQLite: read the keys under the write lock
             existing: dict[str, JobView] = {}
             if keys:
@@ -601,6 +541,54 @@ class JobStore:
             _insert(session, _JOBS_TABLE, rows)
             _insert(session, _PENDING_TABLE, _pending_rows(rows))  # [issue 13] same commit as the jobs
             return results
+
+    def _submit_streamed(
+        self,
+        specs: list[T2ISpec | EditSpec],
+        batch: NewBatch | None,
+        indexes: list[int] | None,
+        publishing: bool,
+    ) -> list[Submitted]:
+        """[issue 13] A bulk submit without idempotency keys on PostgreSQL: every spec is a new job,
+        so each row is made while the COPY streams the earlier ones (`_copy_rows`); the views and
+        the pending-publish rows are made while the server finishes the COPY."""
+        ids, seeds = _ids_and_seeds(len(specs))
+        batch_id = str(uuid.uuid4()) if batch is not None else None
+        now = utcnow()
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for position, spec in enumerate(specs):
+                yield new_job_values(
+                    spec,
+                    self.max_attempts,
+                    seed=seeds[position],
+                    batch_id=batch_id,
+                    batch_index=indexes[position] if indexes is not None else None,
+                    job_id=ids[position],
+                    now=now,
+                    publishing=publishing,
+                )
+
+        results: list[Submitted] = []
+        pending: list[dict[str, Any]] = []
+
+        def meanwhile(made: list[dict[str, Any]]) -> None:
+            results.extend(Submitted(new_job_view(values), True) for values in made)
+            pending.extend(_pending_rows(made))
+
+        with self._db.transaction() as session:
+            if batch is not None and batch_id is not None:
+                from worker.batches import batch_values
+
+                # Before its jobs (their foreign key), in the same transaction: both or neither.
+                models = [spec.model_name for spec in specs]
+                session.execute(_BATCHES_TABLE.insert(), [batch_values(batch, batch_id, models, len(specs))])
+            copied, written = _copy_rows(session, _JOBS_TABLE, rows(), meanwhile=meanwhile)
+            if not copied:
+                session.execute(_JOBS_TABLE.insert(), written)
+                meanwhile(written)
+            _insert(session, _PENDING_TABLE, pending)
+        return results
 
     def mark_published(self, job_ids: Sequence[str]) -> datetime:
         """Set `published_at` (still queued or running jobs only) and drop their pending-publish

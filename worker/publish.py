@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from schemas.specs import MAX_PRIORITY
+from worker.grouping import GroupWriter
 from worker.jobstore import PublishTarget
 
 if TYPE_CHECKING:
@@ -233,6 +234,8 @@ class RedisTemplates:
         except BaseException:
             self.connection.release()
             raise
+        # [issue 13] Single publishes of concurrent producer threads share one pipeline round trip.
+        self._single: GroupWriter[PublishTarget, None] = GroupWriter(self._publish)
 
     @staticmethod
     def supports(app: Celery) -> bool:
@@ -252,6 +255,12 @@ class RedisTemplates:
         )
 
     def publish(self, targets: Sequence[PublishTarget]) -> None:
+        if len(targets) == 1:
+            self._single(targets[0])
+        else:
+            self._publish(targets)
+
+    def _publish(self, targets: Sequence[PublishTarget]) -> None:
         by_key: dict[str, list[str]] = {}
         for target in targets:
             key, payload = self.message(target)
