@@ -53,6 +53,7 @@ SWEEPER_ROLE = "sweeper"
 SWEEPER_MODEL = "*"
 SWEEPER_QUEUE = "diffgentor.sweep"  # worker.celery_app.SWEEP_QUEUE (not imported: health runs without Celery)
 MIN_STALE_SECONDS = 15.0
+COALESCE_SECONDS = 0.05  # a job start or end is written this much later, with what follows it
 PRUNE_EVERY_BEATS = 60  # the heartbeat thread expires stale rows about every 60 beats
 
 
@@ -489,7 +490,10 @@ class Presence:
                     self._prune_backoff.succeeded()
                 next_prune = beats + PRUNE_EVERY_BEATS * self._prune_backoff.factor
             beats += 1
-            self._wake.wait(self.interval)
+            if self._wake.wait(self.interval):
+                # [issue 13] A job start or end: let the next one join this write (with the overlapped
+                # finish, job N ends as N+1 starts), one UPDATE for both instead of one each.
+                self._stop.wait(COALESCE_SECONDS)
             self._wake.clear()
 
 
