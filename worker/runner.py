@@ -273,7 +273,6 @@ class JobRunner:
                 f"the engine returned {len(result.images)} image(s) for num_images_per_prompt="
                 f"{params.num_images_per_prompt}"
             )
-        self._check_lease(claimed, lease, params.num_inference_steps)
         return _Generated(
             prompt=prompt,
             params=spec.model_dump(mode="json")["params"],
@@ -282,8 +281,11 @@ class JobRunner:
         )
 
     def _finish(self, claimed: ClaimedJob, lease: LeaseKeeper, generated: _Generated) -> RunOutcome:
-        """One PNG per image, the uploads, the fenced completion with the artifact rows."""
+        """The pre-upload lease check, one PNG per image, the uploads, the fenced completion with
+        the artifact rows. [issue 13] The check runs here, on the finisher's thread when the finish
+        is overlapped, so its round trip is not between two jobs' generations."""
         result, provenance = generated.result, generated.provenance
+        self._check_lease(claimed, lease, int(generated.params["num_inference_steps"]))
         artifacts = self._upload(claimed, generated.prompt, generated.params, result, lease)
         if lease.lost.is_set():  # taken over, or [issue 13] an abandoned finish that came back late
             self._remove_unless_recorded(claimed.id, _object_uris(artifacts))
