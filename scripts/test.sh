@@ -13,4 +13,8 @@ python3 -m venv .venv
 # Three pytest-xdist workers (DG_TEST_WORKERS): most slow tests wait on worker subprocesses, so three
 # share two cores well; each worker is its own session with its own PostgreSQL database, Redis database
 # number and tiny model (tests/conftest.py). DG_TEST_WORKERS=0 runs in one process.
-HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider -n "${DG_TEST_WORKERS:-3}" "$@"
+# --dist worksteal: the CLI and worker-subprocess tests take 10-50 s each and sit together in the
+# collection order; with the default `load` one worker got most of them and ended 85 s after the
+# others, while an idle worker that steals half of a busy one's queue ends with them (a 2-core
+# machine: 611 s against 520 s, both before the one-thread change in tests/conftest.py).
+HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider -n "${DG_TEST_WORKERS:-3}" --dist worksteal "$@"
