@@ -499,6 +499,18 @@ class JobStore:
             return [Submitted(new_job_view(values), True)]
         if not keys and len(specs) >= COPY_MIN_ROWS and self._db.dialect == "postgresql":
             return self._submit_streamed(specs, batch, indexes, publishing)
+        if not keys and batch is None and self._db.dialect == "postgresql":
+            # [issue 13] A few rows (grouped single submits): one statement with their pending rows.
+            now = utcnow()
+            ids, seeds = _ids_and_seeds(len(specs))
+            few = [
+                new_job_values(
+                    spec, self.max_attempts, seed=seed, job_id=job_id, now=now, publishing=publishing
+                )
+                for spec, job_id, seed in zip(specs, ids, seeds, strict=True)
+            ]
+            self._insert_rows(few)
+            return [Submitted(new_job_view(values), True) for values in few]
         with self._db.transaction() as session:  # SQLite: read the keys under the write lock
             existing: dict[str, JobView] = {}
             if keys:
@@ -612,7 +624,7 @@ class JobStore:
         pending-publish rows. One DELETE on a small table instead of an UPDATE of every new job
         row. A single job's is handed to `worker.confirmations` (deleted in rounds with other
         single submits', off the caller's path) on PostgreSQL."""
-        if len(job_ids) == 1 and self._confirmations is not None:
+        if len(job_ids) < COPY_MIN_ROWS and self._confirmations is not None:
             self._confirmations.add(job_ids)
         elif job_ids:
             self._confirm_now(job_ids)

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from schemas.specs import MAX_PRIORITY
-from worker.grouping import GroupWriter
 from worker.jobstore import PublishTarget
 
 if TYPE_CHECKING:
@@ -68,6 +67,10 @@ class CeleryPublisher:
     ``fast``: None (default) uses the Redis template path whenever the broker allows it
     (`RedisTemplates.supports`), False always kombu's per-message path.
     """
+
+    # [issue 13] Thread-safe and sending only messages: concurrent single submits may share one
+    # publish call (worker.submission). Not so for a publisher that runs the jobs (embedded mode).
+    groups_single_submits = True
 
     def __init__(
         self, broker_url: str | None = None, *, app: Celery | None = None, fast: bool | None = None
@@ -234,8 +237,6 @@ class RedisTemplates:
         except BaseException:
             self.connection.release()
             raise
-        # [issue 13] Single publishes of concurrent producer threads share one pipeline round trip.
-        self._single: GroupWriter[PublishTarget, None] = GroupWriter(self._publish)
 
     @staticmethod
     def supports(app: Celery) -> bool:
@@ -255,12 +256,6 @@ class RedisTemplates:
         )
 
     def publish(self, targets: Sequence[PublishTarget]) -> None:
-        if len(targets) == 1:
-            self._single(targets[0])
-        else:
-            self._publish(targets)
-
-    def _publish(self, targets: Sequence[PublishTarget]) -> None:
         by_key: dict[str, list[str]] = {}
         for target in targets:
             key, payload = self.message(target)

@@ -11,13 +11,18 @@ Either way the sweeper publishes them after the grace period: a job is never los
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from schemas.specs import EditSpec, T2ISpec
+import sqlalchemy as sa
+
+from schemas.specs import EditSpec, T2ISpec, parse_job_spec
 from schemas.views import JobView
 from worker.batches import PAGE_SIZE, BatchStore, NewBatch
+from worker.grouping import GroupWriter
 from worker.jobstore import JobStore, Submitted, publish_target
 from worker.publish import Publisher
 
@@ -41,6 +46,22 @@ def submit_jobs(
     Raises the publisher's error after the rows are committed; the caller may report it,
     the sweeper delivers the jobs later.
     """
+    specs = list(specs)
+    if len(specs) == 1 and batch is None and getattr(publisher, "groups_single_submits", False):
+        spec = parse_job_spec(specs[0])
+        if not spec.idempotency_key:
+            group = _single_submits(store, publisher)
+            return [group(spec)[id(spec)]]
+    return _submit_and_publish(store, publisher, specs, batch, batch_indexes)
+
+
+def _submit_and_publish(
+    store: JobStore,
+    publisher: Publisher,
+    specs: Sequence[T2ISpec | EditSpec | dict[str, Any]],
+    batch: NewBatch | None = None,
+    batch_indexes: Sequence[int] | None = None,
+) -> list[Submitted]:
     submitted = store.submit(specs, batch=batch, batch_indexes=batch_indexes, publishing=True)
     fresh = [s.job.id for s in submitted if s.created]
     if fresh:
@@ -54,6 +75,35 @@ def submit_jobs(
     # The rows as inserted (with published_at); no read back (bulk speed). A job a publisher ran
     # at once (worker.embedded.InProcessPublisher) is read with store.get / get_many.
     return submitted
+
+
+# [issue 13] Concurrent single submits of one store and publisher (many producer threads) go out
+# together: one INSERT of the group's rows with their pending-publish rows (one statement on
+# PostgreSQL), one publish of their messages, each caller woken once both are done with its own
+# view. One wait per submit instead of one for the INSERT and one for the publish
+# (bench/results/submit.md). A row's own error (a constraint, a bad value) re-runs each row alone.
+_SingleSubmits = GroupWriter[T2ISpec | EditSpec, dict[int, Submitted]]
+_GROUPS: weakref.WeakKeyDictionary[JobStore, dict[int, tuple[Publisher, _SingleSubmits]]] = (
+    weakref.WeakKeyDictionary()
+)
+_GROUPS_LOCK = threading.Lock()
+
+
+def _single_submits(store: JobStore, publisher: Publisher) -> _SingleSubmits:
+    with _GROUPS_LOCK:
+        by_publisher = _GROUPS.setdefault(store, {})
+        entry = by_publisher.get(id(publisher))
+        if entry is None or entry[0] is not publisher:
+
+            def write(specs: list[T2ISpec | EditSpec]) -> dict[int, Submitted]:
+                submitted = _submit_and_publish(store, publisher, specs)
+                return {id(spec): item for spec, item in zip(specs, submitted, strict=True)}
+
+            entry = by_publisher[id(publisher)] = (
+                publisher,
+                GroupWriter(write, alone_on=(sa.exc.IntegrityError, sa.exc.DataError)),
+            )
+        return entry[1]
 
 
 def retry_job(store: JobStore, publisher: Publisher, job_id: str) -> JobView:
