@@ -217,10 +217,28 @@ def test_group_writer_shares_one_write_and_keeps_each_callers_outcome() -> None:
     assert writer(42) == "wrote 1" and not writer._busy
 
 
-def test_concurrent_single_submits_each_return_their_committed_row(store: JobStore) -> None:
+class GroupingPublisher(RecordingPublisher):
+    """Lets concurrent single submits share a publish call, as CeleryPublisher does; records the calls."""
+
+    groups_single_submits = True
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__(fail)
+        self.calls: list[int] = []
+
+    def publish(self, targets: Sequence[PublishTarget]) -> None:
+        self.calls.append(len(targets))
+        time.sleep(0.005)  # a round trip: lets other producer threads queue behind this call
+        super().publish(targets)
+
+
+@pytest.mark.parametrize("grouping", [False, True], ids=["one-by-one", "grouped"])
+def test_concurrent_single_submits_each_return_their_committed_row(store: JobStore, grouping: bool) -> None:
+    """[issue 13] Eight producer threads: each caller gets the view of its own committed row; with a
+    publisher that allows it, their submits share INSERT statements and publish calls."""
     from concurrent.futures import ThreadPoolExecutor
 
-    publisher = RecordingPublisher()
+    publisher = GroupingPublisher() if grouping else RecordingPublisher()
     with ThreadPoolExecutor(8) as pool:
         results = list(
             pool.map(lambda i: submit_jobs(store, publisher, [{**T2I, "prompt": f"p{i}"}]), range(80))
@@ -234,3 +252,27 @@ def test_concurrent_single_submits_each_return_their_committed_row(store: JobSto
     assert sorted(t.job_id for t in publisher.sent) == sorted(v.id for v in views)
     assert store.flush_confirmations()  # [issue 13] deleted in rounds by a thread on PostgreSQL
     assert _pending(store) == {}  # inserted with the jobs, confirmed after each publish
+    if isinstance(publisher, GroupingPublisher):
+        assert sum(publisher.calls) == 80 and len(publisher.calls) < 80  # some calls carried several
+
+
+def test_a_failed_publish_of_a_group_reaches_every_caller_and_unmarks_their_rows(store: JobStore) -> None:
+    """[issue 13] Grouped single submits whose shared publish fails: every caller of the group sees the
+    error, and their rows read as never published (the sweeper sends them after the grace)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    publisher = GroupingPublisher(fail=True)
+
+    def submit(i: int) -> str:
+        try:
+            submit_jobs(store, publisher, [{**T2I, "prompt": f"p{i}"}])
+        except ConnectionError as exc:
+            return str(exc)
+        return "sent"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(submit, range(40)))
+    assert outcomes == ["redis://127.0.0.1:1/0 is unreachable"] * 40
+    stored = store.list(limit=100)
+    assert len(stored) == 40 and all(j.published_at is None and j.status == JobStatus.QUEUED for j in stored)
+    assert _pending(store) == {} and len(publisher.calls) < 40
