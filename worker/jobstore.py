@@ -622,9 +622,9 @@ class JobStore:
     def confirm_published(self, job_ids: Sequence[str]) -> None:
         """[issue 13] The broker took these jobs (submitted with ``publishing``): drop their
         pending-publish rows. One DELETE on a small table instead of an UPDATE of every new job
-        row. A single job's is handed to `worker.confirmations` (deleted in rounds with other
-        single submits', off the caller's path) on PostgreSQL."""
-        if len(job_ids) < COPY_MIN_ROWS and self._confirmations is not None:
+        row; on PostgreSQL handed to `worker.confirmations`, which deletes in rounds, off the
+        caller's path (`flush_confirmations` waits for them)."""
+        if self._confirmations is not None:
             self._confirmations.add(job_ids)
         elif job_ids:
             self._confirm_now(job_ids)
