@@ -8,6 +8,7 @@ decides, on SQLite and PostgreSQL alike.
 from __future__ import annotations
 
 import functools
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -415,6 +416,60 @@ def fail_killed_process_job(
         .execution_options(synchronize_session=False)
     )
     return rowcount(session.execute(statement)) == 1
+
+
+# [issue 13] PostgreSQL: the fenced completion and its artifact rows in ONE statement (one round trip,
+# atomic in autocommit; no BEGIN and COMMIT). The INSERT reads the UPDATE's row, so it writes
+# nothing unless this worker still owned the job; data-modifying CTEs run once whether or not the
+# outer query reads them. The same columns as `finish(..., SUCCEEDED)` + `upsert_artifacts`.
+_SUCCEEDED_PG = sa.text(
+    """
+WITH done AS (
+    UPDATE jobs SET status = 'succeeded', finished_at = :now, lease_expires_at = NULL,
+        seed = :seed, width = :width, height = :height, provenance = CAST(:provenance AS json),
+        error_type = NULL, error_message = NULL, progress_step = progress_total
+    WHERE id = :job_id AND worker_id = :worker_id AND status = 'running'
+    RETURNING id
+), stored AS (
+    INSERT INTO artifacts (job_id, "index", uri, width, height, bytes, sha256, created_at, thumbnail_uri)
+    SELECT done.id, a."index", a.uri, a.width, a.height, a.bytes, a.sha256, :now, a.thumbnail_uri
+    FROM done CROSS JOIN json_to_recordset(CAST(:artifacts AS json)) AS a(
+        "index" integer, uri text, width integer, height integer, bytes bigint, sha256 text,
+        thumbnail_uri text)
+    ON CONFLICT (job_id, "index") DO UPDATE SET uri = excluded.uri, width = excluded.width,
+        height = excluded.height, bytes = excluded.bytes, sha256 = excluded.sha256,
+        created_at = excluded.created_at, thumbnail_uri = excluded.thumbnail_uri
+    RETURNING 1
+)
+SELECT count(*) FROM done
+"""
+).bindparams(sa.bindparam("now", type_=UtcDateTime()))
+
+
+def finish_succeeded_in_one(
+    conn: sa.Connection,
+    job_id: str,
+    worker_id: str,
+    *,
+    artifacts: list[ArtifactView],
+    seed: int,
+    width: int,
+    height: int,
+    provenance: dict[str, Any] | None,
+) -> bool:
+    """PostgreSQL: complete an owned running job with its artifact rows in one statement; False if
+    this worker no longer owns it (nothing written)."""
+    params = {
+        "job_id": job_id,
+        "worker_id": worker_id,
+        "now": utcnow(),
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "provenance": json.dumps(provenance),  # as the JSON column stores None: JSON null
+        "artifacts": json.dumps([a.model_dump() for a in artifacts]),
+    }
+    return conn.execute(_SUCCEEDED_PG, params).scalar_one() == 1
 
 
 def upsert_artifacts(session: Session, job_id: str, artifacts: list[ArtifactView]) -> None:

@@ -852,7 +852,21 @@ class JobStore:
                 claims.upsert_artifacts(session, job_id, list(artifacts))  # one multi-row statement
             return done
 
-        done = self._db.transaction(work)
+        if self._db.dialect == "postgresql":  # [issue 13] one statement, one round trip
+            done = self._db.write_one(
+                lambda conn: claims.finish_succeeded_in_one(
+                    conn,
+                    job_id,
+                    worker_id,
+                    artifacts=list(artifacts),
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    provenance=provenance,
+                )
+            )
+        else:
+            done = self._db.transaction(work)
         if done:
             self._ended(JobStatus.SUCCEEDED.value, job_id)  # [issue 11]
         return done
