@@ -400,13 +400,14 @@ class JobRunner:
             job_id=claimed.id,
             image_index=index,
         )
-        data = encode_png(image, metadata)
-        summary = png_info(data)
         # Attempt-scoped key: a worker that lost the job meanwhile cannot touch the owner's object.
         key = artifact_key(claimed.id, index, attempt=claimed.attempts)
-        # [issue 12, 13] The thumbnail is made and stored beside, while the PNG uploads.
-        thumbnail = self._beside().submit(self._upload_thumbnail, claimed, key, data, index, lease)
+        # [issue 12, 13] The thumbnail is made from the image and stored beside, while the PNG is
+        # encoded and uploaded.
+        thumbnail = self._beside().submit(self._upload_thumbnail, claimed, key, image, index, lease)
         try:
+            data = encode_png(image, metadata)
+            summary = png_info(data)
             uri = self._retrying(
                 lambda: self.artifact_store.put_bytes(key, data, "image/png"),
                 f"uploading the image of job {claimed.id}"
@@ -433,15 +434,16 @@ class JobRunner:
         )
 
     def _upload_thumbnail(
-        self, claimed: ClaimedJob, png_key: str, data: bytes, index: int, lease: LeaseKeeper
+        self, claimed: ClaimedJob, png_key: str, image: Any, index: int, lease: LeaseKeeper
     ) -> str | None:
         """[issue 12] The gallery's small WebP beside the PNG (`worker.thumbnails`), under the same
-        attempt-scoped prefix. A job never fails for want of one: the dashboard makes a missing
-        thumbnail from the PNG, so any error here is logged and the artifact records none."""
-        from worker.thumbnails import make_thumbnail, thumbnail_key
+        attempt-scoped prefix, made from the PNG's pixels. A job never fails for want of one: the
+        dashboard makes a missing thumbnail from the PNG, so any error here is logged and the
+        artifact records none."""
+        from worker.thumbnails import shrink_image, thumbnail_key
 
         try:
-            thumbnail = make_thumbnail(data)
+            thumbnail = shrink_image(image)
             return self._retrying(
                 lambda: self.artifact_store.put_bytes(
                     thumbnail_key(png_key), thumbnail.data, thumbnail.content_type
