@@ -109,10 +109,10 @@ def test_a_thumbnail_that_cannot_be_made_never_fails_the_job(
 ) -> None:
     import worker.thumbnails
 
-    def broken(data: bytes, **_: Any) -> Any:
+    def broken(image: Any, **_: Any) -> Any:
         raise ThumbnailError("no codec")
 
-    monkeypatch.setattr(worker.thumbnails, "make_thumbnail", broken)
+    monkeypatch.setattr(worker.thumbnails, "shrink_image", broken)  # the worker shrinks its own image
     job_id = store.submit([T2I])[0].job.id
     with caplog.at_level(logging.WARNING, logger="worker.runner"):
         assert runner.run(job_id, "w1") is RunOutcome.SUCCEEDED
