@@ -221,10 +221,32 @@ def s3_bucket(s3_endpoint: str) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory):  # -> worker.deepgen.tiny.TinyModelPaths
     """The tiny random DeepGen model (Qwen2.5-VL + SD3 folders, both checkpoint files), written once
-    per session for every test that needs it: never write another in a test."""
-    from worker.deepgen.tiny import write_tiny_model
+    per test run for every test that needs it: never write another in a test. Read-only for tests.
 
-    return write_tiny_model(tmp_path_factory.mktemp("tiny_deepgen"))
+    The pytest-xdist workers of one run share it (it costs each ~3 s of CPU on a 2-core machine):
+    the first writes it under the run's common temporary folder while holding a file lock, then
+    records its paths; the others wait on the lock and reuse it (a dead writer's lock goes with it).
+    """
+    import dataclasses
+    import json
+    import shutil
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    from worker.deepgen.tiny import TinyModelPaths, write_tiny_model
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return write_tiny_model(tmp_path_factory.mktemp("tiny_deepgen"))
+    run_root = tmp_path_factory.getbasetemp().parent  # pytest-N/, above this worker's popen-gwK/
+    folder, record = run_root / "tiny_deepgen_shared", run_root / "tiny_deepgen_shared.json"
+    with FileLock(str(run_root / "tiny_deepgen_shared.lock")):
+        if not record.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # half-written by a worker that died writing it
+            paths = write_tiny_model(folder)
+            record.write_text(json.dumps({k: str(v) for k, v in dataclasses.asdict(paths).items()}))
+            return paths
+    return TinyModelPaths(**{k: Path(v) for k, v in json.loads(record.read_text()).items()})
 
 
 @pytest.fixture(scope="session")
