@@ -121,9 +121,10 @@ class JobRunner:
         self._thumbnail_thread: ThreadPoolExecutor | None = None  # made on first use (after a fork)
 
     def _beside(self) -> ThreadPoolExecutor:
-        """[issue 13] One thread that makes and stores each PNG's thumbnail while the PNG uploads."""
+        """[issue 13] Two threads beside the finish: the pre-upload lease check, and each PNG's
+        thumbnail (made and stored while the PNG is encoded and uploaded)."""
         if self._thumbnail_thread is None:
-            self._thumbnail_thread = ThreadPoolExecutor(1, thread_name_prefix="thumbnail")
+            self._thumbnail_thread = ThreadPoolExecutor(2, thread_name_prefix="beside")
         return self._thumbnail_thread
 
     @classmethod
@@ -285,8 +286,11 @@ class JobRunner:
         the artifact rows. [issue 13] The check runs here, on the finisher's thread when the finish
         is overlapped, so its round trip is not between two jobs' generations."""
         result, provenance = generated.result, generated.provenance
-        self._check_lease(claimed, lease, int(generated.params["num_inference_steps"]))
-        artifacts = self._upload(claimed, generated.prompt, generated.params, result, lease)
+        # The pre-upload lease check: the last step writes no progress and the heartbeat may be up to
+        # a period behind, so renew once more now; a cancel or a takeover stops before the first PUT.
+        # [issue 13] Its round trip runs beside, while the first PNG is encoded.
+        check = self._beside().submit(self._must_stop, claimed, lease)
+        artifacts = self._upload(claimed, generated.prompt, generated.params, result, lease, check)
         if lease.lost.is_set():  # taken over, or [issue 13] an abandoned finish that came back late
             self._remove_unless_recorded(claimed.id, _object_uris(artifacts))
             return RunOutcome.LOST
@@ -311,15 +315,6 @@ class JobRunner:
         log.info("job %s succeeded -> %s", claimed.id, ", ".join(artifact.uri for artifact in artifacts))
         self._remove_earlier_attempts(claimed, len(artifacts))
         return RunOutcome.SUCCEEDED
-
-    def _check_lease(self, claimed: ClaimedJob, lease: LeaseKeeper, total: int) -> None:
-        """Before uploading: stop if the lease was lost or a cancel came.
-
-        The last step writes no progress and the heartbeat may be up to a period behind, so a
-        worker whose job was taken over would otherwise overwrite the new owner's PNG.
-        """
-        if self._must_stop(claimed, lease):
-            raise GenerationStopped(total, total)
 
     def _must_stop(self, claimed: ClaimedJob, lease: LeaseKeeper) -> bool:
         """Renew the lease once more now and say whether the job was cancelled or taken over."""
@@ -357,8 +352,10 @@ class JobRunner:
         params: dict[str, Any],
         result: GenerationResult,
         lease: LeaseKeeper,
+        check: Future[bool],
     ) -> list[ArtifactView]:
-        """One PNG per image, artifact index = the image's position in the batch.
+        """One PNG per image, artifact index = the image's position in the batch; ``check`` (the
+        pre-upload lease check, True: stop) is waited for before the first PNG is stored.
 
         If an upload fails (or the job is cancelled or taken over between two uploads), the
         objects this run already stored are removed before the error goes on.
@@ -370,7 +367,9 @@ class JobRunner:
             for index, image in enumerate(result.images):
                 if index and lease.should_stop:  # cancelled or taken over meanwhile: stop uploading
                     raise GenerationStopped(steps, steps)
-                artifacts.append(self._upload_one(claimed, prompt, params, result, index, image, lease))
+                artifacts.append(
+                    self._upload_one(claimed, prompt, params, result, index, image, lease, check)
+                )
         except Exception:
             for artifact in artifacts:
                 self._remove(artifact.uri)
@@ -388,6 +387,7 @@ class JobRunner:
         index: int,
         image: Any,
         lease: LeaseKeeper,
+        check: Future[bool],
     ) -> ArtifactView:
         from worker.png import encode_png, generation_metadata, png_info
         from worker.storage import artifact_key
@@ -408,6 +408,9 @@ class JobRunner:
         try:
             data = encode_png(image, metadata)
             summary = png_info(data)
+            if check.result():  # cancelled or taken over: nothing is stored (the thumbnail is removed)
+                steps = params["num_inference_steps"]
+                raise GenerationStopped(steps, steps)
             uri = self._retrying(
                 lambda: self.artifact_store.put_bytes(key, data, "image/png"),
                 f"uploading the image of job {claimed.id}"
