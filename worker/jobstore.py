@@ -238,6 +238,13 @@ def _insert(session: Session, table: sa.Table, rows: list[dict[str, Any]]) -> No
     session.execute(table.insert(), rows)
 
 
+def _insert_batch(session: Session, batch: NewBatch, batch_id: str, models: list[str]) -> None:
+    """The batch record, before its jobs (their foreign key), in the same transaction: both or neither."""
+    from worker.batches import batch_values
+
+    session.execute(_BATCHES_TABLE.insert(), [batch_values(batch, batch_id, models, len(models))])
+
+
 def _pending_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """[issue 13] The pending-publish rows of new job rows written with `published_at` (the
     producer publishes them right after the commit; schemas.tables.PendingPublish)."""
@@ -504,10 +511,8 @@ class JobStore:
             now = utcnow()
             ids, seeds = _ids_and_seeds(len(specs))
             few = [
-                new_job_values(
-                    spec, self.max_attempts, seed=seed, job_id=job_id, now=now, publishing=publishing
-                )
-                for spec, job_id, seed in zip(specs, ids, seeds, strict=True)
+                self._fresh(spec, position, ids, seeds, now, publishing)
+                for position, spec in enumerate(specs)
             ]
             self._insert_rows(few)
             return [Submitted(new_job_view(values), True) for values in few]
@@ -529,30 +534,40 @@ class JobStore:
                     _check_same_request(key, existing[key].spec, spec)
                     results.append(Submitted(existing[key], False))
                     continue
-                values = new_job_values(
-                    spec,
-                    self.max_attempts,
-                    seed=seeds[position],
-                    batch_id=batch_id,
-                    batch_index=indexes[position] if indexes is not None else None,
-                    job_id=fresh_ids[position],
-                    now=now,
-                    publishing=publishing,
-                )
+                values = self._fresh(spec, position, fresh_ids, seeds, now, publishing, batch_id, indexes)
                 rows.append(values)
                 view = new_job_view(values)
                 if key:
                     existing[key] = view  # a repeated key inside one call is one job
                 results.append(Submitted(view, True))
             if rows and batch is not None and batch_id is not None:
-                from worker.batches import batch_values
-
-                # Before its jobs (their foreign key), in the same transaction: both or neither.
-                models = [row["model_name"] for row in rows]
-                session.execute(_BATCHES_TABLE.insert(), [batch_values(batch, batch_id, models, len(rows))])
+                _insert_batch(session, batch, batch_id, [row["model_name"] for row in rows])
             _insert(session, _JOBS_TABLE, rows)
             _insert(session, _PENDING_TABLE, _pending_rows(rows))  # [issue 13] same commit as the jobs
             return results
+
+    def _fresh(
+        self,
+        spec: T2ISpec | EditSpec,
+        position: int,
+        ids: list[str],
+        seeds: list[int],
+        now: datetime,
+        publishing: bool,
+        batch_id: str | None = None,
+        indexes: list[int] | None = None,
+    ) -> dict[str, Any]:
+        """The new row of ``specs[position]`` of a bulk call (ids and seeds drawn for the call)."""
+        return new_job_values(
+            spec,
+            self.max_attempts,
+            seed=seeds[position],
+            batch_id=batch_id,
+            batch_index=indexes[position] if indexes is not None else None,
+            job_id=ids[position],
+            now=now,
+            publishing=publishing,
+        )
 
     def _submit_streamed(
         self,
@@ -570,16 +585,7 @@ class JobStore:
 
         def rows() -> Iterator[dict[str, Any]]:
             for position, spec in enumerate(specs):
-                yield new_job_values(
-                    spec,
-                    self.max_attempts,
-                    seed=seeds[position],
-                    batch_id=batch_id,
-                    batch_index=indexes[position] if indexes is not None else None,
-                    job_id=ids[position],
-                    now=now,
-                    publishing=publishing,
-                )
+                yield self._fresh(spec, position, ids, seeds, now, publishing, batch_id, indexes)
 
         results: list[Submitted] = []
         pending: list[dict[str, Any]] = []
@@ -590,11 +596,7 @@ class JobStore:
 
         with self._db.transaction() as session:
             if batch is not None and batch_id is not None:
-                from worker.batches import batch_values
-
-                # Before its jobs (their foreign key), in the same transaction: both or neither.
-                models = [spec.model_name for spec in specs]
-                session.execute(_BATCHES_TABLE.insert(), [batch_values(batch, batch_id, models, len(specs))])
+                _insert_batch(session, batch, batch_id, [spec.model_name for spec in specs])
             copied, written = _copy_rows(session, _JOBS_TABLE, rows(), meanwhile=meanwhile)
             if not copied:
                 session.execute(_JOBS_TABLE.insert(), written)

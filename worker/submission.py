@@ -37,7 +37,7 @@ def submit_jobs(
     batch: NewBatch | None = None,
     batch_indexes: Sequence[int] | None = None,
 ) -> list[Submitted]:
-    """Insert (one transaction), publish the new jobs, mark them published; input order kept.
+    """Insert (one transaction), publish the new jobs, confirm the publish; input order kept.
 
     ``batch``: the same transaction also creates a batch record holding the jobs created now, at
     ``batch_indexes`` (default: their positions in ``specs``); each new job's view carries its
@@ -50,8 +50,8 @@ def submit_jobs(
     if len(specs) == 1 and batch is None and getattr(publisher, "groups_single_submits", False):
         spec = parse_job_spec(specs[0])
         if not spec.idempotency_key:
-            group = _single_submits(store, publisher)
-            return [group(spec)[id(spec)]]
+            call = _Single(spec)  # its own object: the same spec may come from several threads at once
+            return [_single_submits(store, publisher)(call)[id(call)]]
     return _submit_and_publish(store, publisher, specs, batch, batch_indexes)
 
 
@@ -82,7 +82,14 @@ def _submit_and_publish(
 # PostgreSQL), one publish of their messages, each caller woken once both are done with its own
 # view. One wait per submit instead of one for the INSERT and one for the publish
 # (bench/results/submit.md). A row's own error (a constraint, a bad value) re-runs each row alone.
-_SingleSubmits = GroupWriter[T2ISpec | EditSpec, dict[int, Submitted]]
+class _Single:
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: T2ISpec | EditSpec) -> None:
+        self.spec = spec
+
+
+_SingleSubmits = GroupWriter[_Single, dict[int, Submitted]]
 _GROUPS: weakref.WeakKeyDictionary[JobStore, dict[int, tuple[Publisher, _SingleSubmits]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -95,9 +102,9 @@ def _single_submits(store: JobStore, publisher: Publisher) -> _SingleSubmits:
         entry = by_publisher.get(id(publisher))
         if entry is None or entry[0] is not publisher:
 
-            def write(specs: list[T2ISpec | EditSpec]) -> dict[int, Submitted]:
-                submitted = _submit_and_publish(store, publisher, specs)
-                return {id(spec): item for spec, item in zip(specs, submitted, strict=True)}
+            def write(calls: list[_Single]) -> dict[int, Submitted]:
+                submitted = _submit_and_publish(store, publisher, [call.spec for call in calls])
+                return {id(call): item for call, item in zip(calls, submitted, strict=True)}
 
             entry = by_publisher[id(publisher)] = (
                 publisher,

@@ -276,3 +276,17 @@ def test_a_failed_publish_of_a_group_reaches_every_caller_and_unmarks_their_rows
     stored = store.list(limit=100)
     assert len(stored) == 40 and all(j.published_at is None and j.status == JobStatus.QUEUED for j in stored)
     assert _pending(store) == {} and len(publisher.calls) < 40
+
+
+def test_one_spec_object_submitted_from_many_threads_makes_a_job_per_call(store: JobStore) -> None:
+    """[issue 13] Grouped single submits tell their callers apart by call, not by spec: the same
+    parsed spec object sent by eight threads at once is eight jobs, each caller its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from schemas.specs import parse_job_spec
+
+    spec = parse_job_spec(T2I)
+    publisher = GroupingPublisher()
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda _: submit_jobs(store, publisher, [spec])[0].job.id, range(40)))
+    assert len(set(ids)) == 40 and sorted(t.job_id for t in publisher.sent) == sorted(ids)
