@@ -152,12 +152,15 @@ def db_engine(db_url: str) -> Iterator[sa.Engine]:
 
 
 @pytest.fixture
-def store(db_engine: sa.Engine) -> JobStore:
-    """A `JobStore` on `db_engine` (three attempts)."""
+def store(db_engine: sa.Engine) -> Iterator[JobStore]:
+    """A `JobStore` on `db_engine` (three attempts); closed after the test (its publish
+    confirmations are written while the database is still there)."""
     from worker.db import session_factory
     from worker.jobstore import JobStore
 
-    return JobStore(session_factory(db_engine), max_attempts=3)
+    job_store = JobStore(session_factory(db_engine), max_attempts=3)
+    yield job_store
+    job_store.close()
 
 
 @pytest.fixture(scope="session")
