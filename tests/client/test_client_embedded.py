@@ -95,8 +95,11 @@ def test_wait_timeout_names_the_unfinished_jobs(client: DiffgentorClient) -> Non
 
 
 def test_list_filters_and_pages(client: DiffgentorClient) -> None:
+    # Two jobs of its own: the module's client may hold no other (xdist worksteal runs the module's
+    # tests in any order and on several workers), and the page at offset 1 needs one.
+    older = client.submit_t2i("listed before", model_name="deepgen", **FAST)
     job = client.submit_t2i("listed", model_name="deepgen", **FAST)
-    client.wait(job, timeout=60)
+    client.wait([older, job], timeout=60)
     succeeded = client.list(status="succeeded", limit=1000)
     assert job.id in {j.id for j in succeeded} and all(j.status.value == "succeeded" for j in succeeded)
     assert client.list(model_name="some-other-model") == []
