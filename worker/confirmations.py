@@ -28,6 +28,9 @@ from worker.backoff import Backoff
 log = logging.getLogger(__name__)
 
 EXIT_FLUSH_SECONDS = 2.0  # at exit: a few rounds, not a wait on a database that is down
+# A thread with nothing to delete for this long ends (the next id starts a new one), so an idle
+# store holds no thread and can be collected.
+IDLE_EXIT_SECONDS = 5.0
 
 
 class PublishConfirmations:
@@ -89,8 +92,8 @@ class PublishConfirmations:
         backoff = Backoff("deleting pending-publish rows", log)
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._ids) or self._closed)
-                if not self._ids:  # closed and nothing left
+                self._cond.wait_for(lambda: bool(self._ids) or self._closed, IDLE_EXIT_SECONDS)
+                if not self._ids:  # closed, or idle: nothing left
                     self._thread = None
                     self._cond.notify_all()
                     return

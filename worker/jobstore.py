@@ -140,13 +140,11 @@ _MARK_PUBLISHED_PG = (
     )
     .values(published_at=sa.bindparam("now"))
 )
-_MARK_PUBLISHED_BY_DIALECT: dict[str, Any] = {}
 # [issue 13] Drop pending-publish rows (the publish went through, or is recorded as failed).
 _CONFIRM = _PENDING_TABLE.delete().where(_PENDING_TABLE.c.job_id.in_(sa.bindparam("job_ids", expanding=True)))
 _CONFIRM_PG = _PENDING_TABLE.delete().where(
     _PENDING_TABLE.c.job_id == sa.any_(sa.bindparam("job_ids", type_=postgresql.ARRAY(sa.String)))
 )
-_CONFIRM_BY_DIALECT: dict[str, Any] = {}
 _UNMARK_PUBLISHED = (
     sa.update(Job)
     .where(Job.id.in_(sa.bindparam("job_ids", expanding=True)), Job.status == JobStatus.QUEUED.value)
@@ -154,21 +152,25 @@ _UNMARK_PUBLISHED = (
 )
 
 
+_RELAXED_BY_DIALECT: dict[tuple[str, str], Any] = {}
+
+
+def _relaxed(conn: sa.Connection, name: str, postgresql_statement: Any, statement: Any) -> Any:
+    """The statement for this connection's dialect, relaxed (`claims.relaxed`), built once per
+    dialect: constructing it per single submit cost more than running it."""
+    key = (name, conn.dialect.name)
+    if key not in _RELAXED_BY_DIALECT:
+        chosen = postgresql_statement if conn.dialect.name == "postgresql" else statement
+        _RELAXED_BY_DIALECT[key] = claims.relaxed(chosen, conn)
+    return _RELAXED_BY_DIALECT[key]
+
+
 def _mark_published_statement(conn: sa.Connection) -> Any:
-    # Built once per dialect: constructing it per single submit cost more than running it.
-    dialect = conn.dialect.name
-    if dialect not in _MARK_PUBLISHED_BY_DIALECT:
-        statement = _MARK_PUBLISHED_PG if dialect == "postgresql" else _MARK_PUBLISHED
-        _MARK_PUBLISHED_BY_DIALECT[dialect] = claims.relaxed(statement, conn)
-    return _MARK_PUBLISHED_BY_DIALECT[dialect]
+    return _relaxed(conn, "mark_published", _MARK_PUBLISHED_PG, _MARK_PUBLISHED)
 
 
 def _confirm_statement(conn: sa.Connection) -> Any:
-    dialect = conn.dialect.name
-    if dialect not in _CONFIRM_BY_DIALECT:
-        statement = _CONFIRM_PG if dialect == "postgresql" else _CONFIRM
-        _CONFIRM_BY_DIALECT[dialect] = claims.relaxed(statement, conn)
-    return _CONFIRM_BY_DIALECT[dialect]
+    return _relaxed(conn, "confirm", _CONFIRM_PG, _CONFIRM)
 
 
 # [issue 13] Bulk submits on PostgreSQL: COPY FROM STDIN (psycopg) in the submit's transaction
@@ -969,7 +971,14 @@ class JobStore:
         def scan(conn: sa.Connection) -> SweepCandidates:
             # Autocommit on PostgreSQL: four statements, no BEGIN/ROLLBACK round trips.
             never = self._targets(conn, unpublished, Job.created_at, limit)
-            left = self._pending_targets(conn, horizon, limit)
+            # [issue 13] Queued jobs whose pending-publish row outlived the grace (worker.submission).
+            left = self._targets(
+                conn,
+                sa.and_(_PENDING_TABLE.c.created_at < horizon, Job.status == JobStatus.QUEUED.value),
+                _PENDING_TABLE.c.created_at,
+                limit,
+                source=_PENDING_TABLE.join(Job.__table__, Job.id == _PENDING_TABLE.c.job_id),
+            )
             seen = {target.job_id for target in never}
             return SweepCandidates(
                 unpublished=[*never, *(target for target in left if target.job_id not in seen)],
@@ -988,25 +997,17 @@ class JobStore:
 
     @staticmethod
     def _targets(
-        conn: sa.Connection, where: sa.ColumnElement[bool], order: Any, limit: int
+        conn: sa.Connection,
+        where: sa.ColumnElement[bool],
+        order: Any,
+        limit: int,
+        source: sa.FromClause | None = None,
     ) -> builtins.list[PublishTarget]:
         # A job that already ran once (a crash, a fault hand-back) goes ahead of new work.
         urgent = sa.case((Job.attempts > 0, MAX_PRIORITY), else_=Job.priority)
         query = sa.select(Job.id, Job.model_name, urgent).where(where).order_by(order).limit(limit)
-        return [PublishTarget(job_id, model, priority) for job_id, model, priority in conn.execute(query)]
-
-    @staticmethod
-    def _pending_targets(conn: sa.Connection, horizon: datetime, limit: int) -> builtins.list[PublishTarget]:
-        """[issue 13] Queued jobs whose pending-publish row outlived the grace (worker.submission)."""
-        pending = _PENDING_TABLE
-        urgent = sa.case((Job.attempts > 0, MAX_PRIORITY), else_=Job.priority)
-        query = (
-            sa.select(Job.id, Job.model_name, urgent)
-            .select_from(pending.join(Job.__table__, Job.id == pending.c.job_id))
-            .where(pending.c.created_at < horizon, Job.status == JobStatus.QUEUED.value)
-            .order_by(pending.c.created_at)
-            .limit(limit)
-        )
+        if source is not None:
+            query = query.select_from(source)
         return [PublishTarget(job_id, model, priority) for job_id, model, priority in conn.execute(query)]
 
     def drop_settled_pending(self, *, publish_grace_seconds: float) -> int:

@@ -118,14 +118,14 @@ class JobRunner:
         self.input_store_factory = input_store_factory
         # [issue 13] told the outcome of each finish done on a finisher's thread
         self.on_done: Callable[[str, str, float], None] | None = None
-        self._thumbnail_thread: ThreadPoolExecutor | None = None  # made on first use (after a fork)
+        self._beside_threads: ThreadPoolExecutor | None = None  # made on first use (after a fork)
 
     def _beside(self) -> ThreadPoolExecutor:
         """[issue 13] Two threads beside the finish: the pre-upload lease check, and each PNG's
         thumbnail (made and stored while the PNG is encoded and uploaded)."""
-        if self._thumbnail_thread is None:
-            self._thumbnail_thread = ThreadPoolExecutor(2, thread_name_prefix="beside")
-        return self._thumbnail_thread
+        if self._beside_threads is None:
+            self._beside_threads = ThreadPoolExecutor(2, thread_name_prefix="beside")
+        return self._beside_threads
 
     @classmethod
     def from_settings(

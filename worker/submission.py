@@ -101,9 +101,14 @@ def _single_submits(store: JobStore, publisher: Publisher) -> _SingleSubmits:
         by_publisher = _GROUPS.setdefault(store, {})
         entry = by_publisher.get(id(publisher))
         if entry is None or entry[0] is not publisher:
+            # A weak reference: the writer is a value of `_GROUPS`, keyed weakly by the store.
+            store_ref = weakref.ref(store)
 
             def write(calls: list[_Single]) -> dict[int, Submitted]:
-                submitted = _submit_and_publish(store, publisher, [call.spec for call in calls])
+                owner = store_ref()
+                if owner is None:  # pragma: no cover - a caller holds the store while it submits
+                    raise RuntimeError("the job store was closed while a submit was in flight")
+                submitted = _submit_and_publish(owner, publisher, [call.spec for call in calls])
                 return {id(call): item for call, item in zip(calls, submitted, strict=True)}
 
             entry = by_publisher[id(publisher)] = (

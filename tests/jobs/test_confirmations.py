@@ -79,3 +79,20 @@ def test_flush_without_ids_returns_at_once_and_close_stops_the_thread() -> None:
     assert delete.rounds == [["a"]] and confirmations._thread is None
     confirmations.add(["b"])  # after close: deleted at once, on the caller's thread
     assert delete.rounds == [["a"], ["b"]]
+
+
+def test_an_idle_thread_ends_and_the_next_id_starts_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread does not outlive its work (it would keep the store it deletes for alive)."""
+    import worker.confirmations
+
+    monkeypatch.setattr(worker.confirmations, "IDLE_EXIT_SECONDS", 0.05)
+    delete = RecordingDelete()
+    confirmations = PublishConfirmations(delete, linger_seconds=0.0)
+    confirmations.add(["a"])
+    first = confirmations._thread
+    assert first is not None and confirmations.flush(10)
+    first.join(10)
+    assert not first.is_alive() and confirmations._thread is None
+    confirmations.add(["b"])
+    assert confirmations.flush(10) and delete.rounds == [["a"], ["b"]]
+    confirmations.close()
